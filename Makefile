@@ -1,0 +1,36 @@
+# The two set-up commands of the README: `make demo` (the main job on the built-in default) and `make test`.
+# Both create or reuse the virtual environment in $(VENV) and install what is needed first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ospo_fast_installed
+
+.PHONY: demo test test-gpu bench lint install clean
+
+$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/cuda/*.cu)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# --no-build-isolation: build the C++ extension against the torch just installed (no second torch)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ospo_fast.cli run --preset toy --out runs/demo
+
+# CI has no GPU: Triton kernels run on the CPU through the interpreter.
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ospo_fast kernels benchmarks tests
+
+clean:
+	rm -rf build *.egg-info ospo_fast/_C*.so

@@ -1,0 +1,76 @@
+"""The ``ospo-fast`` command. Subcommands stay thin: they parse arguments and call library functions.
+
+  ospo-fast env                          which backends are live
+  ospo-fast make-model KIND OUT          save a random-initialised offline Janus model
+  ospo-fast config [--preset P] [k=v..]  print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from ospo_fast._backend import backend_report
+
+    report = backend_report()
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from ospo_fast.models.factory import build_offline_model
+
+    out = build_offline_model(args.kind, args.out, grid=args.grid, seed=args.seed)
+    print(f"saved {args.kind} (grid {args.grid}) to {out}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from ospo_fast.config import config_to_dict, load_config
+
+    print(yaml.safe_dump(config_to_dict(load_config(args.preset, args.overrides)), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ospo-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("env", help="print versions and live backends")
+    p.set_defaults(func=_cmd_env)
+
+    p = sub.add_parser("make-model", help="save a random-initialised offline Janus model")
+    p.add_argument("kind", choices=["tiny", "janus-pro-1b-shape", "janus-pro-7b-shape"])
+    p.add_argument("out")
+    p.add_argument("--grid", type=int, default=8, help="image-token grid side (tiny only; 8 or 24)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_model)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    p.add_argument("--preset", default=None)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ospo_fast.config import ConfigError
+    from ospo_fast.models.loader import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ModelLoadError) as err:
+        print(f"ospo-fast: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

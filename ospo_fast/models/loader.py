@@ -1,0 +1,131 @@
+"""One loader for Janus checkpoints: a local directory, a hub id (when the hub is reachable), or a built-in
+offline model (``builtin:tiny``, ``builtin:tiny-24`` for a 24x24 grid, ``builtin:toy`` shipped in the package).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import JanusForConditionalGeneration, JanusProcessor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+
+class ModelLoadError(ValueError):
+    """A model path that cannot be loaded; the message names it and the fix."""
+
+
+@dataclass
+class JanusBundle:
+    """A loaded model with its processor. ``grid``: image-token grid side; ``num_layers``: decoder layers."""
+
+    model: JanusForConditionalGeneration
+    processor: JanusProcessor
+    source: str
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def grid(self) -> int:
+        return self.model.config.vq_config.num_patches
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.model.config.vision_config.num_image_tokens
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def random_init(self) -> bool:
+        return self.source.startswith("builtin:tiny") or "-shape" in self.source
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OSPO_FAST_CACHE", Path.home() / ".cache" / "ospo_fast"))
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn ``builtin:NAME`` into a directory (building random-init models on first use); other paths unchanged."""
+    if not path.startswith("builtin:"):
+        return path
+    from ospo_fast.models.factory import KINDS, build_offline_model
+
+    name = path.split(":", 1)[1]
+    if name == "toy":
+        toy = ASSET_DIR / "toy_janus"
+        if not (toy / "config.json").is_file():
+            raise ModelLoadError(f"builtin:toy is not shipped in this install (looked in {toy}); rebuild it with "
+                                 "`python -m ospo_fast.toy.build_model` or use builtin:tiny")
+        return str(toy)
+    grid = 8
+    kind = name
+    if name.startswith("tiny-"):
+        kind, grid = "tiny", int(name.split("-", 1)[1])
+    if kind not in KINDS:
+        raise ModelLoadError(f"unknown built-in model {path!r}; use builtin:toy, builtin:tiny, builtin:tiny-24, "
+                             f"or builtin:<kind> with kind in {KINDS}")
+    target = cache_dir() / f"{name}-v1"
+    if not (target / "config.json").is_file():
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        build_offline_model(kind, tmp, grid=grid)
+        tmp.replace(target) if not target.exists() else None
+    return str(target)
+
+
+def _check_checkpoint_dir(directory: Path) -> None:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{directory} is not a Janus checkpoint: it has no config.json. Point model.path at "
+                             "a directory saved by save_pretrained (e.g. a local Janus-Pro-1B download)")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != "janus":
+        raise ModelLoadError(f"{directory} holds a {model_type!r} model, not a Janus one (config.json model_type "
+                             "must be 'janus'); convert the checkpoint with transformers' Janus conversion script")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_janus(path: str, dtype: str = "float32", device: str = "auto",
+               attn_implementation: str = "sdpa") -> JanusBundle:
+    """Load a Janus model and processor.
+
+    path: local directory, hub id, or ``builtin:NAME``; dtype: "float32" | "bfloat16" | "float16";
+    device: "auto" | "cpu" | "cuda[:i]"; attn_implementation: "sdpa" | "eager" | "flash_attention_2".
+    """
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    source = path
+    resolved = resolve_model_path(path)
+    local = Path(resolved).expanduser()
+    if local.exists():
+        _check_checkpoint_dir(local)
+    elif resolved.startswith((".", "/", "~")) or resolved.count("/") != 1:
+        raise ModelLoadError(f"model path {path!r} does not exist. Give a local Janus checkpoint directory, a hub "
+                             "id like deepseek-community/Janus-Pro-1B, or builtin:tiny")
+    try:
+        model = JanusForConditionalGeneration.from_pretrained(
+            str(local) if local.exists() else resolved, dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation)
+        processor = JanusProcessor.from_pretrained(str(local) if local.exists() else resolved)
+    except OSError as err:
+        raise ModelLoadError(f"could not load {path!r}: {err}. Without network access, download the checkpoint "
+                             "elsewhere and pass its local directory") from err
+    model.to(pick_device(device)).eval()
+    return JanusBundle(model=model, processor=processor, source=source)

@@ -1,0 +1,1 @@
+"""ospo_fast.toy."""
