@@ -41,7 +41,8 @@ class PromptConfig:
     """Stage 1: base prompts by in-context learning (``source="model"``), a user file, or the rule sampler."""
 
     source: Literal["model", "sampler", "file"] = "model"
-    file: str = ""  # a JSONL of {"prompt", "category", "structure"} or a text file of prompts, for source="file"
+    file: str = ""  # a JSONL of {"prompt", "category", "structure"} records, for source="file"
+    vocabulary: Literal["general", "toy"] = "general"  # word lists of the sampler and the rule perturbations
     num_prompts: int = 20000
     batch_size: int = 32
     temperature: float = 1.0
@@ -51,6 +52,7 @@ class PromptConfig:
     exemplar_refresh_every: int = 100  # batches
     max_numeracy: int = 4  # numeracy prompts keep the numbers one..four
     categories: list[str] = field(default_factory=lambda: [s for subs in CATEGORIES.values() for s in subs])
+    chunk_size: int = 64  # records per resumable chunk in every stage
 
 
 @dataclass
@@ -163,6 +165,8 @@ class TrainConfig:
     max_nonfinite_in_row: int = 10
     tensorboard: bool = False
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP with LoRA, FSDP2 for full fine-tuning
+    token_source: Literal["tokens", "reencode"] = "tokens"  # reencode: VQ-encode the saved PNGs (reference code)
+    unfreeze: list[str] = field(default_factory=list)  # full fine-tuning only: e.g. [generation_head]
 
 
 @dataclass
@@ -227,7 +231,8 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
         annotation = types_[key]
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
-                raise ConfigError(f"{path} is a section; give keys like {path}.{next(iter(_field_types(annotation)))}=...")
+                example = next(iter(_field_types(annotation)))
+                raise ConfigError(f"{path} is a section; give keys like {path}.{example}=...")
             _apply(getattr(obj, key), value, prefix=f"{path}.")
         else:
             setattr(obj, key, _check_value(path, value, annotation))
