@@ -2,12 +2,16 @@
 
   ospo-fast env                          which backends are live
   ospo-fast make-model KIND OUT          save a random-initialised offline Janus model
+  ospo-fast synth --out DIR [--preset P] [k=v..]   stages 1-4 (resumable, torchrun-aware)
+  ospo-fast report DIR                   static HTML report of a run
+  ospo-fast export DIR                   Parquet dataset of the pairs
   ospo-fast config [--preset P] [k=v..]  print the resolved config
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -38,6 +42,41 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from ospo_fast.config import load_config
+
+    return load_config(args.preset, args.overrides)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from ospo_fast.pipeline import run_synthesis
+    from ospo_fast.report import write_report
+
+    pairs = run_synthesis(_load(args), args.out, redo=args.redo)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{len(pairs)} pairs in {args.out}/pairs.jsonl; report: {write_report(args.out)}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ospo_fast.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ospo_fast.export import export_parquet
+
+    print(export_parquet(args.run_dir, args.out))
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="toy", help="a preset name (toy, tiny, janus-pro-1b, janus-pro-7b) or a .yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. prompts.num_prompts=100")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ospo-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=8, help="image-token grid side (tiny only; 8 or 24)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_model)
+
+    p = sub.add_parser("synth", help="stages 1-4: prompts, perturbations, images + masks, Self-VQA, selection")
+    p.add_argument("--out", required=True, help="run directory (re-running resumes)")
+    p.add_argument("--redo", default=None, help="recompute this stage and every later one")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("report", help="write the static HTML report of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="export the pairs of a run as Parquet (TRL-style columns)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("--preset", default=None)
