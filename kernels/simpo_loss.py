@@ -1,0 +1,104 @@
+"""Triton kernels of the object-weighted SimPO loss: per-token log-softmax-gather, forward and backward.
+
+One program per token row; the vocabulary is walked in ``BLOCK_V`` blocks with an online log-sum-exp, so a row of
+any length (V = 16,384 for Janus's image head, or an odd V) never has to fit one block. All arithmetic is float32
+whatever the logits' dtype.
+
+- forward: ``lse_t = log sum_v exp(z_tv)``, ``logp_t = z_t[y_t] - lse_t``.
+- backward: ``dz_tv = g_t * (1[v = y_t] - exp(z_tv - lse_t))`` (the derivative of ``logp_t``), written in the
+  logits' dtype, optionally in place over the logits (the fused head path recomputes a chunk's logits and turns
+  them into their gradient without a second buffer).
+
+The weighted reduction over tokens (``sum_t w_t logp_t``) is done by the caller on the (2P, T) log-probs: it is
+O(T) work and keeps these kernels shared by the plain and the fused loss. Launchers take 2-D ``(N, V)`` logits
+with a unit stride along V; callers flatten.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logp_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, stride_row, n_vocab, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    offs = tl.arange(0, BLOCK_V)
+    # online log-sum-exp: running max m and running sum s of exp(z - m), one vocabulary block at a time
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for start in range(0, n_vocab, BLOCK_V):
+        cols = start + offs
+        z = tl.load(base + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)  # (BLOCK_V,)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    target = tl.load(targets_ptr + row)
+    z_target = tl.load(base + target).to(tl.float32)
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, z_target - lse)
+
+
+@triton.jit
+def _logp_bwd_kernel(grad_ptr, logits_ptr, targets_ptr, lse_ptr, out_ptr, stride_row, stride_out, n_vocab,
+                     BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    out = out_ptr + row * stride_out
+    offs = tl.arange(0, BLOCK_V)
+    g = tl.load(grad_ptr + row).to(tl.float32)
+    lse = tl.load(lse_ptr + row)
+    target = tl.load(targets_ptr + row)
+    for start in range(0, n_vocab, BLOCK_V):
+        cols = start + offs
+        valid = cols < n_vocab
+        z = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)  # (BLOCK_V,)
+        onehot = tl.where(cols == target, 1.0, 0.0)
+        dz = g * (onehot - tl.exp(z - lse))
+        tl.store(out + cols, dz.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _block_v(n_vocab: int) -> int:
+    return min(4096, triton.next_power_of_2(n_vocab))
+
+
+def _check_2d(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be 2-D (N, V) with unit stride along V, got shape {tuple(logits.shape)} "
+                         f"and strides {logits.stride()}; flatten and call .contiguous() first")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(f"targets must be (N,) = {tuple(logits.shape[:1])}, got {tuple(targets.shape)}")
+
+
+def token_logprobs_fwd_triton(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V) any float dtype, targets (N,) long -> (logp (N,) float32, lse (N,) float32)."""
+    _check_2d(logits, targets)
+    n_rows, n_vocab = logits.shape
+    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows:
+        _logp_fwd_kernel[(n_rows,)](logits, targets.contiguous(), logp, lse, logits.stride(0), n_vocab,
+                                    BLOCK_V=_block_v(n_vocab))
+    return logp, lse
+
+
+def token_logprobs_bwd_triton(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
+    """d logp / d logits times ``grad``: grad (N,), logits (N, V), targets (N,), lse (N,) -> (N, V) in logits' dtype.
+
+    ``out`` may be ``logits`` itself (in place: each element is read before it is written, by the same program).
+    """
+    _check_2d(logits, targets)
+    n_rows, n_vocab = logits.shape
+    if out is None:
+        out = torch.empty_like(logits)
+    if out.shape != logits.shape or out.stride(1) != 1:
+        raise ValueError(f"out must be (N, V) = {tuple(logits.shape)} with unit stride along V, "
+                         f"got {tuple(out.shape)} strides {out.stride()}")
+    if n_rows:
+        _logp_bwd_kernel[(n_rows,)](grad.contiguous(), logits, targets.contiguous(), lse.contiguous(), out,
+                                    logits.stride(0), out.stride(0), n_vocab, BLOCK_V=_block_v(n_vocab))
+    return out

@@ -1,0 +1,412 @@
+"""Stage 5 loss: object-weighted SimPO plus SFT (SPEC.md, "Preference optimisation"), plain and fused with the head.
+
+Formulas (rows 0..P-1 of a batch are the chosen images y_w, rows P..2P-1 the rejected y_l of the same prompts;
+logp_t = log pi(y_t | x, y_<t) over the image head's V = 16,384 codes; m_t in [0, 1] the caller's object mask):
+
+    w_t = 1 + alpha * m_t
+    "weighted_mean" (reference code, the default):  r(y) = sum_t w_t logp_t / sum_t w_t
+    "length" (paper):                                r(y) = sum_t w_t logp_t / |y|         (|y| = T tokens)
+    z = beta * (r(y_w) - r(y_l) - gamma_beta_ratio)
+    L_ObjSimPO = mean_pairs[ -(1 - ls) * log sigmoid(z) - ls * log sigmoid(-z) ]   (ls = label_smoothing)
+    L_SFT      = mean_{chosen rows, t} -logp_t                                       (unweighted)
+    loss       = L_ObjSimPO + sft_weight * L_SFT
+
+Where beta enters. The reference code multiplies the whole margin by beta = 5 and subtracts gamma = beta *
+gamma_beta_ratio = 2.5 (as TRL's CPOTrainer does with ``simpo_gamma / beta``). The paper writes the weights as
+w_t = beta (1 + alpha m_t), beta = 0.5, divides by |y| and takes -log sigmoid(r_w - r_l - gamma): pulling the
+constant beta out of both rewards gives exactly z above, so the paper's variant is ``normalization="length",
+beta=0.5`` (its gamma is ``beta * gamma_beta_ratio``). In both modes the reported rewards are beta * r(y) (the
+paper's r in "length" mode; TRL's ``chosen_rewards`` when alpha = 0): ``chosen_reward`` / ``rejected_reward`` are
+batch means of beta * r(y_w) / beta * r(y_l), ``margin`` the batch mean of beta * (r(y_w) - r(y_l)) (gamma not
+subtracted), ``accuracy`` the fraction of pairs with r(y_w) > r(y_l). Those four are detached; ``loss``,
+``simpo_loss`` and ``sft_loss`` carry gradients. Everything is float32 whatever the logits' dtype.
+
+Entry points:
+- ``obj_simpo_loss(logits, ...)``: from materialised (2P, T, V) logits.
+- ``fused_obj_simpo_loss(hidden, weight, bias, ...)``: from the head's last hidden states; the (2P*T, V) logits are
+  never materialised: tokens are processed ``chunk_tokens`` at a time (the kernels walk the vocabulary in blocks
+  with an online log-sum-exp); the backward recomputes each chunk's logits, turns them in place into d(logits)
+  and accumulates dH = dlogits @ W, dW += dlogits^T @ H, db += sum dlogits.
+- ``token_logprobs(logits, targets)``: per-token log-probs, shared by both.
+Backends: "ref" (plain PyTorch), "cpp" (``csrc/simpo_loss.cpp``, CPU), "triton" (``kernels/simpo_loss.py``).
+The compiled paths are ``torch.library`` custom ops (``ospo_fast::simpo_token_logprobs``,
+``ospo_fast::simpo_fused_token_logprobs``) with fake impls and registered autograd, so they trace under
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ospo_fast._backend import pick_backend
+from ospo_fast.config import LossConfig
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+@dataclass
+class PreferenceLossOutput:
+    """0-dim float32 tensors. ``loss``, ``simpo_loss`` and ``sft_loss`` carry gradients; ``chosen_reward``,
+    ``rejected_reward`` (batch means of beta * r(y)), ``margin`` (batch mean of beta * (r(y_w) - r(y_l))) and
+    ``accuracy`` (fraction of pairs with r(y_w) > r(y_l)) are detached, for logging."""
+
+    loss: torch.Tensor
+    simpo_loss: torch.Tensor
+    sft_loss: torch.Tensor
+    chosen_reward: torch.Tensor
+    rejected_reward: torch.Tensor
+    margin: torch.Tensor
+    accuracy: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token kernels: logits (N, V), targets (N,) -> logp (N,) f32, lse (N,) f32; backward -> d(logits) (N, V)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fwd_ref(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lse = torch.logsumexp(logits.float(), dim=-1)  # (N,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse
+    return logp, lse
+
+
+def _bwd_ref(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    dz = torch.exp(logits.float() - lse[:, None]).mul_(-grad[:, None].float())  # (N, V) = -g * softmax
+    dz.scatter_add_(-1, targets[:, None], grad[:, None].float())  # + g * onehot
+    if out is None:
+        return dz.to(logits.dtype)
+    return out.copy_(dz)
+
+
+def _fwd_cpp(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.ospo_fast_C.simpo_token_logprobs_fwd(logits, targets)
+
+
+def _bwd_cpp(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    if out is None:
+        return torch.ops.ospo_fast_C.simpo_token_logprobs_bwd(grad, logits, targets, lse)
+    torch.ops.ospo_fast_C.simpo_token_logprobs_bwd_out(grad, logits, targets, lse, out)
+    return out
+
+
+def _fwd_triton(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ospo_fast.kernels.simpo_loss import token_logprobs_fwd_triton
+
+    return token_logprobs_fwd_triton(logits, targets)
+
+
+def _bwd_triton(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    from ospo_fast.kernels.simpo_loss import token_logprobs_bwd_triton
+
+    return token_logprobs_bwd_triton(grad, logits, targets, lse, out=out)
+
+
+_KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "ref": (_fwd_ref, _bwd_ref), "cpp": (_fwd_cpp, _bwd_cpp), "triton": (_fwd_triton, _bwd_triton)}
+
+
+def _kernels(backend: str) -> tuple[Callable, Callable]:
+    if backend not in _KERNELS:
+        raise ValueError(f"resolved backend must be one of {tuple(_KERNELS)}, got {backend!r}")
+    return _KERNELS[backend]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom op 1: token log-probs from materialised logits
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ospo_fast::simpo_token_logprobs", mutates_args=())
+def _token_logprobs_op(logits: torch.Tensor, targets: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V), targets (N,) -> (logp (N,) f32, lse (N,) f32)."""
+    return _kernels(backend)[0](logits.contiguous(), targets.contiguous())
+
+
+@_token_logprobs_op.register_fake
+def _(logits, targets, backend):
+    return logits.new_empty(logits.shape[:1], dtype=torch.float32), logits.new_empty(logits.shape[:1],
+                                                                                       dtype=torch.float32)
+
+
+@torch.library.custom_op("ospo_fast::simpo_token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                                backend: str) -> torch.Tensor:
+    """grad (N,) f32 -> d(logits) (N, V) in the logits' dtype."""
+    return _kernels(backend)[1](grad.contiguous(), logits.contiguous(), targets.contiguous(), lse.contiguous())
+
+
+@_token_logprobs_backward_op.register_fake
+def _(grad, logits, targets, lse, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _token_logprobs_setup(ctx, inputs, output) -> None:
+    logits, targets, backend = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _token_logprobs_backward(ctx, grad_logp, grad_lse):
+    logits, targets, lse = ctx.saved_tensors
+    return _token_logprobs_backward_op(grad_logp, logits, targets, lse, ctx.backend), None, None
+
+
+_token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom op 2: token log-probs fused with the head's last Linear, chunked over tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+@torch.library.custom_op("ospo_fast::simpo_fused_token_logprobs", mutates_args=())
+def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+              chunk_tokens: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (N, D), weight (V, D), bias (V,) | None, targets (N,) -> (logp (N,) f32, lse (N,) f32)."""
+    fwd = _kernels(backend)[0]
+    logp = hidden.new_empty(hidden.shape[:1], dtype=torch.float32)
+    lse = torch.empty_like(logp)
+    for s, e in _chunks(hidden.shape[0], chunk_tokens):
+        logits = F.linear(hidden[s:e], weight, bias)  # (C, V), the only logits alive
+        logp[s:e], lse[s:e] = fwd(logits, targets[s:e])
+    return logp, lse
+
+
+@_fused_op.register_fake
+def _(hidden, weight, bias, targets, chunk_tokens, backend):
+    return (hidden.new_empty(hidden.shape[:1], dtype=torch.float32),
+            hidden.new_empty(hidden.shape[:1], dtype=torch.float32))
+
+
+@torch.library.custom_op("ospo_fast::simpo_fused_token_logprobs_backward", mutates_args=())
+def _fused_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       targets: torch.Tensor, lse: torch.Tensor, chunk_tokens: int,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad (N,) f32 -> (dH (N, D), dW (V, D), db (V,)); dW and db accumulate in float32 over chunks."""
+    bwd = _kernels(backend)[1]
+    d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    d_bias = torch.zeros(weight.shape[:1], dtype=torch.float32, device=weight.device)
+    grad = grad.float().contiguous()
+    for s, e in _chunks(hidden.shape[0], chunk_tokens):
+        h = hidden[s:e]  # (C, D)
+        logits = F.linear(h, weight, bias)  # (C, V), recomputed
+        dlogits = bwd(grad[s:e], logits, targets[s:e], lse[s:e], out=logits)  # (C, V), in place over the logits
+        torch.mm(dlogits, weight, out=d_hidden[s:e])  # (C, D)
+        if d_weight.dtype == dlogits.dtype:
+            d_weight.addmm_(dlogits.t(), h)  # (V, D)
+        else:  # low precision: one rounding per chunk, sum kept in float32
+            d_weight.add_(torch.mm(dlogits.t(), h))
+        d_bias.add_(dlogits.sum(0, dtype=torch.float32))
+    return d_hidden, d_weight.to(weight.dtype), d_bias.to(bias.dtype if bias is not None else weight.dtype)
+
+
+@_fused_backward_op.register_fake
+def _(grad, hidden, weight, bias, targets, lse, chunk_tokens, backend):
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape[:1], dtype=bias.dtype if bias is not None else weight.dtype))
+
+
+def _fused_setup(ctx, inputs, output) -> None:
+    hidden, weight, bias, targets, chunk_tokens, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    ctx.chunk_tokens, ctx.backend, ctx.has_bias = chunk_tokens, backend, bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fused_backward(ctx, grad_logp, grad_lse):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    d_hidden, d_weight, d_bias = _fused_backward_op(grad_logp, hidden, weight, bias, targets, lse,
+                                                    ctx.chunk_tokens, ctx.backend)
+    return d_hidden, d_weight, (d_bias if ctx.has_bias else None), None, None, None
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------------------
+
+def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Reference: logits (..., V) any float dtype, targets (...) long -> log pi(target) (...) float32.
+
+    Materialises the float32 log-softmax; plain autograd. The test oracle."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
+    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Per-token log-probabilities: logits (..., V), targets (...) long -> (...) float32, differentiable.
+
+    ``backend``: "auto" (Triton on CUDA, C++ on CPU where built, else reference), "ref", "cpp", "triton"."""
+    _check_targets(logits, targets)
+    resolved = pick_backend(backend, logits)
+    if resolved == "ref":
+        return token_logprobs_ref(logits, targets)
+    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    logp, _ = _token_logprobs_op(flat, targets.reshape(-1), resolved)
+    return logp.view(targets.shape)
+
+
+def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, backend: str = "auto",
+                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """log softmax(hidden @ weight^T + bias)[target] without materialising the logits.
+
+    hidden (..., D), weight (V, D), bias (V,) | None, targets (...) long -> (...) float32; differentiable in
+    hidden, weight and bias. At most ``chunk_tokens`` x V logits are alive at once (forward and backward)."""
+    _check_head(hidden, weight, bias, targets, chunk_tokens)
+    resolved = pick_backend(backend, hidden)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    logp, _ = _fused_op(flat, weight, bias, targets.reshape(-1), chunk_tokens, resolved)
+    return logp.view(targets.shape)
+
+
+def preference_loss_from_logprobs(logp: torch.Tensor, mask_weights: torch.Tensor,
+                                  config: LossConfig) -> PreferenceLossOutput:
+    """The loss of the module docstring from per-token log-probs.
+
+    logp (2P, T) float, rows 0..P-1 chosen, P..2P-1 rejected; mask_weights (2P, T) in [0, 1]."""
+    if config.normalization not in ("weighted_mean", "length"):
+        raise ValueError(f"LossConfig.normalization={config.normalization!r}: use 'weighted_mean' or 'length'")
+    logp = logp.float()
+    n_pairs = logp.shape[0] // 2
+    w = 1.0 + config.alpha * mask_weights.float()  # (2P, T)
+    weighted = (w * logp).sum(-1)  # (2P,)
+    if config.normalization == "weighted_mean":  # reference code
+        reward = weighted / w.sum(-1)
+    else:  # paper: divide by |y| (beta of w_t = beta (1 + alpha m_t) is applied below)
+        reward = weighted / logp.shape[-1]
+    chosen, rejected = reward[:n_pairs], reward[n_pairs:]  # (P,), (P,)
+    z = config.beta * (chosen - rejected - config.gamma_beta_ratio)
+    ls = config.label_smoothing
+    simpo = (-(1.0 - ls) * F.logsigmoid(z) - ls * F.logsigmoid(-z)).mean()
+    sft = -logp[:n_pairs].mean()
+    with torch.no_grad():
+        chosen_reward = config.beta * chosen.mean()
+        rejected_reward = config.beta * rejected.mean()
+        margin = config.beta * (chosen - rejected).mean()
+        accuracy = (chosen > rejected).float().mean()
+    return PreferenceLossOutput(loss=simpo + config.sft_weight * sft, simpo_loss=simpo, sft_loss=sft,
+                                chosen_reward=chosen_reward, rejected_reward=rejected_reward, margin=margin,
+                                accuracy=accuracy)
+
+
+def obj_simpo_loss_ref(logits: torch.Tensor, targets: torch.Tensor, mask_weights: torch.Tensor,
+                       config: LossConfig) -> PreferenceLossOutput:
+    """Reference: materialise the float32 log-softmax of logits (2P, T, V), gather, combine."""
+    _check_batch(logits.shape[:2], targets, mask_weights, config)
+    return preference_loss_from_logprobs(token_logprobs_ref(logits, targets), mask_weights, config)
+
+
+def obj_simpo_loss(logits: torch.Tensor, targets: torch.Tensor, mask_weights: torch.Tensor, config: LossConfig,
+                   backend: str = "auto") -> PreferenceLossOutput:
+    """L_ObjSimPO + sft_weight * L_SFT from logits (2P, T, V) any float dtype, targets (2P, T) long in [0, V),
+    mask_weights (2P, T) float in [0, 1]; rows 0..P-1 chosen, P..2P-1 rejected (same prompt order).
+
+    ``backend``: this argument unless "auto", else ``config.backend``; "auto" picks per device."""
+    _check_batch(logits.shape[:2], targets, mask_weights, config)
+    logp = token_logprobs(logits, targets, _backend_choice(backend, config))  # (2P, T)
+    return preference_loss_from_logprobs(logp, mask_weights, config)
+
+
+def fused_obj_simpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             targets: torch.Tensor, mask_weights: torch.Tensor,
+                             config: LossConfig) -> PreferenceLossOutput:
+    """Reference of the fused path: materialise logits = hidden @ weight^T + bias (2P, T, V), then the loss."""
+    return obj_simpo_loss_ref(F.linear(hidden, weight, bias), targets, mask_weights, config)
+
+
+def fused_obj_simpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, mask_weights: torch.Tensor, config: LossConfig,
+                         backend: str = "auto", chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PreferenceLossOutput:
+    """The loss of ``obj_simpo_loss`` with the head's last Linear fused in: hidden (2P, T, D) (the input of
+    Linear(d' -> V)), weight (V, D), bias (V,) | None, same dtype; targets (2P, T); mask_weights (2P, T).
+
+    Never materialises the (2P*T, V) logits: ``chunk_tokens`` x V at a time. Gradients flow to hidden, weight
+    and bias (dW and db accumulate in float32)."""
+    _check_batch(hidden.shape[:2], targets, mask_weights, config)
+    logp = fused_token_logprobs(hidden, weight, bias, targets, _backend_choice(backend, config), chunk_tokens)
+    return preference_loss_from_logprobs(logp, mask_weights, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks (value checks are skipped while torch.compile traces)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _backend_choice(backend: str, config: LossConfig) -> str:
+    return config.backend if backend == "auto" else backend
+
+
+def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if targets.dtype != torch.long:
+        raise ValueError(f"targets must be int64 (torch.long), got {targets.dtype}; use targets.long()")
+    if tuple(logits.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(f"logits {tuple(logits.shape)} must be targets' shape {tuple(targets.shape)} plus a "
+                         f"vocabulary axis")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    _check_target_range(targets, logits.shape[-1])
+
+
+def _check_target_range(targets: torch.Tensor, vocab: int) -> None:
+    if targets.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"targets must lie in [0, V={vocab}), got min {lo} max {hi}; pass image-codebook ids "
+                         f"(no ignore index: every image token is scored)")
+
+
+def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk_tokens: int) -> None:
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
+        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) != 1:
+        raise ValueError(f"hidden, weight and bias must share one dtype, got {sorted(map(str, dtypes))}; cast "
+                         f"hidden to the head's dtype")
+    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be targets' shape {tuple(targets.shape)} plus D")
+    if targets.dtype != torch.long:
+        raise ValueError(f"targets must be int64 (torch.long), got {targets.dtype}; use targets.long()")
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    _check_target_range(targets, weight.shape[0])
+
+
+def _check_batch(lead_shape: torch.Size, targets: torch.Tensor, mask_weights: torch.Tensor,
+                 config: LossConfig) -> None:
+    if len(lead_shape) != 2 or lead_shape[0] < 2 or lead_shape[0] % 2:
+        raise ValueError(f"expected (2P, T, ...) with P >= 1 pairs (chosen rows first, then rejected), got "
+                         f"leading shape {tuple(lead_shape)}")
+    if tuple(targets.shape) != tuple(lead_shape) or tuple(mask_weights.shape) != tuple(lead_shape):
+        raise ValueError(f"targets {tuple(targets.shape)} and mask_weights {tuple(mask_weights.shape)} must both "
+                         f"be (2P, T) = {tuple(lead_shape)}")
+    if not 0.0 <= config.label_smoothing < 0.5:
+        raise ValueError(f"LossConfig.label_smoothing={config.label_smoothing} must be in [0, 0.5)")
+    if config.normalization not in ("weighted_mean", "length"):
+        raise ValueError(f"LossConfig.normalization={config.normalization!r}: use 'weighted_mean' or 'length'")
+    if mask_weights.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = float(mask_weights.min()), float(mask_weights.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"mask_weights must lie in [0, 1], got min {lo:.4g} max {hi:.4g}; min-max normalise the "
+                         f"smoothed mask per image")
+    if config.mask_smoothing == "binary" and not bool(((mask_weights == 0) | (mask_weights == 1)).all()):
+        raise ValueError("mask_smoothing='binary' but mask_weights has values other than 0 and 1; pass the "
+                         "thresholded mask or set mask_smoothing='gaussian'")
