@@ -5,6 +5,7 @@
   ospo-fast synth --out DIR [--preset P] [k=v..]   stages 1-4 (resumable, torchrun-aware)
   ospo-fast report DIR                   static HTML report of a run
   ospo-fast export DIR                   Parquet dataset of the pairs
+  ospo-fast eval-gen --format F --prompts P --out DIR   benchmark images in the evaluator's layout
   ospo-fast config [--preset P] [k=v..]  print the resolved config
 """
 
@@ -72,6 +73,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_gen(args: argparse.Namespace) -> int:
+    from ospo_fast.evalgen import eval_gen
+    from ospo_fast.models import load_janus
+
+    config = _load(args)
+    path = args.model or config.model.path
+    bundle = load_janus(path, dtype=config.model.dtype, device=config.model.device,
+                        attn_implementation=config.model.attn_implementation)
+    made = eval_gen(bundle, args.format, args.prompts, args.out, config.images, samples=args.samples, seed=config.seed)
+    print(f"{made} images written under {args.out}")
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="toy", help="a preset name (toy, tiny, janus-pro-1b, janus-pro-7b) or a .yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. prompts.num_prompts=100")
@@ -107,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("eval-gen", help="generate benchmark images (GenEval, T2I-CompBench++, DPG-Bench layouts)")
+    p.add_argument("--format", required=True, choices=["geneval", "t2i-compbench", "dpg-bench"])
+    p.add_argument("--prompts", required=True, help="GenEval metadata .jsonl, a prompt-per-line .txt, or a DPG dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="checkpoint to use instead of model.path (e.g. a merged one)")
+    p.add_argument("--samples", type=int, default=4, help="images per prompt (GenEval: 4; CompBench: 10)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_eval_gen)
+
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("--preset", default=None)
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -116,12 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ospo_fast.config import ConfigError
+    from ospo_fast.evalgen import PromptFileError
     from ospo_fast.models.loader import ModelLoadError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError) as err:
+    except (ConfigError, ModelLoadError, PromptFileError) as err:
         print(f"ospo-fast: error: {err}", file=sys.stderr)
         return 2
 
