@@ -1,0 +1,247 @@
+"""Object masks from object-word attention maps (SPEC stage 3).
+
+Per image b and object o, ``maps[b, o]`` is the (G, G) attention that the G*G image-token queries pay to the
+object's word (already averaged over the selected layers, heads and sub-tokens). The reference code then:
+
+1. min-max normalises the map;
+2. thresholds it with Otsu (``skimage.filters.threshold_otsu(map, nbins=256)``) times 0.8;
+3. ORs the binary masks of all objects of the prompt (the union);
+4. smooths the union with a 5x5 Gaussian (sigma 1) and min-max normalises it per image: the SimPO weights m_t.
+
+Exactness against skimage: on a min-max normalised float32 map the 256 histogram edges ``linspace(0, 1, 257)``
+are exact binary fractions, so a value's bin is ``min(floor(256 x), 255)`` exactly, and the bin centres are
+``(2i + 1) / 512``. Class weights and sums are then exact in float64, so the between-class variance is computed
+with the same float64 operations as skimage (``w1 * w2 * (m1 - m2) ** 2``) and ``argmax`` takes the first maximum
+as numpy does: every backend picks skimage's threshold bit for bit.
+
+Defined edge cases:
+- a constant map normalises to zeros, its threshold is 0 and its mask is empty (skimage returns the constant
+  itself for a constant image; on the normalised map that is 0);
+- a padded object (``object_valid`` False) is treated as a constant map and never joins the union;
+- an image whose union is empty gets an all-zero soft mask;
+- a NaN or infinite value in a valid object's map raises ValueError naming the image and object index.
+
+Backends: ``object_masks_ref`` (plain torch, the oracle), ``kernels/object_masks.py`` (Triton, one program per
+map, no host synchronisation) and ``csrc/object_masks.cpp`` (C++ with OpenMP over maps). Union and smoothing are
+shared torch code. The public op is a ``torch.library`` custom op with a fake implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ospo_fast._backend import pick_backend
+from ospo_fast.config import MaskConfig
+
+NBINS = 256
+
+
+@dataclass
+class ObjectMasks:
+    """Result of ``object_masks``. Shapes: B images, O objects, G x G grid.
+
+    maps: (B, O, G, G) float32, min-max normalised; thresholds: (B, O) float32, Otsu x otsu_scale;
+    masks: (B, O, G, G) bool, map > threshold; union: (B, G, G) bool, OR over valid objects;
+    soft: (B, G, G) float32 in [0, 1], Gaussian-smoothed union min-max normalised per image (m_t).
+    """
+
+    maps: torch.Tensor
+    thresholds: torch.Tensor
+    masks: torch.Tensor
+    union: torch.Tensor
+    soft: torch.Tensor
+
+
+def select_layers(num_layers: int, skip: int = 5) -> list[int]:
+    """Layers whose attention forms the masks: all but the first and last ``skip`` (SPEC: k = 5).
+
+    A model with too few layers (``num_layers <= 2 * skip``) shrinks k to ``(num_layers - 1) // 2`` so at least one
+    middle layer stays (e.g. 10 layers, k=5 -> k=4 -> [4, 5]; 3 layers -> [1]; 1 or 2 layers -> all layers).
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers={num_layers} must be >= 1")
+    if skip < 0:
+        raise ValueError(f"skip={skip} must be >= 0 (the number of first and last layers to leave out)")
+    k = min(skip, (num_layers - 1) // 2)
+    return list(range(k, num_layers - k))
+
+
+def gaussian_kernel1d(kernel: int = 5, sigma: float = 1.0, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalised 1-D Gaussian taps (kernel,) as cv2.getGaussianKernel / scipy's gaussian_filter use."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"gaussian kernel size {kernel} must be odd and >= 1 (the reference uses 5)")
+    if sigma <= 0:
+        raise ValueError(f"gaussian sigma {sigma} must be > 0 (the reference uses 1.0)")
+    x = torch.arange(kernel, dtype=torch.float64) - (kernel - 1) / 2
+    taps = torch.exp(-(x * x) / (2.0 * sigma * sigma))
+    return (taps / taps.sum()).to(dtype=dtype, device=device)
+
+
+def _minmax_per_image(x: torch.Tensor) -> torch.Tensor:
+    """(N, G, G) -> (N, G, G): (x - min) / (max - min) per image; a constant image becomes zeros."""
+    flat = x.flatten(1)
+    lo = flat.amin(dim=1)[:, None, None]
+    span = flat.amax(dim=1)[:, None, None] - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def soft_mask(binary: torch.Tensor, kernel: int = 5, sigma: float = 1.0) -> torch.Tensor:
+    """(N, G, G) bool/float -> (N, G, G) float32: separable Gaussian smoothing with reflect-101 borders (cv2's
+    default BORDER_REFLECT_101, scipy's mode="mirror"), then min-max normalised per image (all zeros if constant).
+    """
+    if binary.dim() != 3:
+        raise ValueError(f"soft_mask expects (N, G, G), got shape {tuple(binary.shape)}")
+    n, h, w = binary.shape
+    pad = kernel // 2
+    if pad >= min(h, w):
+        raise ValueError(f"gaussian kernel {kernel} needs a grid larger than {pad} cells per side, got {h}x{w}")
+    x = binary.to(torch.float32)[:, None]  # (N, 1, G, G)
+    taps = gaussian_kernel1d(kernel, sigma, device=binary.device)
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), taps.view(1, 1, 1, kernel))
+    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), taps.view(1, 1, kernel, 1))
+    return _minmax_per_image(x[:, 0])
+
+
+def aggregate_columns(columns: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Average raw attention columns to one map value per query, as the reference: heads, layers, sub-tokens.
+
+    columns: (L, H, S, Q) attention of Q queries to S sub-token keys in L layers and H heads;
+    valid: (S,) bool, the real sub-tokens (default all). Returns (Q,) float32.
+    """
+    if columns.dim() != 4:
+        raise ValueError(f"aggregate_columns expects (L, H, S, Q), got shape {tuple(columns.shape)}")
+    per_token = columns.float().mean(dim=1).mean(dim=0)  # (S, Q)
+    if valid is not None:
+        if not bool(valid.any()):
+            raise ValueError("aggregate_columns: no valid sub-token; every object needs at least one key position")
+        per_token = per_token[valid]
+    return per_token.mean(dim=0)
+
+
+def otsu_from_normalised_ref(norm: torch.Tensor, constant: torch.Tensor, otsu_scale: float) -> torch.Tensor:
+    """(N, P) normalised float32 maps, (N,) bool constant flags -> (N,) float32 thresholds (Otsu x otsu_scale).
+
+    Bit-exact with skimage's threshold_otsu(nbins=256) on maps spanning exactly [0, 1] (see the module docstring).
+    """
+    n, p = norm.shape
+    bins = torch.clamp((norm * NBINS).floor().to(torch.int64), max=NBINS - 1)  # (N, P)
+    counts = torch.zeros(n, NBINS, dtype=torch.int64, device=norm.device)
+    counts.scatter_add_(1, bins, torch.ones_like(bins))  # (N, 256)
+    centers = (torch.arange(NBINS, dtype=torch.float64, device=norm.device) * 2 + 1) / (2 * NBINS)
+    w1 = counts.cumsum(1)  # exact integer class weights
+    s1 = (counts.double() * centers).cumsum(1)  # exact: dyadic values far below 2**53
+    total_w = w1[:, -1:]
+    total_s = s1[:, -1:]
+    w2_next = (total_w - w1)[:, :-1]  # weight of bins i+1.. ; >= 1 since the last bin holds the max
+    m1 = s1[:, :-1] / w1[:, :-1].clamp(min=1)
+    m2 = (total_s - s1)[:, :-1] / w2_next.clamp(min=1)
+    variance = (w1[:, :-1] * w2_next).double() * (m1 - m2) ** 2  # (N, 255), skimage's variance12
+    idx = variance.argmax(dim=1)  # first maximum, as numpy
+    threshold = centers.float()[idx] * otsu_scale
+    return torch.where(constant, torch.zeros_like(threshold), threshold)
+
+
+def _prepare(maps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, O, G, G) any float, (B, O) bool -> (B*O, G*G) float32 with padded objects zeroed."""
+    x = maps.to(torch.float32)
+    x = torch.where(valid[:, :, None, None], x, 0.0)
+    return x.flatten(2).flatten(0, 1).contiguous()
+
+
+def _per_map_ref(flat: torch.Tensor, otsu_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, P) float32 -> normalised (N, P) float32, thresholds (N,) float32, masks (N, P) bool."""
+    lo = flat.amin(dim=1, keepdim=True)
+    span = flat.amax(dim=1, keepdim=True) - lo
+    constant = span[:, 0] <= 0
+    norm = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    thresholds = otsu_from_normalised_ref(norm, constant, otsu_scale)
+    return norm, thresholds, norm > thresholds[:, None]
+
+
+def _per_map(flat: torch.Tensor, otsu_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cpp":
+        return torch.ops.ospo_fast_C.object_masks_otsu(flat, float(otsu_scale))
+    if backend == "triton":
+        from ospo_fast.kernels.object_masks import object_masks_otsu_triton
+
+        return object_masks_otsu_triton(flat, otsu_scale)
+    return _per_map_ref(flat, otsu_scale)
+
+
+def _finish(norm: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor,
+            shape: torch.Size, kernel: int, sigma: float) -> tuple[torch.Tensor, ...]:
+    b, o, g1, g2 = shape
+    masks = masks.view(b, o, g1, g2) & valid[:, :, None, None]
+    union = masks.any(dim=1)  # (B, G, G)
+    soft = soft_mask(union, kernel, sigma)
+    return norm.view(b, o, g1, g2), thresholds.view(b, o), masks, union, soft
+
+
+def _check(maps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if maps.dim() != 4:
+        raise ValueError(f"maps must be (B, O, G, G), got shape {tuple(maps.shape)}; add a batch or object axis")
+    if not maps.is_floating_point():
+        raise ValueError(f"maps must be a floating tensor, got dtype {maps.dtype}")
+    b, o = maps.shape[:2]
+    if valid is None:
+        return torch.ones(b, o, dtype=torch.bool, device=maps.device)
+    if valid.shape != (b, o):
+        raise ValueError(f"object_valid must be (B, O) = {(b, o)}, got {tuple(valid.shape)}")
+    return valid.to(device=maps.device, dtype=torch.bool)
+
+
+def _check_finite(maps: torch.Tensor, valid: torch.Tensor) -> None:
+    bad = (~torch.isfinite(maps)).flatten(2).any(dim=2) & valid  # (B, O); one host sync
+    if bool(bad.any()):
+        b, o = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"object map of image {b}, object {o} has NaN/inf values; the attention capture produced "
+                         "no finite map for it (check that every image cell was captured and the key positions)")
+
+
+def object_masks_ref(maps: torch.Tensor, config: MaskConfig | None = None,
+                     object_valid: torch.Tensor | None = None) -> ObjectMasks:
+    """Plain-torch object masks (the oracle). maps: (B, O, G, G) float; object_valid: (B, O) bool."""
+    config = config or MaskConfig()
+    valid = _check(maps, object_valid)
+    _check_finite(maps, valid)
+    norm, thr, masks = _per_map_ref(_prepare(maps, valid), config.otsu_scale)
+    return ObjectMasks(*_finish(norm, thr, masks, valid, maps.shape, config.gaussian_kernel, config.gaussian_sigma))
+
+
+@torch.library.custom_op("ospo_fast::object_masks", mutates_args=())
+def _object_masks_op(maps: torch.Tensor, valid: torch.Tensor, otsu_scale: float, kernel: int, sigma: float,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    norm, thr, masks = _per_map(_prepare(maps, valid), otsu_scale, backend)
+    return _finish(norm, thr, masks, valid, maps.shape, kernel, sigma)
+
+
+@_object_masks_op.register_fake
+def _(maps, valid, otsu_scale, kernel, sigma, backend):
+    b, o, g1, g2 = maps.shape
+    f32 = dict(dtype=torch.float32, device=maps.device)
+    return (maps.new_empty((b, o, g1, g2), **f32), maps.new_empty((b, o), **f32),
+            maps.new_empty((b, o, g1, g2), dtype=torch.bool), maps.new_empty((b, g1, g2), dtype=torch.bool),
+            maps.new_empty((b, g1, g2), **f32))
+
+
+def object_masks(maps: torch.Tensor, config: MaskConfig | None = None, backend: str = "auto",
+                 object_valid: torch.Tensor | None = None) -> ObjectMasks:
+    """Object masks of B images with O objects each (SPEC stage 3).
+
+    maps: (B, O, G, G) float (any float dtype; computed in float32); object_valid: (B, O) bool, False for padded
+    objects; backend: "auto" | "ref" | "cpp" | "triton" (default ``config.backend`` when config is given and
+    backend is "auto"). Returns ObjectMasks (see its docstring). Raises ValueError on NaN/inf in a valid map.
+    """
+    config = config or MaskConfig()
+    if backend == "auto":
+        backend = config.backend
+    valid = _check(maps, object_valid)
+    _check_finite(maps, valid)
+    resolved = pick_backend(backend, maps)
+    out = _object_masks_op(maps, valid, float(config.otsu_scale), int(config.gaussian_kernel),
+                           float(config.gaussian_sigma), resolved)
+    return ObjectMasks(*out)

@@ -1,0 +1,182 @@
+"""Object masks: Otsu thresholds bit-exact with skimage, union and smoothing against scipy, every backend equal to
+the reference, edge cases (constant, NaN, padded objects), layer selection."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from skimage.filters import threshold_otsu
+
+from ospo_fast._backend import cpp_available, triton_available, triton_interpret
+from ospo_fast.config import MaskConfig
+from ospo_fast.ops.object_masks import (
+    aggregate_columns,
+    object_masks,
+    object_masks_ref,
+    select_layers,
+    soft_mask,
+)
+
+BACKENDS = [
+    "ref",
+    pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="ospo_fast._C not built")),
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not (triton_available() and triton_interpret()), reason="triton on CPU needs TRITON_INTERPRET=1")),
+]
+
+
+def _maps(kind: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.rand(shape, generator=g)
+    if kind == "peaked":  # attention-like: a few hot cells over a low floor
+        x = torch.rand(shape, generator=g) * 0.01
+        hot = torch.rand(shape, generator=g) > 0.97
+        return x + hot * torch.rand(shape, generator=g)
+    if kind == "bimodal":
+        lo = 0.2 + 0.05 * torch.randn(shape, generator=g)
+        hi = 0.7 + 0.05 * torch.randn(shape, generator=g)
+        return torch.where(torch.rand(shape, generator=g) > 0.6, hi, lo)
+    if kind == "ties":  # few distinct values: many empty bins, so exact variance ties decide the threshold
+        return torch.randint(0, 5, shape, generator=g).float()
+    if kind == "softmax":  # what attention columns look like: tiny values, large dynamic range
+        return torch.softmax(3 * torch.randn(shape, generator=g).flatten(-2), -1).view(shape) * 1e-3
+    raise ValueError(kind)
+
+
+def _skimage_masks(norm: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle on normalised (B, O, G1, G2) float32 maps: thresholds (B, O), masks (B, O, G1, G2)."""
+    thr = np.zeros(norm.shape[:2], dtype=np.float32)
+    for b in range(norm.shape[0]):
+        for o in range(norm.shape[1]):
+            thr[b, o] = threshold_otsu(norm[b, o], nbins=256) * np.float32(scale)
+    return thr, norm > thr[:, :, None, None]
+
+
+def _numpy_minmax(x: np.ndarray) -> np.ndarray:
+    flat = x.reshape(*x.shape[:2], -1)
+    lo, hi = flat.min(-1)[..., None, None], flat.max(-1)[..., None, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(hi > lo, (x - lo) / (hi - lo), np.float32(0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,shape", [
+    ("random", (2, 3, 8, 8)), ("peaked", (4, 2, 24, 24)), ("bimodal", (2, 3, 24, 24)), ("ties", (3, 4, 8, 8)),
+    ("softmax", (2, 2, 24, 24)), ("peaked", (3, 47, 9, 131)),
+])
+def test_thresholds_and_masks_equal_skimage(backend, kind, shape):
+    maps = _maps(kind, shape)
+    out = object_masks(maps, backend=backend)
+    norm = out.maps.numpy()
+    np.testing.assert_array_equal(norm, _numpy_minmax(maps.numpy()))
+    thr, masks = _skimage_masks(norm, 0.8)
+    np.testing.assert_array_equal(out.thresholds.numpy(), thr)
+    np.testing.assert_array_equal(out.masks.numpy(), masks)
+    np.testing.assert_array_equal(out.union.numpy(), masks.any(axis=1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 0.0), (torch.bfloat16, 4 * 2**-8), (torch.float16, 4 * 2**-11)])
+def test_low_precision_inputs(backend, dtype, atol):
+    """Low-precision maps are upcast; the normalised map stays within the input's rounding of the fp32 one and
+    the thresholds and masks are skimage's on the normalised map the op returns."""
+    maps = _maps("bimodal", (3, 5, 24, 24), seed=1)
+    out = object_masks(maps.to(dtype), backend=backend)
+    torch.testing.assert_close(out.maps, object_masks_ref(maps).maps, atol=atol, rtol=0)
+    thr, masks = _skimage_masks(out.maps.numpy(), 0.8)
+    np.testing.assert_array_equal(out.thresholds.numpy(), thr)
+    np.testing.assert_array_equal(out.masks.numpy(), masks)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_equal_reference(backend):
+    maps = torch.cat([_maps(k, (2, 3, 24, 24), seed=3) for k in ("random", "peaked", "ties")], dim=1)
+    valid = torch.rand(2, 9, generator=torch.Generator().manual_seed(0)) > 0.3
+    config = MaskConfig(otsu_scale=0.7)
+    ref = object_masks_ref(maps, config, object_valid=valid)
+    out = object_masks(maps, config, backend=backend, object_valid=valid)
+    for name in ("maps", "thresholds", "masks", "union"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), atol=0, rtol=0)
+    torch.testing.assert_close(out.soft, ref.soft, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_constant_and_padded_objects(backend):
+    maps = _maps("peaked", (2, 3, 8, 8))
+    maps[0, 1] = 0.25  # constant map
+    maps[1, 2] = float("nan")  # garbage in a padded object is ignored
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    out = object_masks(maps, backend=backend, object_valid=valid)
+    assert threshold_otsu(np.full((8, 8), 0.0, np.float32)) == 0.0  # skimage on the normalised constant map
+    assert torch.all(out.maps[0, 1] == 0) and out.thresholds[0, 1] == 0 and not out.masks[0, 1].any()
+    assert not out.masks[1, 2].any()
+    torch.testing.assert_close(out.union, out.masks.any(dim=1), atol=0, rtol=0)
+    assert not torch.isnan(out.maps).any()
+
+
+def test_all_constant_image_gives_zero_soft_mask():
+    out = object_masks_ref(torch.ones(1, 2, 8, 8))
+    assert not out.union.any() and torch.all(out.soft == 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_map_raises_naming_image_and_object(bad):
+    maps = _maps("random", (2, 3, 8, 8))
+    maps[1, 2, 4, 5] = bad
+    with pytest.raises(ValueError, match="image 1, object 2"):
+        object_masks(maps, backend="ref")
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match=r"\(B, O, G, G\)"):
+        object_masks(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match="object_valid"):
+        object_masks(torch.rand(2, 3, 8, 8), object_valid=torch.ones(2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 24), (2, 9, 13)])
+def test_soft_mask_equals_scipy_gaussian(shape):
+    binary = torch.rand(shape, generator=torch.Generator().manual_seed(2)) > 0.8
+    out = soft_mask(binary, kernel=5, sigma=1.0)
+    for i in range(shape[0]):
+        smooth = gaussian_filter(binary[i].numpy().astype(np.float64), sigma=1.0, mode="mirror", truncate=2.0)
+        smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+        np.testing.assert_allclose(out[i].numpy(), smooth, atol=1e-6)
+    assert out.dtype == torch.float32 and out.min() == 0 and out.max() == 1
+
+
+def test_custom_op_fake_and_schema():
+    from ospo_fast.ops.object_masks import _object_masks_op
+
+    maps, valid = torch.rand(2, 3, 8, 8), torch.ones(2, 3, dtype=torch.bool)
+    torch.library.opcheck(_object_masks_op, (maps, valid, 0.8, 5, 1.0, "ref"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiles():
+    fn = torch.compile(lambda m: object_masks(m, backend="ref").soft, backend="eager")
+    maps = _maps("peaked", (2, 2, 8, 8))
+    torch.testing.assert_close(fn(maps), object_masks_ref(maps).soft)
+
+
+@pytest.mark.parametrize("num_layers,skip,expected", [
+    (30, 5, list(range(5, 25))), (24, 5, list(range(5, 19))), (12, 5, [5, 6]), (11, 5, [5]), (10, 5, [4, 5]),
+    (3, 5, [1]), (2, 5, [0, 1]), (1, 5, [0]), (6, 0, list(range(6))),
+])
+def test_select_layers(num_layers, skip, expected):
+    assert select_layers(num_layers, skip) == expected
+
+
+def test_select_layers_rejects_bad_values():
+    with pytest.raises(ValueError, match="num_layers"):
+        select_layers(0)
+    with pytest.raises(ValueError, match="skip"):
+        select_layers(12, -1)
+
+
+def test_aggregate_columns_means_heads_layers_tokens():
+    cols = torch.rand(4, 3, 2, 10)  # (L, H, S, Q)
+    valid = torch.tensor([True, False])
+    torch.testing.assert_close(aggregate_columns(cols, valid), cols[:, :, 0].mean(dim=(0, 1)))
+    torch.testing.assert_close(aggregate_columns(cols), cols.mean(dim=(0, 1, 2)))
