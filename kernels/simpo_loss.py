@@ -43,8 +43,17 @@ def _logp_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, stride_row, n_v
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """float32 -> the nearest bfloat16 value (ties to even), still as float32. The GPU's cast rounds this way, but
+    the CPU interpreter truncates; rounding explicitly first makes both give the same (correctly rounded) result."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _logp_bwd_kernel(grad_ptr, logits_ptr, targets_ptr, lse_ptr, out_ptr, stride_row, stride_out, n_vocab,
-                     BLOCK_V: tl.constexpr):
+                     BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     out = out_ptr + row * stride_out
@@ -58,6 +67,8 @@ def _logp_bwd_kernel(grad_ptr, logits_ptr, targets_ptr, lse_ptr, out_ptr, stride
         z = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)  # (BLOCK_V,)
         onehot = tl.where(cols == target, 1.0, 0.0)
         dz = g * (onehot - tl.exp(z - lse))
+        if ROUND_BF16:
+            dz = _round_to_bf16(dz)
         tl.store(out + cols, dz.to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -100,5 +111,6 @@ def token_logprobs_bwd_triton(grad: torch.Tensor, logits: torch.Tensor, targets:
                          f"got {tuple(out.shape)} strides {out.stride()}")
     if n_rows:
         _logp_bwd_kernel[(n_rows,)](grad.contiguous(), logits, targets.contiguous(), lse.contiguous(), out,
-                                    logits.stride(0), out.stride(0), n_vocab, BLOCK_V=_block_v(n_vocab))
+                                    logits.stride(0), out.stride(0), n_vocab, BLOCK_V=_block_v(n_vocab),
+                                    ROUND_BF16=out.dtype == torch.bfloat16)
     return out

@@ -251,7 +251,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, backend: str = "
 
     ``backend``: "auto" (Triton on CUDA, C++ on CPU where built, else reference), "ref", "cpp", "triton"."""
     _check_targets(logits, targets)
-    resolved = pick_backend(backend, logits)
+    resolved = _resolve_backend(backend, logits.device)
     if resolved == "ref":
         return token_logprobs_ref(logits, targets)
     flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
@@ -267,7 +267,7 @@ def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     hidden (..., D), weight (V, D), bias (V,) | None, targets (...) long -> (...) float32; differentiable in
     hidden, weight and bias. At most ``chunk_tokens`` x V logits are alive at once (forward and backward)."""
     _check_head(hidden, weight, bias, targets, chunk_tokens)
-    resolved = pick_backend(backend, hidden)
+    resolved = _resolve_backend(backend, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     logp, _ = _fused_op(flat, weight, bias, targets.reshape(-1), chunk_tokens, resolved)
     return logp.view(targets.shape)
@@ -344,6 +344,12 @@ def fused_obj_simpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 # ---------------------------------------------------------------------------------------------------------------
 # Input checks (value checks are skipped while torch.compile traces)
 # ---------------------------------------------------------------------------------------------------------------
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """``pick_backend`` on a device; evaluated once while torch.compile traces (its result is a constant)."""
+    return pick_backend(backend, torch.empty(0, device=device))
+
 
 def _backend_choice(backend: str, config: LossConfig) -> str:
     return config.backend if backend == "auto" else backend

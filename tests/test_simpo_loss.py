@@ -1,0 +1,294 @@
+"""Object-weighted SimPO + SFT loss (ospo_fast.ops.simpo_loss): against TRL's own SimPO code, a hand-worked
+example, and every backend (plain and fused with the head) against the materialising reference in fp32 and bf16."""
+
+import math
+import os
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ospo_fast._backend import cpp_available, triton_available
+from ospo_fast.config import LossConfig
+from ospo_fast.ops.simpo_loss import (
+    fused_obj_simpo_loss,
+    fused_obj_simpo_loss_ref,
+    obj_simpo_loss,
+    obj_simpo_loss_ref,
+    token_logprobs,
+    token_logprobs_ref,
+)
+from tests.gpu import requires_cuda
+
+FIELDS = ("loss", "simpo_loss", "sft_loss", "chosen_reward", "rejected_reward", "margin")
+
+
+def _triton_runs_here() -> bool:
+    return triton_available() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+BACKENDS = [
+    "ref",
+    pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="ospo_fast._C not built")),
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not _triton_runs_here(), reason="needs triton and CUDA or TRITON_INTERPRET=1")),
+]
+# (pairs, tokens, hidden, vocab): odd shapes; vocab 131 is not a multiple of any block, 8200 spans 3 Triton blocks
+SHAPES = [(3, 47, 24, 131), (1, 5, 16, 8200)]
+
+
+def _inputs(pairs, tokens, dim, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * pairs, tokens, dim, generator=gen)
+    weight = torch.randn(vocab, dim, generator=gen) / math.sqrt(dim) * 3
+    bias = torch.randn(vocab, generator=gen) * 0.5
+    targets = torch.randint(0, vocab, (2 * pairs, tokens), generator=gen)
+    masks = torch.rand(2 * pairs, tokens, generator=gen)
+    return hidden, weight, bias, targets, masks
+
+
+def _run(fn, leaves):
+    """Call fn(*leaves) with fresh grad-requiring copies; return (output, grads)."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    (out.loss + 0.3 * out.sft_loss).backward()
+    return out, [t.grad for t in leaves]
+
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# --- against TRL --------------------------------------------------------------------------------------------------
+
+def _trl_cpo_trainer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.cpo import CPOTrainer
+    return CPOTrainer
+
+
+@pytest.mark.parametrize("beta,gamma_beta_ratio,label_smoothing", [(5.0, 0.5, 0.0), (0.5, 1.6, 0.0), (2.0, 0.5, 0.1)])
+@pytest.mark.parametrize("normalization", ["length", "weighted_mean"])
+def test_simpo_part_equals_trl(beta, gamma_beta_ratio, label_smoothing, normalization):
+    """alpha = 0 (w = 1): our SimPO term and rewards equal TRL's CPOTrainer.cpo_loss with loss_type='simpo'.
+
+    Mapping: TRL beta = beta, TRL simpo_gamma = beta * gamma_beta_ratio (TRL subtracts simpo_gamma / beta inside the
+    beta-scaled margin), TRL label_smoothing = label_smoothing, TRL alpha (AlphaPO) = 0; TRL's chosen/rejected logps
+    are its average per-token log-probs (get_batch_logps(average_log_prob=True), as CPOTrainer uses for simpo)."""
+    trainer = _trl_cpo_trainer()
+    pairs, tokens, vocab = 4, 9, 37
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2 * pairs, tokens, vocab, generator=gen, dtype=torch.float64).float() * 2
+    targets = torch.randint(0, vocab, (2 * pairs, tokens), generator=gen)
+    masks = torch.rand(2 * pairs, tokens, generator=gen)  # ignored at alpha = 0
+    config = LossConfig(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=0.0, normalization=normalization,
+                        label_smoothing=label_smoothing)
+    ours = obj_simpo_loss_ref(logits, targets, masks, config)
+
+    avg_logps = trainer.get_batch_logps(logits, targets, average_log_prob=True, is_encoder_decoder=True)  # (2P,)
+    stand_in = types.SimpleNamespace(beta=beta, simpo_gamma=beta * gamma_beta_ratio, loss_type="simpo",
+                                     label_smoothing=label_smoothing, alpha=0.0,
+                                     accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    losses, chosen_rewards, rejected_rewards = trainer.cpo_loss(stand_in, avg_logps[:pairs], avg_logps[pairs:])
+    assert ours.simpo_loss.item() == pytest.approx(losses.mean().item(), abs=1e-6)
+    assert ours.chosen_reward.item() == pytest.approx(chosen_rewards.mean().item(), abs=1e-6)
+    assert ours.rejected_reward.item() == pytest.approx(rejected_rewards.mean().item(), abs=1e-6)
+    assert ours.margin.item() == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), abs=1e-6)
+    assert ours.accuracy.item() == pytest.approx((chosen_rewards > rejected_rewards).float().mean().item())
+    assert ours.sft_loss.item() == pytest.approx(-avg_logps[:pairs].mean().item(), abs=1e-6)  # equal lengths
+
+
+# --- a hand-worked example ------------------------------------------------------------------------------------------
+
+def _hand_batch():
+    """One pair, two tokens, V = 4 with probabilities (1/2, 1/4, 1/8, 1/8): log-probs are exact multiples of ln 2.
+
+    chosen   targets (0, 1) -> logp (-ln2, -2 ln2),  mask (1, 0) -> w (2, 1)
+    rejected targets (2, 0) -> logp (-3 ln2, -ln2),  mask (0, 1) -> w (1, 2)"""
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125])).expand(2, 2, 4).contiguous()
+    targets = torch.tensor([[0, 1], [2, 0]])
+    masks = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    return logits, targets, masks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_worked_weighted_mean(backend):
+    logits, targets, masks = _hand_batch()
+    ln2 = math.log(2)
+    r_w = (2 * -ln2 + 1 * -2 * ln2) / 3  # = -4 ln2 / 3 = -0.924196
+    r_l = (1 * -3 * ln2 + 2 * -ln2) / 3  # = -5 ln2 / 3 = -1.155245
+    z = 5.0 * (r_w - r_l - 0.5)  # beta 5, gamma/beta 0.5: 5 * (0.231049 - 0.5) = -1.344755
+    simpo = math.log1p(math.exp(-z))  # -log sigmoid(z) = 1.576345
+    sft = (ln2 + 2 * ln2) / 2  # mean NLL of the chosen tokens = 1.039721
+    out = obj_simpo_loss(logits, targets, masks, LossConfig(), backend=backend)
+    assert out.simpo_loss.item() == pytest.approx(simpo, abs=1e-6)
+    assert out.sft_loss.item() == pytest.approx(sft, abs=1e-6)
+    assert out.loss.item() == pytest.approx(simpo + 2.0 * sft, abs=1e-6)  # = 3.655787
+    assert out.chosen_reward.item() == pytest.approx(5.0 * r_w, abs=1e-6)
+    assert out.rejected_reward.item() == pytest.approx(5.0 * r_l, abs=1e-6)
+    assert out.margin.item() == pytest.approx(5.0 * (r_w - r_l), abs=1e-6)
+    assert out.accuracy.item() == 1.0
+
+
+def test_hand_worked_length_and_label_smoothing():
+    """Paper form: w_t = beta (1 + alpha m_t) with beta 0.5, divided by |y| = 2; gamma = beta * gamma_beta_ratio."""
+    logits, targets, masks = _hand_batch()
+    ln2 = math.log(2)
+    beta, ls = 0.5, 0.1
+    paper_r_w = (beta * 2 * -ln2 + beta * 1 * -2 * ln2) / 2  # = -ln2 / 1 * beta * 2 = -0.693147
+    paper_r_l = (beta * 1 * -3 * ln2 + beta * 2 * -ln2) / 2  # = -1.25 ln2 = -0.866434
+    z = paper_r_w - paper_r_l - beta * 0.5  # paper: r_w - r_l - gamma
+    simpo = -(1 - ls) * math.log(1 / (1 + math.exp(-z))) - ls * math.log(1 / (1 + math.exp(z)))
+    config = LossConfig(beta=beta, normalization="length", label_smoothing=ls)
+    out = obj_simpo_loss_ref(logits, targets, masks, config)
+    assert out.simpo_loss.item() == pytest.approx(simpo, abs=1e-6)
+    assert out.chosen_reward.item() == pytest.approx(paper_r_w, abs=1e-6)
+    assert out.rejected_reward.item() == pytest.approx(paper_r_l, abs=1e-6)
+
+
+# --- backends against the reference ---------------------------------------------------------------------------------
+
+def _compare(ours, ref, gold, grads, ref_grads, gold_grads, dtype):
+    """fp32: tight. bf16: each error against the fp32 gold within 2x the reference's own bf16 error (plus the fp32
+    tolerance, for quantities the bf16 reference gets exactly)."""
+    tol = 2e-5
+    for name in FIELDS:
+        a, r, g = getattr(ours, name), getattr(ref, name), getattr(gold, name)
+        if dtype == torch.float32:
+            assert _max_err(a, r) <= tol * (1 + r.abs().item()), name
+        else:
+            assert _max_err(a, g) <= 2 * _max_err(r, g) + tol * (1 + g.abs().item()), name
+    if dtype == torch.float32:
+        assert ours.accuracy.item() == ref.accuracy.item()
+    for i, (a, r, g) in enumerate(zip(grads, ref_grads, gold_grads)):
+        scale = g.abs().max().item()
+        assert a.dtype == r.dtype and a.shape == r.shape, i
+        if dtype == torch.float32:
+            assert _max_err(a, r) <= tol * scale, (i, _max_err(a, r), scale)
+        else:
+            assert _max_err(a, g) <= 2 * _max_err(r, g) + tol * scale, (i, _max_err(a, g), _max_err(r, g), scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_matches_reference(backend, shape, dtype):
+    hidden, weight, bias, targets, masks = _inputs(*shape)
+    logits = F.linear(hidden, weight, bias).to(dtype)  # (2P, T, V)
+    config = LossConfig(label_smoothing=0.05)
+    ours, grads = _run(lambda z: obj_simpo_loss(z, targets, masks, config, backend=backend), [logits])
+    ref, ref_grads = _run(lambda z: obj_simpo_loss_ref(z, targets, masks, config), [logits])
+    gold, gold_grads = _run(lambda z: obj_simpo_loss_ref(z, targets, masks, config), [logits.float()])
+    _compare(ours, ref, gold, grads, ref_grads, gold_grads, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_matches_reference(backend, shape, dtype):
+    hidden, weight, bias, targets, masks = (t.to(dtype) if t.is_floating_point() and i < 3 else t
+                                            for i, t in enumerate(_inputs(*shape)))
+    config = LossConfig(normalization="length", beta=0.5)
+    chunk = 40  # several chunks, the last one ragged
+
+    def fused(h, w, b):
+        return fused_obj_simpo_loss(h, w, b, targets, masks, config, backend=backend, chunk_tokens=chunk)
+
+    def ref_fn(h, w, b):
+        return fused_obj_simpo_loss_ref(h, w, b, targets, masks, config)
+
+    ours, grads = _run(fused, [hidden, weight, bias])
+    ref, ref_grads = _run(ref_fn, [hidden, weight, bias])
+    gold, gold_grads = _run(ref_fn, [hidden.float(), weight.float(), bias.float()])
+    _compare(ours, ref, gold, grads, ref_grads, gold_grads, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_without_bias(backend):
+    hidden, weight, _, targets, masks = _inputs(2, 13, 8, 50)
+    config = LossConfig()
+    ours, grads = _run(lambda h, w: fused_obj_simpo_loss(h, w, None, targets, masks, config, backend=backend,
+                                                           chunk_tokens=7), [hidden, weight])
+    ref, ref_grads = _run(lambda h, w: fused_obj_simpo_loss_ref(h, w, None, targets, masks, config),
+                          [hidden, weight])
+    _compare(ours, ref, ref, grads, ref_grads, ref_grads, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_any_leading_shape(backend):
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 5, 29, generator=gen)
+    targets = torch.randint(0, 29, (2, 3, 5), generator=gen)
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
+    assert torch.allclose(token_logprobs(logits, targets, backend).double(), expected, atol=1e-6)
+    assert torch.allclose(token_logprobs_ref(logits, targets).double(), expected, atol=1e-6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_fused_triton_cuda_janus_head(dtype, tol):
+    """Janus-Pro-1B head width on the GPU: V = 16,384, D = 2048, two pairs of 576 tokens."""
+    hidden, weight, bias, targets, masks = _inputs(2, 576, 2048, 16384)
+    args = [t.cuda().to(dtype) for t in (hidden, weight, bias)]
+    targets, masks = targets.cuda(), masks.cuda()
+    ours, grads = _run(lambda h, w, b: fused_obj_simpo_loss(h, w, b, targets, masks, LossConfig(),
+                                                            backend="triton"), args)
+    ref, ref_grads = _run(lambda h, w, b: fused_obj_simpo_loss_ref(h, w, b, targets, masks, LossConfig()), args)
+    for name in FIELDS:
+        assert _max_err(getattr(ours, name), getattr(ref, name)) <= tol * (1 + getattr(ref, name).abs().item())
+    for a, r in zip(grads, ref_grads):
+        assert _max_err(a, r) <= tol * r.abs().max().item()
+
+
+# --- torch.library registration ------------------------------------------------------------------------------------
+
+def test_opcheck_custom_ops():
+    backend = "cpp" if cpp_available() else "ref"
+    hidden, weight, bias, targets, _ = _inputs(1, 6, 8, 19)
+    logits = F.linear(hidden, weight, bias).reshape(-1, 19).requires_grad_()
+    flat_h = hidden.reshape(-1, 8).requires_grad_()
+    torch.library.opcheck(torch.ops.ospo_fast.simpo_token_logprobs.default, (logits, targets.reshape(-1), backend))
+    torch.library.opcheck(torch.ops.ospo_fast.simpo_fused_token_logprobs.default,
+                          (flat_h, weight.requires_grad_(), bias.requires_grad_(), targets.reshape(-1), 5, backend))
+
+
+def test_torch_compile_matches_eager():
+    backend = "cpp" if cpp_available() else "ref"
+    hidden, weight, bias, targets, masks = _inputs(2, 11, 8, 23)
+    config = LossConfig()
+
+    def step(h, w, b):
+        return fused_obj_simpo_loss(h, w, b, targets, masks, config, backend=backend, chunk_tokens=9)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    eager, eager_grads = _run(step, [hidden, weight, bias])
+    traced, traced_grads = _run(compiled, [hidden, weight, bias])
+    _compare(traced, eager, eager, traced_grads, eager_grads, eager_grads, torch.float32)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+    logits, targets, masks = _hand_batch()
+    config = LossConfig()
+    with pytest.raises(ValueError, match="targets must lie in"):
+        obj_simpo_loss(logits, targets + 4, masks, config)
+    with pytest.raises(ValueError, match="mask_weights must lie in"):
+        obj_simpo_loss(logits, targets, masks * 2, config)
+    with pytest.raises(ValueError, match="P >= 1 pairs"):
+        obj_simpo_loss(logits[:1], targets[:1], masks[:1], config)
+    with pytest.raises(ValueError, match="mask_smoothing='binary'"):
+        obj_simpo_loss(logits, targets, masks * 0.5, LossConfig(mask_smoothing="binary"))
+    with pytest.raises(ValueError, match="int64"):
+        obj_simpo_loss(logits, targets.int(), masks, config)
+    with pytest.raises(ValueError, match="share one dtype"):
+        fused_obj_simpo_loss(torch.zeros(2, 2, 3), torch.zeros(4, 3, dtype=torch.bfloat16), None, targets, masks,
+                             config)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        fused_obj_simpo_loss(torch.zeros(2, 2, 3), torch.zeros(4, 3), None, targets, masks, config, chunk_tokens=0)
+    with pytest.raises(ValueError, match="backend"):
+        obj_simpo_loss(logits, targets, masks, config, backend="cuda")
