@@ -1,0 +1,157 @@
+"""Object-attention capture against transformers' own eager ``output_attentions=True`` forward of the same model."""
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+from ospo_fast.engine.object_attention import (
+    ObjectAttentionCapture,
+    encode_pixels_to_tokens,
+    object_token_positions,
+    objects_valid,
+    teacher_forced_inputs,
+    teacher_forced_object_maps,
+)
+from ospo_fast.ops.object_masks import object_masks_ref, select_layers
+
+PROMPTS = ["a red car and a blue bench near a tree", "a dog", "two cats beside a lamp"]
+OBJECTS = [["car", "bench", "tree"], ["dog"], ["cats", "lamp"]]
+STEPS = 10  # cells decoded one query per forward in the step-by-step test
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_bundle):
+    tokens = torch.randint(0, tiny_bundle.model.config.vq_config.num_embeddings, (len(PROMPTS), 64),
+                           generator=torch.Generator().manual_seed(0))
+    batch = teacher_forced_inputs(tiny_bundle, PROMPTS, tokens)
+    positions = object_token_positions(tiny_bundle.tokenizer, batch["input_ids"], OBJECTS)
+    return tokens, batch, positions
+
+
+@pytest.fixture(scope="module")
+def eager_maps(tiny_bundle, inputs):
+    """The reference method: eager attention with output_attentions=True; mean over heads, the selected layers
+    and the object's sub-tokens, for the queries whose input is image token j."""
+    _, batch, positions = inputs
+    lm = tiny_bundle.model.model.language_model
+    original = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = lm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], output_attentions=True, use_cache=False)
+    finally:
+        lm.set_attn_implementation(original)
+    t = batch["input_ids"].shape[1]
+    attn = torch.stack([out.attentions[i] for i in select_layers(tiny_bundle.num_layers)])  # (L, B, H, T, T)
+    attn = attn[:, :, :, t:, :].mean(dim=2).mean(dim=0)  # (B, N, Tk)
+    maps = torch.zeros(*positions.shape[:2], 64)
+    for b in range(positions.shape[0]):
+        for o in range(positions.shape[1]):
+            keys = positions[b, o][positions[b, o] >= 0]
+            if len(keys):
+                maps[b, o] = attn[b][:, keys].mean(dim=-1)
+    return maps.view(*positions.shape[:2], 8, 8)
+
+
+def _assert_same_masks(maps, oracle, valid):
+    torch.testing.assert_close(maps, oracle, atol=1e-6, rtol=1e-5)
+    ours, ref = object_masks_ref(maps, object_valid=valid), object_masks_ref(oracle, object_valid=valid)
+    assert torch.equal(ours.masks, ref.masks) and torch.equal(ours.union, ref.union)
+
+
+def test_teacher_forced_maps_equal_eager_attentions(tiny_bundle, inputs, eager_maps):
+    tokens = inputs[0]
+    maps = teacher_forced_object_maps(tiny_bundle, PROMPTS, tokens, OBJECTS)
+    assert maps.shape == (3, 3, 8, 8) and maps.dtype == torch.float32
+    _assert_same_masks(maps, eager_maps, objects_valid(OBJECTS))
+    assert tiny_bundle.model.model.language_model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_step_by_step_capture_with_cache_and_cfg(tiny_bundle, inputs, eager_maps, cache_kind):
+    """Prefill the text, then one image token per forward for the first cells and the rest in one chunk, with
+    unconditional CFG rows appended (not captured)."""
+    _, batch, positions = inputs
+    lm = tiny_bundle.model.model.language_model
+    t, n = batch["input_ids"].shape[1], 64
+    embeds = torch.cat([batch["inputs_embeds"], batch["inputs_embeds"].flip(0)])  # (2B, T+N, D)
+    mask = torch.cat([batch["attention_mask"], batch["attention_mask"].flip(0)])
+    pos_ids = torch.cat([batch["position_ids"], batch["position_ids"].flip(0)])
+    if cache_kind == "dynamic":
+        cache = DynamicCache(config=lm.config)
+    else:
+        cache = StaticCache(config=lm.config, max_cache_len=t + n + 7)
+    capture = ObjectAttentionCapture(positions, select_layers(tiny_bundle.num_layers), num_cells=n)
+    with torch.no_grad(), capture.recording(tiny_bundle.model):
+        capture.set_cells(-t)
+        lm(inputs_embeds=embeds[:, :t], attention_mask=mask[:, :t], position_ids=pos_ids[:, :t],
+           past_key_values=cache, use_cache=True)
+        steps = [(j, j + 1) for j in range(STEPS)] + [(STEPS, n)]
+        for a, z in steps:
+            capture.set_cells(a)
+            lm(inputs_embeds=embeds[:, t + a: t + z], attention_mask=mask[:, : t + z],
+               position_ids=pos_ids[:, t + a: t + z], past_key_values=cache, use_cache=True)
+    assert capture.captured_cells().all()
+    _assert_same_masks(capture.maps().view(3, 3, 8, 8), eager_maps, objects_valid(OBJECTS))
+
+
+def test_chunked_logsumexp_is_exact(tiny_bundle, inputs, eager_maps):
+    _, batch, positions = inputs
+    capture = ObjectAttentionCapture(positions, select_layers(tiny_bundle.num_layers), num_cells=64,
+                                     chunk_elements=1)  # one query row per chunk
+    t = batch["input_ids"].shape[1]
+    with torch.no_grad(), capture.recording(tiny_bundle.model):
+        capture.set_cells(-t)
+        tiny_bundle.model.model.language_model(inputs_embeds=batch["inputs_embeds"],
+                                               attention_mask=batch["attention_mask"],
+                                               position_ids=batch["position_ids"], use_cache=False)
+    torch.testing.assert_close(capture.maps().view(3, 3, 8, 8), eager_maps, atol=1e-6, rtol=1e-5)
+
+
+def test_recording_restores_attention_on_error_and_guards_misuse(tiny_bundle, inputs):
+    _, batch, positions = inputs
+    lm = tiny_bundle.model.model.language_model
+    capture = ObjectAttentionCapture(positions, [3, 4], num_cells=64)
+    with pytest.raises(RuntimeError, match="boom"), capture.recording(tiny_bundle.model):
+        assert lm.config._attn_implementation == "ospo_object_capture"
+        raise RuntimeError("boom")
+    assert lm.config._attn_implementation == "sdpa"
+    short = {k: v[:, :-1] for k, v in batch.items() if k != "input_ids"}
+    with torch.no_grad(), pytest.raises(RuntimeError, match="set_cells"), capture.recording(tiny_bundle.model):
+        capture.set_cells(0)
+        lm(**short, use_cache=False)
+        lm(**short, use_cache=False)  # same cells again without set_cells
+    assert lm.config._attn_implementation == "sdpa"
+    assert torch.isnan(ObjectAttentionCapture(positions, [3], num_cells=4).maps()).all()  # nothing captured
+
+
+def test_object_token_positions(tiny_bundle):
+    tok = tiny_bundle.tokenizer
+    prompts = ["a red car and a red Car", "two cats on a bench", "a tree"]
+    ids = tok(prompts, padding=True, return_tensors="pt")["input_ids"]
+    pos = object_token_positions(tok, ids, [["car", "red"], ["cats", "bench"], ["tree"]])
+    assert pos.shape[:2] == (3, 2)
+    for b, words in enumerate([["car", "red"], ["cats", "bench"], ["tree"]]):
+        for o, word in enumerate(words):
+            keys = pos[b, o][pos[b, o] >= 0]
+            text = tok.decode(ids[b, keys]).strip()
+            assert text.lower() == word, (text, word)
+    # repeated word: the first occurrence; left padding shifts positions
+    first = tok(["a red car and a red Car"], return_tensors="pt")["input_ids"]
+    assert pos[0, 0, 0] == object_token_positions(tok, first, [["car"]])[0, 0, 0]
+    assert pos[0, 0, 0] < pos[0, 1, 0] + 3
+    assert (pos[2, 1] == -1).all()
+    with pytest.raises(ValueError, match="'horse'.*a tree"):
+        object_token_positions(tok, ids[2:], [["horse"]])
+    with pytest.raises(ValueError, match="'ca'"):  # no partial-word matches
+        object_token_positions(tok, ids[:1], [["ca"]])
+
+
+def test_encode_pixels_to_tokens(tiny_bundle):
+    pixels = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tokens = encode_pixels_to_tokens(tiny_bundle, pixels)
+    assert tokens.shape == (2, 64) and tokens.dtype == torch.long
+    assert 0 <= int(tokens.min()) and int(tokens.max()) < tiny_bundle.model.config.vq_config.num_embeddings
+    with pytest.raises(ValueError, match="128x128"):
+        encode_pixels_to_tokens(tiny_bundle, pixels[:, :64, :64])
