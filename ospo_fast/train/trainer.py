@@ -1,0 +1,439 @@
+"""Stage 5: Obj-SimPO + SFT training of Janus's image generation on preference pairs.
+
+Each row is the chat-templated base prompt x (user turn, generation prompt) + ``<begin_of_image>`` + the image
+tokens, laid out as transformers' ``JanusForConditionalGeneration.generate(generation_mode="image")`` feeds them:
+text through the LM's input embeddings, image tokens through ``prepare_embeddings_for_image_generation``; the
+logits of image token t come from the hidden state one position earlier through ``generation_head``. Chosen and
+rejected images of P pairs form one batch of 2P rows with left-padded prompts; position ids count real tokens
+only, so a row's log-probabilities do not depend on how much padding its batch needs.
+
+``train(config, pairs_path, out_dir)`` runs single-process or under torchrun (DDP for LoRA, FSDP2 for full
+fine-tuning), checkpoints atomically, resumes exactly, and merges the LoRA adapter at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ospo_fast.config import LossConfig, OSPOConfig, TrainConfig, save_config
+from ospo_fast.train import checkpoint as ckpt
+from ospo_fast.train.data import BatchPlan, PairBatch, PairSet, collate, load_pair_set
+from ospo_fast.train.lora import apply_lora, merge_lora, set_trainable
+
+METRIC_KEYS = ("loss", "simpo", "sft", "chosen_reward", "rejected_reward", "margin", "accuracy")
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many non-finite losses in a row; the last good state is saved as a checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """Where training left its outputs, and what happened."""
+
+    checkpoint_dir: Path
+    merged_dir: Path | None
+    metrics_path: Path
+    config_path: Path
+    steps: int
+    optimizer_steps: int
+    skipped_nonfinite: int
+    pairs_seen: int
+    last_metrics: dict = field(default_factory=dict)
+
+
+class PreferenceModel(nn.Module):
+    """Janus + the Obj-SimPO loss in one ``forward``, so DDP and FSDP2 see every use of the weights."""
+
+    def __init__(self, janus: nn.Module, loss_config: LossConfig):
+        super().__init__()
+        self.janus = janus
+        self.loss_config = loss_config
+
+    def image_hidden(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     image_tokens: torch.Tensor) -> torch.Tensor:
+        """(2P, L) prompt ids/mask + (2P, T) image tokens -> (2P, T, D) LM hidden states that predict each token."""
+        janus = self.janus
+        text = janus.get_input_embeddings()(prompt_ids)  # (2P, L, D)
+        image = janus.prepare_embeddings_for_image_generation(image_tokens[:, :-1])  # (2P, T-1, D)
+        embeds = torch.cat([text, image.to(text.dtype)], dim=1)  # (2P, L+T-1, D)
+        attention = torch.cat([prompt_mask, prompt_mask.new_ones(image.shape[:2])], dim=1)  # (2P, L+T-1)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+        hidden = janus.model.language_model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                                            use_cache=False).last_hidden_state
+        return hidden[:, prompt_ids.shape[1] - 1:]  # (2P, T, D): <begin_of_image> predicts token 0
+
+    def image_logits(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     image_tokens: torch.Tensor) -> torch.Tensor:
+        """(2P, T, V) generation-head logits of every image token."""
+        return self.janus.model.generation_head(self.image_hidden(prompt_ids, prompt_mask, image_tokens))
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, image_tokens: torch.Tensor,
+                mask_weights: torch.Tensor):
+        from ospo_fast.ops.simpo_loss import fused_obj_simpo_loss, obj_simpo_loss
+
+        config = self.loss_config
+        if not config.fused:
+            logits = self.image_logits(prompt_ids, prompt_mask, image_tokens)  # (2P, T, V)
+            return obj_simpo_loss(logits, image_tokens, mask_weights, config, backend=config.backend)
+        head = self.janus.model.generation_head
+        hidden = self.image_hidden(prompt_ids, prompt_mask, image_tokens)
+        projected = head.activation_fn(head.proj_out(hidden))  # (2P, T, D_proj); logits never materialised
+        return fused_obj_simpo_loss(projected, head.vision_head.weight, head.vision_head.bias, image_tokens,
+                                    mask_weights, config, backend=config.backend)
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, lr: float, min_lr: float) -> float:
+    """Multiplier of ``lr`` at optimizer step ``step`` (0-based), as transformers' ``cosine_with_min_lr``
+    schedule that the reference training used: linear warm-up from 0 over ceil(ratio*total) steps, then cosine
+    from ``lr`` down to the floor ``min_lr``."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return step / warmup
+    floor = min_lr / lr if lr > 0 else 0.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class _Dist:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _init_distributed(device_pref: str) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not dist.is_initialized():
+        from ospo_fast.models.loader import pick_device
+
+        return _Dist(), pick_device(device_pref)
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    use_cuda = device_pref.startswith("cuda") or (device_pref == "auto" and torch.cuda.is_available())
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owns = True
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return _Dist(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank, owns_group=owns), device
+
+
+def total_steps(config: TrainConfig, num_pairs: int, global_batch: int) -> int:
+    if config.epochs > 0:
+        return min(config.max_steps, math.ceil(config.epochs * num_pairs / global_batch))
+    return config.max_steps
+
+
+class _Trainer:
+    """One training run; ``train`` below is the public entry."""
+
+    def __init__(self, config: OSPOConfig, pairs_path: Path, out_dir: Path, bundle=None):
+        from ospo_fast.models import load_janus
+
+        self.config = config
+        self.tc = config.train
+        self.out_dir = out_dir
+        self.dist, self.device = _init_distributed(config.model.device)
+        if self.tc.distributed == "fsdp" and self.tc.lora:
+            raise ValueError("train.distributed=fsdp is for full fine-tuning; with train.lora=true use ddp or auto")
+        self.mode = self.tc.distributed if self.tc.distributed != "auto" else ("ddp" if self.tc.lora else "fsdp")
+        torch.manual_seed(config.seed)  # identical initial adapters on every rank
+        if bundle is None:
+            bundle = load_janus(config.model.path, dtype=config.model.dtype, device=str(self.device),
+                                attn_implementation=config.model.attn_implementation)
+        self.bundle = bundle
+        janus = bundle.model
+        janus.config.use_cache = False
+        set_trainable(janus, self.tc)
+        self.peft = apply_lora(janus, self.tc, base_path=config.model.path) if self.tc.lora else None
+        if self.tc.gradient_checkpointing:
+            janus.model.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.pairs: PairSet = load_pair_set(pairs_path, bundle, mask_mode=config.loss.mask_smoothing,
+                                            kernel=config.masks.gaussian_kernel, sigma=config.masks.gaussian_sigma,
+                                            token_source=self.tc.token_source)
+        self.pad_id = bundle.tokenizer.pad_token_id
+        self.plan = BatchPlan(len(self.pairs), self.tc.per_device_batch, self.dist.world, self.tc.grad_accum,
+                              config.seed)
+        self.total = total_steps(self.tc, len(self.pairs), self.plan.global_batch)
+        self.core = PreferenceModel(janus, config.loss)
+        self.params = [p for p in self.core.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("nothing to train: no parameter requires grad (check train.lora / train.lora_targets)")
+        self.model = self._wrap(self.core)
+        self.params = [p for p in self.core.parameters() if p.requires_grad]  # FSDP2 swaps in sharded params
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, betas=tuple(self.tc.betas),
+                                           weight_decay=self.tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total, self.tc.warmup_ratio, self.tc.lr, self.tc.min_lr))
+        self.step = 0
+        self.optimizer_steps = 0
+        self.skipped = 0
+        self.nonfinite_in_row = 0
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.last_metrics: dict = {}
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def _wrap(self, core: nn.Module) -> nn.Module:
+        if self.dist.world <= 1:
+            return core
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(core, device_ids=ids)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.dist.world,))
+        for layer in core.janus.model.language_model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(core, mesh=mesh)
+        return core
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.tc.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _state_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.dist.world > 1)
+
+    def save(self) -> Path:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        final = ckpt.checkpoint_dir(self.out_dir, self.step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.dist.main:
+            tmp = ckpt.temp_dir_for(final)
+        self.dist.barrier()
+        ckpt.save_rng(tmp, self.dist.rank)
+        optim_state = get_optimizer_state_dict(self.core, self.optimizer, options=self._state_options())
+        model_state = None
+        if self.peft is None:
+            model_state = get_model_state_dict(self.core, options=self._state_options())
+        if self.dist.main:
+            if self.peft is not None:
+                self.peft.save_pretrained(str(tmp))  # adapter_model.safetensors + adapter_config.json
+            else:
+                state = {k.removeprefix("janus."): v for k, v in model_state.items()}
+                self.bundle.model.save_pretrained(str(tmp), state_dict=state)
+                self.bundle.processor.save_pretrained(str(tmp))
+            torch.save(optim_state, tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            ckpt.write_state(tmp, {"step": self.step, "optimizer_steps": self.optimizer_steps,
+                                   "skipped_nonfinite": self.skipped, "nonfinite_in_row": self.nonfinite_in_row,
+                                   "total_steps": self.total, "world": self.dist.world,
+                                   "global_batch": self.plan.global_batch, "lora": self.tc.lora})
+        self.dist.barrier()
+        if self.dist.main:
+            ckpt.publish(tmp, final)
+        self.dist.barrier()
+        return final
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = ckpt.read_state(directory)
+        if state["global_batch"] != self.plan.global_batch or state["lora"] != self.tc.lora:
+            raise ValueError(f"checkpoint {directory} was written with global batch {state['global_batch']} and "
+                             f"lora={state['lora']}; this run has {self.plan.global_batch} and lora={self.tc.lora}. "
+                             "Resume with the same config or start a new out_dir")
+        if self.peft is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.peft, load_file(str(directory / "adapter_model.safetensors")))
+        else:
+            weights = {}
+            for file in sorted(directory.glob("model*.safetensors")):
+                weights.update({f"janus.{k}": v for k, v in load_file(str(file)).items()})
+            set_model_state_dict(self.core, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        optim_state = torch.load(directory / "optimizer.pt", weights_only=False)
+        set_optimizer_state_dict(self.core, self.optimizer, optim_state,
+                                 options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+        ckpt.load_rng(directory, self.dist.rank)
+        self.step = state["step"]
+        self.optimizer_steps = state["optimizer_steps"]
+        self.skipped = state["skipped_nonfinite"]
+        self.nonfinite_in_row = state["nonfinite_in_row"]
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines past the resumed step (they belong to work that is being redone)."""
+        from ospo_fast.store import atomic_write_jsonl, read_jsonl
+
+        if self.dist.main and self.metrics_path.is_file():
+            kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+            atomic_write_jsonl(self.metrics_path, kept)
+
+    # -- one optimizer step ------------------------------------------------------------------------------------
+    def _micro_batch(self, micro: int) -> PairBatch:
+        indices = self.plan.micro_indices(self.step, micro, self.dist.rank)
+        return collate(self.pairs, indices, self.pad_id).to(self.device)
+
+    def train_step(self) -> dict:
+        """Accumulate grad_accum micro-batches, clip, step (unless non-finite). Returns the step's metrics."""
+        start = time.perf_counter()
+        self.model.train()
+        self.bundle.model.model.vqmodel.eval()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
+        tokens = 0
+        accum = self.tc.grad_accum
+        for micro in range(accum):
+            batch = self._micro_batch(micro)
+            sync = micro == accum - 1 or not hasattr(self.model, "no_sync")
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self._autocast():
+                out = forward_loss(self.model, batch)
+            (out.loss / accum).backward()
+            values = torch.stack([getattr(out, k).detach().float().mean() for k in
+                                  ("loss", "simpo_loss", "sft_loss", "chosen_reward", "rejected_reward", "margin",
+                                   "accuracy")])
+            sums[:-1] += values.double() / accum
+            sums[-1] += float(not torch.isfinite(out.loss.detach()).item())
+            tokens += batch.image_tokens.numel()
+        if self.dist.world > 1:
+            dist.all_reduce(sums)
+            sums[:-1] /= self.dist.world
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        finite = sums[-1].item() == 0 and math.isfinite(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.optimizer.step()
+            self.optimizer_steps += 1
+            self.nonfinite_in_row = 0
+        else:
+            self.skipped += 1
+            self.nonfinite_in_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # a skipped step still consumes its batch and its place in the schedule
+        self.step += 1
+        seconds = time.perf_counter() - start
+        pairs = self.plan.global_batch
+        metrics = {"step": self.step, **{k: float(v) for k, v in zip(METRIC_KEYS, sums[:-1].tolist())},
+                   "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "skipped_total": self.skipped,
+                   "tokens_per_s": tokens * self.dist.world / seconds, "pairs_per_s": pairs / seconds,
+                   "seconds": seconds}
+        return metrics
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def run(self, resume: bool) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        if self.dist.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
+        config_path = save_config(self.config, self.out_dir / "config.yaml") if self.dist.main else \
+            self.out_dir / "config.yaml"
+        latest = ckpt.latest_checkpoint(self.out_dir) if resume else None
+        if latest is not None:
+            self.load(latest)
+        self._truncate_metrics()
+        if latest is None:
+            torch.manual_seed(self.config.seed + 1 + self.dist.rank)  # one LoRA-dropout stream per rank
+        writer = self._tensorboard()
+        bar = tqdm(total=self.total, initial=self.step, disable=not self.dist.main, desc="train", unit="step")
+        last_dir = latest
+        try:
+            while self.step < self.total:
+                metrics = self.train_step()
+                self.last_metrics = metrics
+                if self.dist.main:
+                    self._log(metrics, writer)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+                if self.nonfinite_in_row >= self.tc.max_nonfinite_in_row:
+                    last_dir = self.save()
+                    raise TrainingDivergedError(
+                        f"{self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_in_row="
+                        f"{self.tc.max_nonfinite_in_row}) at step {self.step}; the last good weights are saved in "
+                        f"{last_dir}. Lower train.lr, check the pairs file for bad tokens, or use float32")
+                if self.step % self.tc.save_every == 0 or self.step == self.total:
+                    last_dir = self.save()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if last_dir is None:  # resumed at the end already
+            last_dir = self.save()
+        merged = None
+        if self.peft is not None:
+            merged = self.out_dir / "merged"
+            if self.dist.main:
+                merge_lora(last_dir, merged, base_path=self.config.model.path, dtype=self.config.model.dtype)
+            self.dist.barrier()
+        return TrainResult(checkpoint_dir=last_dir, merged_dir=merged, metrics_path=self.metrics_path,
+                           config_path=config_path, steps=self.step, optimizer_steps=self.optimizer_steps,
+                           skipped_nonfinite=self.skipped, pairs_seen=self.step * self.plan.global_batch,
+                           last_metrics=self.last_metrics)
+
+    def _tensorboard(self):
+        if not (self.tc.tensorboard and self.dist.main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError("train.tensorboard=true needs the tensorboard package (pip install tensorboard) "
+                              "or set train.tensorboard=false") from err
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _log(self, metrics: dict, writer) -> None:
+        if self.step % self.tc.log_every == 0 or metrics["skipped"] or self.step == self.total:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+        if writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, float):
+                    writer.add_scalar(f"train/{key}", value, self.step)
+
+
+def forward_loss(model: nn.Module, batch: PairBatch):
+    """One micro-batch through ``PreferenceModel`` (possibly DDP/FSDP-wrapped) -> PreferenceLossOutput."""
+    return model(batch.prompt_ids, batch.prompt_mask, batch.image_tokens, batch.mask_weights)
+
+
+def train(config: OSPOConfig, pairs_path: str | Path, out_dir: str | Path, resume: bool = True,
+          bundle=None) -> TrainResult:
+    """Train on the pairs in ``pairs_path`` (JSONL), writing checkpoints, ``metrics.jsonl`` and ``config.yaml``
+    to ``out_dir``. ``resume``: continue from the latest complete checkpoint there. ``bundle``: an already
+    loaded ``JanusBundle`` to train in place (else ``config.model`` is loaded). Under torchrun, every rank calls
+    this; rank 0 writes the files. Raises ``PairsFileError`` for a bad pairs file and
+    ``TrainingDivergedError`` after ``train.max_nonfinite_in_row`` non-finite steps in a row."""
+    trainer = _Trainer(config, Path(pairs_path), Path(out_dir), bundle=bundle)
+    try:
+        return trainer.run(resume)
+    finally:
+        if trainer.dist.owns_group:
+            dist.destroy_process_group()

@@ -1,0 +1,455 @@
+"""Stage 5 trainer on builtin:tiny with hand-made pair sets (random token sequences with masks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ospo_fast.config import LossConfig, OSPOConfig
+from ospo_fast.models import load_janus
+
+PROMPTS = ["a red car and a blue bench", "two dogs", "a cat on the left of a green chair", "a white harp"]
+
+
+# -- a minimal stand-in for ospo_fast.ops.simpo_loss, used only while that module does not exist yet --------------
+@dataclass
+class _Output:
+    loss: torch.Tensor
+    simpo_loss: torch.Tensor
+    sft_loss: torch.Tensor
+    chosen_reward: torch.Tensor
+    rejected_reward: torch.Tensor
+    margin: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def _standin_loss(logits, targets, mask_weights, config: LossConfig, backend="auto"):
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]  # (2P, T)
+    weights = 1 + config.alpha * mask_weights.float()
+    reward = (weights * logp).sum(-1) / weights.sum(-1)
+    p = logits.shape[0] // 2
+    margin = reward[:p] - reward[p:]
+    simpo = -F.logsigmoid(config.beta * margin - config.beta * config.gamma_beta_ratio).mean()
+    sft = -logp[:p].mean()
+    return _Output(simpo + config.sft_weight * sft, simpo, sft, reward[:p].mean(), reward[p:].mean(),
+                   margin.mean(), (margin > 0).float().mean())
+
+
+def _standin_fused(hidden, weight, bias, targets, mask_weights, config, backend="auto"):
+    return _standin_loss(F.linear(hidden, weight, bias), targets, mask_weights, config, backend)
+
+
+def install_loss_standin() -> None:
+    if "ospo_fast.ops.simpo_loss" in sys.modules or importlib.util.find_spec("ospo_fast.ops.simpo_loss"):
+        return
+    module = types.ModuleType("ospo_fast.ops.simpo_loss")
+    module.obj_simpo_loss = _standin_loss
+    module.fused_obj_simpo_loss = _standin_fused
+    sys.modules[module.__name__] = module
+
+
+install_loss_standin()
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+def write_pairs(path: Path, num: int, grid: int = 8, codebook: int = 256, seed: int = 0) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(num):
+        sides = {}
+        for side in ("chosen", "rejected"):
+            tokens = torch.randint(0, codebook, (grid * grid,), generator=generator).tolist()
+            mask = (torch.rand(grid * grid, generator=generator) < 0.3).int().tolist()
+            sides[side] = {"tokens": tokens, "mask": mask, "image": f"images/{i}_{side}.png", "score": 0.5}
+        lines.append(json.dumps({"pair_id": f"p{i}", "prompt": PROMPTS[i % len(PROMPTS)], "category": "color",
+                                 "grid": grid, **sides}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_config(**train) -> OSPOConfig:
+    config = OSPOConfig()
+    config.model.device = "cpu"
+    defaults = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets=["q_proj", "v_proj", "down_proj"],
+                    per_device_batch=2, grad_accum=1, max_steps=4, lr=1e-2, save_every=100,
+                    gradient_checkpointing=False, warmup_ratio=0.05)
+    for key, value in {**defaults, **train}.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine run several times faster on one thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_tiny():
+    return load_janus("builtin:tiny", device="cpu")
+
+
+# -- conditioning: our teacher-forced logits equal transformers' own generate() step scores ---------------------------
+class _Recorder:
+    """A logits processor that records the raw generation-head scores of each decode step (before CFG)."""
+
+    def __init__(self):
+        self.scores = []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores.clone())
+        return scores
+
+
+def test_image_logits_match_transformers_generate(tiny_bundle):
+    from transformers import LogitsProcessorList
+
+    from ospo_fast.train.data import PairSet, collate, prompt_token_ids
+    from ospo_fast.train.trainer import PreferenceModel
+
+    model, processor = tiny_bundle.model, tiny_bundle.processor
+    prompts = [PROMPTS[2], PROMPTS[1]]  # different lengths: the short one is left-padded in our batch
+    tokens, expected = [], []
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt_token_ids(processor, prompt)])
+        recorder = _Recorder()
+        torch.manual_seed(i)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                             logits_processor=LogitsProcessorList([recorder]))
+        tokens.append(out[0])
+        expected.append(torch.stack([s[0] for s in recorder.scores]))  # conditional row, (T, V)
+    pairs = PairSet(pair_ids=["a"], prompt_ids=[torch.tensor(prompt_token_ids(processor, p)) for p in prompts],
+                    tokens=torch.stack(tokens).view(1, 2, -1), masks=torch.zeros(1, 2, 64), grid=8)
+    batch = _two_prompt_batch(pairs, tiny_bundle.tokenizer.pad_token_id, collate)
+    with torch.no_grad():
+        logits = PreferenceModel(model, LossConfig()).image_logits(batch.prompt_ids, batch.prompt_mask,
+                                                                   batch.image_tokens)  # (2, T, V)
+    assert batch.prompt_mask[1].sum() < batch.prompt_mask.shape[1]  # row 1 really is padded
+    for row in range(2):
+        torch.testing.assert_close(logits[row], expected[row], atol=1e-4, rtol=1e-4)
+
+
+def _two_prompt_batch(pairs, pad_id, collate):
+    """One 'pair' whose chosen and rejected rows use different prompts (to exercise left padding)."""
+    batch = collate(pairs, torch.tensor([0]), pad_id)
+    long_ids, short_ids = pairs.prompt_ids
+    length = long_ids.numel()
+    batch.prompt_ids[:] = pad_id
+    batch.prompt_mask[:] = 0
+    batch.prompt_ids[0, :] = long_ids
+    batch.prompt_mask[0, :] = 1
+    batch.prompt_ids[1, length - short_ids.numel():] = short_ids
+    batch.prompt_mask[1, length - short_ids.numel():] = 1
+    return batch
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "binary"])
+def test_pair_set_masks_and_layout(tiny_bundle, tmp_path, mode):
+    from ospo_fast.ops.object_masks import soft_mask
+    from ospo_fast.train.data import collate, load_pair_set
+
+    path = write_pairs(tmp_path / "pairs.jsonl", 5)
+    pairs = load_pair_set(path, tiny_bundle, mask_mode=mode)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    binary = torch.tensor([r["rejected"]["mask"] for r in records], dtype=torch.float32).view(5, 8, 8)
+    expected = soft_mask(binary).flatten(1) if mode == "gaussian" else binary.flatten(1)
+    torch.testing.assert_close(pairs.masks[:, 1], expected)
+    batch = collate(pairs, torch.tensor([3, 1, 4]), tiny_bundle.tokenizer.pad_token_id)
+    assert batch.image_tokens.shape == (6, 64)
+    assert batch.image_tokens[0].tolist() == records[3]["chosen"]["tokens"]
+    assert batch.image_tokens[3].tolist() == records[3]["rejected"]["tokens"]
+    boi = tiny_bundle.tokenizer.convert_tokens_to_ids("<begin_of_image>")
+    assert (batch.prompt_ids[:, -1] == boi).all()  # left padding: every row ends in <begin_of_image>
+
+
+def test_batch_plan_shards_match_one_process():
+    from ospo_fast.train.data import BatchPlan
+
+    one = BatchPlan(num_pairs=7, per_device=4, world=1, accum=2, seed=3)
+    two = BatchPlan(num_pairs=7, per_device=2, world=2, accum=2, seed=3)
+    for step in range(5):
+        for micro in range(2):
+            joined = torch.cat([two.micro_indices(step, micro, r) for r in range(2)])
+            assert joined.tolist() == one.micro_indices(step, micro, 0).tolist()
+    seen = torch.cat([one.step_indices(0), one.step_indices(1)])[:7]
+    assert sorted(seen.tolist()) == list(range(7))  # an epoch visits every pair once
+
+
+def test_lr_schedule_matches_transformers():
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    from ospo_fast.train.trainer import lr_factor
+
+    total, lr, min_lr = 37, 1e-5, 1e-7
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, math.ceil(0.05 * total), total, min_lr=min_lr)
+    for step in range(total):
+        assert math.isclose(lr * lr_factor(step, total, 0.05, lr, min_lr), sched.get_last_lr()[0], rel_tol=1e-9)
+        opt.step()
+        sched.step()
+
+
+# -- training behaviour -------------------------------------------------------------------------------------------
+def evaluate(bundle, pairs_path: Path) -> tuple[float, float]:
+    """(accuracy, mean margin) of the preference on every pair in the file, without dropout."""
+    from ospo_fast.train.data import collate, load_pair_set
+    from ospo_fast.train.trainer import PreferenceModel
+
+    pairs = load_pair_set(pairs_path, bundle)
+    batch = collate(pairs, torch.arange(len(pairs)), bundle.tokenizer.pad_token_id)
+    model = PreferenceModel(bundle.model, LossConfig()).eval()
+    with torch.no_grad():
+        out = model(batch.prompt_ids, batch.prompt_mask, batch.image_tokens, batch.mask_weights)
+    return out.accuracy.float().mean().item(), out.margin.float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A few dozen LoRA steps on 6 random pairs, on a private copy of the tiny model."""
+    tmp = tmp_path_factory.mktemp("lora_run")
+    pairs = write_pairs(tmp / "pairs.jsonl", 6, seed=2)
+    bundle = load_janus("builtin:tiny", device="cpu")
+    before = {n: p.detach().clone() for n, p in bundle.model.named_parameters()}
+    eval_before = evaluate(bundle, pairs)
+    config = tiny_config(max_steps=30, save_every=15, lr=1e-2)
+    config.loss.fused = False  # the fused path is checked against this one below
+    from ospo_fast.train import train
+
+    result = train(config, pairs, tmp / "out", bundle=bundle)
+    return result, bundle, before, pairs, eval_before, evaluate(bundle, pairs)
+
+
+def test_training_raises_accuracy_and_margin(lora_run):
+    result, _, _, _, (acc_before, margin_before), (acc_after, margin_after) = lora_run
+    metrics = read_metrics(result.metrics_path)
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    for key in ("loss", "simpo", "sft", "chosen_reward", "rejected_reward", "margin", "accuracy", "lr",
+                "grad_norm", "tokens_per_s", "pairs_per_s", "skipped"):
+        assert key in metrics[0]
+    assert acc_before < 1.0 and acc_after == 1.0
+    assert margin_after > margin_before + 0.1
+    assert sum(m["loss"] for m in metrics[-5:]) < sum(m["loss"] for m in metrics[:5])
+    assert result.steps == 30 and result.optimizer_steps == 30 and result.skipped_nonfinite == 0
+    assert result.config_path.is_file()
+    assert (result.checkpoint_dir.parent / "step-000015").is_dir()
+
+
+def test_lora_params_change_and_frozen_do_not(lora_run):
+    _, bundle, before, *_ = lora_run
+    after = dict(bundle.model.named_parameters())
+    lora = [n for n in after if "lora_" in n]
+    assert lora and all(".language_model." in n for n in lora)
+    assert all(after[n].abs().sum() > 0 for n in lora if "lora_B" in n)  # B starts at zero
+    for name, param in after.items():
+        if "lora_" in name:
+            assert param.requires_grad
+            continue
+        assert not param.requires_grad, name
+        key = name.replace(".base_layer", "")
+        assert torch.equal(param, before[key]), f"frozen parameter {name} changed"
+
+
+def test_merged_checkpoint_reloads_and_generates(lora_run):
+    result, bundle, _, pairs_path, *_ = lora_run
+    from ospo_fast.train.data import PairSet, collate, load_pair_set, prompt_token_ids
+    from ospo_fast.train.trainer import PreferenceModel
+
+    merged = load_janus(str(result.merged_dir), device="cpu")
+    pairs: PairSet = load_pair_set(pairs_path, merged)
+    batch = collate(pairs, torch.arange(4), merged.tokenizer.pad_token_id)
+    with torch.no_grad():
+        trained = PreferenceModel(bundle.model, LossConfig()).image_logits(
+            batch.prompt_ids, batch.prompt_mask, batch.image_tokens)
+        reloaded = PreferenceModel(merged.model, LossConfig()).image_logits(
+            batch.prompt_ids, batch.prompt_mask, batch.image_tokens)
+    torch.testing.assert_close(reloaded, trained, atol=1e-4, rtol=1e-4)
+    ids = torch.tensor([prompt_token_ids(merged.processor, PROMPTS[0])])
+    tokens = merged.model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image")
+    assert tokens.shape == (1, 64)
+    image = merged.model.decode_image_tokens(tokens)
+    assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-4, 1e-4)])
+def test_fused_and_naive_paths_agree_with_gradients(tiny_bundle, tmp_path, dtype, atol, rtol):
+    from ospo_fast.train.data import collate, load_pair_set
+    from ospo_fast.train.trainer import PreferenceModel
+
+    pairs = load_pair_set(write_pairs(tmp_path / "pairs.jsonl", 3, seed=5), tiny_bundle)
+    batch = collate(pairs, torch.tensor([2, 0, 1]), tiny_bundle.tokenizer.pad_token_id)  # odd P=3
+    weight = tiny_bundle.model.model.generation_head.proj_out.weight
+    results = []
+    for fused in (False, True):
+        out = PreferenceModel(tiny_bundle.model, LossConfig(fused=fused))(
+            batch.prompt_ids, batch.prompt_mask, batch.image_tokens, batch.mask_weights)
+        (grad,) = torch.autograd.grad(out.loss, [weight])
+        results.append((out.loss.detach(), grad))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=atol, rtol=rtol)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=atol, rtol=rtol)
+
+
+# -- resume ------------------------------------------------------------------------------------------------------
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch):
+    from ospo_fast.train import train, trainer
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 3, seed=1)
+    config = tiny_config(max_steps=6, save_every=2, grad_accum=2, per_device_batch=1, lora_dropout=0.1,
+                         gradient_checkpointing=True)
+    full = train(config, pairs, tmp_path / "full")
+
+    calls = {"n": 0}
+    original = trainer.forward_loss
+
+    def crashing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * 5 - 1:  # first micro-batch of step 5 (checkpoint at step 4)
+            raise _Crash("simulated crash")
+        return original(model, batch)
+
+    monkeypatch.setattr(trainer, "forward_loss", crashing)
+    with pytest.raises(_Crash):
+        train(config, pairs, tmp_path / "resumed")
+    monkeypatch.setattr(trainer, "forward_loss", original)
+    assert len(read_metrics(tmp_path / "resumed" / "metrics.jsonl")) == 4
+    resumed = train(config, pairs, tmp_path / "resumed", resume=True)
+
+    a, b = read_metrics(full.metrics_path), read_metrics(resumed.metrics_path)
+    assert [m["step"] for m in b] == [m["step"] for m in a] == list(range(1, 7))
+    for key in ("loss", "margin", "grad_norm", "lr"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in b]), torch.tensor([m[key] for m in a]),
+                                   atol=1e-6, rtol=1e-5)
+    wa, wb = adapter_weights(full.checkpoint_dir), adapter_weights(resumed.checkpoint_dir)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-6, rtol=1e-5)
+
+
+# -- non-finite losses and bad input ------------------------------------------------------------------------------
+def _nan_after(original, bad_calls):
+    calls = {"n": 0}
+
+    def patched(model, batch):
+        calls["n"] += 1
+        out = original(model, batch)
+        if calls["n"] in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    return patched
+
+
+def test_nonfinite_step_is_skipped(tmp_path, monkeypatch, fresh_tiny):
+    from ospo_fast.train import train, trainer
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    monkeypatch.setattr(trainer, "forward_loss", _nan_after(trainer.forward_loss, {2}))
+    result = train(tiny_config(max_steps=3), pairs, tmp_path / "out", bundle=fresh_tiny)
+    metrics = read_metrics(result.metrics_path)
+    assert [m["skipped"] for m in metrics] == [False, True, False]
+    assert result.skipped_nonfinite == 1 and result.optimizer_steps == 2
+    assert all(math.isfinite(v) for v in (w.abs().sum().item() for w in adapter_weights(result.checkpoint_dir)
+                                          .values()))
+
+
+def test_nonfinite_in_a_row_stops_with_checkpoint(tmp_path, monkeypatch, fresh_tiny):
+    from ospo_fast.train import TrainingDivergedError, train, trainer
+    from ospo_fast.train.checkpoint import latest_checkpoint, read_state
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    monkeypatch.setattr(trainer, "forward_loss", _nan_after(trainer.forward_loss, {2, 3, 4, 5}))
+    config = tiny_config(max_steps=10, max_nonfinite_in_row=3)
+    with pytest.raises(TrainingDivergedError, match="non-finite losses in a row"):
+        train(config, pairs, tmp_path / "out", bundle=fresh_tiny)
+    last = latest_checkpoint(tmp_path / "out")
+    assert last is not None and read_state(last)["step"] == 4 and read_state(last)["optimizer_steps"] == 1
+    assert all(torch.isfinite(w).all() for w in adapter_weights(last).values())
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "does not exist"),
+    ("{not json\n", "not valid JSON"),
+    ('{"pair_id": "a", "prompt": "x", "grid": 8, "chosen": {"tokens": [1, 2], "mask": [0, 1]}, '
+     '"rejected": {"tokens": [1], "mask": [0]}}\n', "grid\\*grid=64"),
+    ('{"pair_id": "a", "prompt": "x"}\n', "missing key 'grid'"),
+    ("\n", "holds no pairs"),
+])
+def test_bad_pairs_file_errors(tmp_path, content, match):
+    from ospo_fast.train import PairsFileError, read_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(PairsFileError, match=match):
+        read_pairs(path)
+
+
+def test_pairs_from_another_model_are_rejected(tmp_path, tiny_bundle):
+    from ospo_fast.train import PairsFileError, load_pair_set
+
+    with pytest.raises(PairsFileError, match="model's image grid is 8"):
+        load_pair_set(write_pairs(tmp_path / "p.jsonl", 2, grid=24), tiny_bundle)
+    with pytest.raises(PairsFileError, match="outside the codebook"):
+        load_pair_set(write_pairs(tmp_path / "q.jsonl", 2, codebook=5000), tiny_bundle)
+
+
+def test_reencode_reads_pngs_with_vq_encoder(tmp_path, tiny_bundle):
+    import numpy as np
+    from PIL import Image
+
+    from ospo_fast.train.data import load_pair_set
+
+    path = write_pairs(tmp_path / "pairs.jsonl", 2)
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for record in map(json.loads, path.read_text().splitlines()):
+        for side in ("chosen", "rejected"):
+            array = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+            Image.fromarray(array).save(tmp_path / record[side]["image"])
+            pixels[record[side]["image"]] = array
+    pairs = load_pair_set(path, tiny_bundle, token_source="reencode")
+    first = next(iter(pixels.values()))
+    x = torch.from_numpy(first).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        expected = tiny_bundle.model.model.vqmodel.encode(x).image_tokens.view(-1)
+    assert pairs.tokens[0, 0].tolist() == expected.tolist()
+
+
+def test_full_finetune_saves_loadable_model(tmp_path, fresh_tiny):
+    from ospo_fast.train import train
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    vision_before = fresh_tiny.model.model.vision_model.embeddings.patch_embedding.weight.clone()
+    layer_before = fresh_tiny.model.model.language_model.layers[0].mlp.up_proj.weight.clone()
+    result = train(tiny_config(lora=False, max_steps=2, lr=1e-3), pairs, tmp_path / "out", bundle=fresh_tiny)
+    assert result.merged_dir is None
+    reloaded = load_janus(str(result.checkpoint_dir), device="cpu").model
+    up = reloaded.model.language_model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(up, layer_before)
+    torch.testing.assert_close(up, fresh_tiny.model.model.language_model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(reloaded.model.vision_model.embeddings.patch_embedding.weight, vision_before)
