@@ -1,0 +1,173 @@
+"""Exact judge of toy-world images against a prompt's structure, in code (no model).
+
+1. Each pixel takes its nearest palette colour (background included); pixels far from every palette colour
+   are ignored. 2. Per colour, a 3x3 binary opening removes thin fringes (decoder ringing), then connected
+   components; blobs under ``min_area`` pixels are noise. 3. The largest blob of an object's colour is that
+   object; its shape is the nearest prototype in (fill ratio of the bounding box, top-corner occupancy, bottom-corner
+   occupancy): a square fills box and corners, a circle ~pi/4 and no corner, an apex-up triangle ~1/2 and only
+   the bottom corners.
+4. A relation holds when the centroid offset points the right way along the dominant axis.
+
+``strict`` = every object found with the right colour and shape, no extra object, relation right.
+``loose`` = every colour found and relation right (shape and extra objects ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from ospo_fast.toy.world import BACKGROUND, PALETTE, RELATIONS, SHAPES
+
+_RELATION_ALIASES = {"to the left of": "left of", "on the left of": "left of", "to the right of": "right of",
+                     "on the right of": "right of", "on top of": "above"}
+_NAMES = ("background",) + tuple(PALETTE)
+_COLOURS = np.array([BACKGROUND] + list(PALETTE.values()), dtype=np.float32)  # (7, 3)
+
+
+@dataclass
+class Blob:
+    """One connected component of one colour: ``area`` pixels, centroid ``(cx, cy)``, classified ``shape``."""
+
+    color: str
+    area: int
+    cx: float
+    cy: float
+    shape: str
+    fill: float
+
+
+@dataclass
+class JudgeResult:
+    """``strict``: colour + shape + relation (+ no extra object); ``loose``: colour + position."""
+
+    strict: bool
+    loose: bool
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class JudgeConfig:
+    """``min_area``: smallest blob that counts (px, at 64x64); ``max_dist``: farthest RGB distance from a palette
+    colour for a pixel to count; square/triangle fill thresholds."""
+
+    min_area: int = 20
+    max_dist: float = 110.0
+
+
+def shape_features(mask: np.ndarray) -> tuple[float, float, float]:
+    """(fill ratio of the bounding box, occupancy of the two top corners, of the two bottom corners) of one blob,
+    bool (H, W), holes filled first. Corners are the right triangles with legs 0.3 x the shorter box side."""
+    mask = ndimage.binary_fill_holes(mask)
+    ys, xs = np.nonzero(mask)
+    sub = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # (h, w)
+    h, w = sub.shape
+    leg = max(2, int(round(0.3 * min(h, w))))
+    yy, xx = np.mgrid[0:h, 0:w]
+    corners = [sub[(x + y) < leg].mean() for x, y in ((xx, yy), (w - 1 - xx, yy), (xx, h - 1 - yy),
+                                                     (w - 1 - xx, h - 1 - yy))]
+    return float(sub.mean()), float((corners[0] + corners[1]) / 2), float((corners[2] + corners[3]) / 2)
+
+
+# Clean-render prototypes of (fill, top corners, bottom corners): a square fills its box and corners, a circle
+# fills pi/4 and no corner, an apex-up triangle about half and only the bottom corners.
+SHAPE_PROTOTYPES = {"circle": (0.79, 0.1, 0.1), "square": (1.0, 1.0, 1.0), "triangle": (0.62, 0.0, 0.88)}
+_FEATURE_WEIGHTS = np.array([2.0, 1.0, 1.0])
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, float]:
+    """Shape of one blob, bool (H, W) -> (shape, fill ratio): the nearest prototype in (fill, corners) space."""
+    features = np.array(shape_features(mask))
+    shape = min(SHAPE_PROTOTYPES, key=lambda k: float(
+        (_FEATURE_WEIGHTS * (features - np.array(SHAPE_PROTOTYPES[k])) ** 2).sum()))
+    return shape, float(features[0])
+
+
+def find_blobs(image: np.ndarray, config: JudgeConfig | None = None) -> list[Blob]:
+    """All coloured blobs of an image, uint8 (H, W, 3) -> list of Blob, largest first."""
+    config = config or JudgeConfig()
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
+    scale = 64.0 / image.shape[0]
+    pixels = image.astype(np.float32)
+    dist = np.linalg.norm(pixels[:, :, None, :] - _COLOURS[None, None], axis=-1)  # (H, W, 7)
+    label = dist.argmin(-1)
+    label[dist.min(-1) > config.max_dist] = -1
+    blobs = []
+    min_area = config.min_area / (scale * scale)
+    for index in range(1, len(_NAMES)):
+        mask = ndimage.binary_opening(label == index, structure=np.ones((3, 3), bool))
+        components, count = ndimage.label(mask)
+        for comp in range(1, count + 1):
+            part = components == comp
+            area = int(part.sum())
+            if area < min_area:
+                continue
+            ys, xs = np.nonzero(part)
+            shape, fill = classify_shape(part)
+            blobs.append(Blob(_NAMES[index], area, float(xs.mean()), float(ys.mean()), shape, fill))
+    return sorted(blobs, key=lambda b: -b.area)
+
+
+def relation_holds(a: Blob, b: Blob, relation: str) -> bool:
+    """Does ``a relation b`` hold by centroids (dominant axis decides)? ``relation``: "left of", "to the left of",
+    "on the left of" (the same for right), "above", "on top of", "below"."""
+    relation = _RELATION_ALIASES.get(relation, relation)
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    if relation == "left of":
+        return dx < 0 and abs(dx) > abs(dy)
+    if relation == "right of":
+        return dx > 0 and abs(dx) > abs(dy)
+    if relation == "above":
+        return dy < 0 and abs(dy) > abs(dx)
+    if relation == "below":
+        return dy > 0 and abs(dy) > abs(dx)
+    raise ValueError(f"unknown relation {relation!r}; the toy judge knows {RELATIONS}")
+
+
+def _check_structure(structure: dict) -> dict[str, str]:
+    colour_of = {}
+    for obj, attr in structure.get("attributes", []):
+        if attr in PALETTE:
+            colour_of[obj] = attr
+    for obj in structure.get("objects", []):
+        if obj not in colour_of:
+            raise ValueError(f"object {obj!r} of structure {structure} has no colour attribute from "
+                             f"{tuple(PALETTE)}; the toy judge finds objects by colour")
+    return colour_of
+
+
+def judge(image: np.ndarray, structure: dict, config: JudgeConfig | None = None) -> JudgeResult:
+    """Judge one image uint8 (H, W, 3) against a structure ``{"objects", "attributes", "relations"}``."""
+    config = config or JudgeConfig()
+    colour_of = _check_structure(structure)
+    blobs = find_blobs(image, config)
+    found: dict[str, Blob | None] = {}
+    for obj in structure["objects"]:
+        found[obj] = next((b for b in blobs if b.color == colour_of[obj]), None)
+    colours_ok = all(b is not None for b in found.values())
+    shapes_ok = colours_ok and all(obj not in SHAPES or found[obj].shape == obj for obj in found)
+    relations_ok = colours_ok
+    for subj, rel, obj in structure.get("relations", []):
+        if not colours_ok:
+            break
+        if subj not in found or obj not in found:
+            raise ValueError(f"relation {[subj, rel, obj]} names an object not in {structure['objects']}")
+        relations_ok = relations_ok and relation_holds(found[subj], found[obj], rel)
+    extra = len(blobs) - len(structure["objects"])
+    details = {
+        "colours": colours_ok, "shapes": shapes_ok, "relations": relations_ok, "extra_blobs": max(0, extra),
+        "found": {k: (None if b is None else {"shape": b.shape, "cx": b.cx, "cy": b.cy, "area": b.area})
+                  for k, b in found.items()},
+    }
+    loose = colours_ok and relations_ok
+    return JudgeResult(strict=loose and shapes_ok and extra <= 0, loose=loose, details=details)
+
+
+def judge_batch(images: np.ndarray, structures: list[dict], config: JudgeConfig | None = None) -> list[JudgeResult]:
+    """Judge uint8 (B, H, W, 3) images against one structure each."""
+    if len(images) != len(structures):
+        raise ValueError(f"{len(images)} images but {len(structures)} structures; give one structure per image")
+    return [judge(img, s, config) for img, s in zip(images, structures)]
