@@ -1,0 +1,184 @@
+"""The image-generation engine against transformers' own Janus: greedy tokens, seeded sampling, pixels, in-flight
+object-attention maps; and the shared sampler against transformers' logits warpers."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from ospo_fast.config import ImageConfig
+from ospo_fast.engine.image_gen import (
+    generate_images,
+    image_prompt_inputs,
+    pixels_from_decoded,
+    position_ids_from_mask,
+    unconditional_ids,
+)
+from ospo_fast.engine.sampling import counter_uniform, filter_logits, sample_next
+
+PROMPTS = [
+    "a red car",
+    "a blue bench and a green apple on a wooden table near the tall tree",  # longest: the others are left-padded
+    "a cat",
+]
+OBJECTS = [["car"], ["bench", "apple", "tree"], ["cat"]]
+LAYERS = [2, 3, 5, 8]  # an odd selection; the default is ospo_fast.ops.object_masks.select_layers
+GREEDY = ImageConfig(temperature=0.0, compile=False)
+SAMPLED = ImageConfig(temperature=1.0, top_k=64, top_p=0.95, compile=False)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    """The tiny random Janus with a 4x4 grid (16 image tokens: the decode loop is what is tested, not its length)."""
+    from ospo_fast.models import load_janus
+
+    return load_janus("builtin:tiny-4", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def greedy_batch(bundle):
+    return generate_images(bundle, PROMPTS, [0, 1, 2], GREEDY)
+
+
+@pytest.fixture(scope="module")
+def sampled_batch(bundle):
+    pytest.importorskip("ospo_fast.engine.object_attention")
+    return generate_images(bundle, PROMPTS, [7, 11, 7], SAMPLED, objects=OBJECTS, mask_layers=LAYERS)
+
+
+def test_prompts_are_left_padded_and_unconditional_rows_keep_bos_and_boi(bundle):
+    ids, mask = image_prompt_inputs(bundle, PROMPTS)
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) == 3 and bool((mask[:, -1] == 1).all())  # mixed lengths, left padding
+    tok = bundle.tokenizer
+    boi = tok.convert_tokens_to_ids(bundle.processor.image_start_token)
+    assert bool((ids[:, -1] == boi).all())
+    uncond = unconditional_ids(ids, tok.bos_token_id, boi, tok.pad_token_id)
+    kept = (uncond != tok.pad_token_id)
+    assert kept.sum(1).tolist() == [2, 2, 2]  # BOS and <begin_of_image> only
+    pos = position_ids_from_mask(mask)
+    assert pos[0, -1].item() == lengths[0].item() - 1 and pos[1, -1].item() == lengths[1].item() - 1
+
+
+def test_greedy_tokens_equal_transformers_generate_on_mixed_prompt_lengths(bundle, greedy_batch):
+    ids, mask = image_prompt_inputs(bundle, PROMPTS)
+    expected = bundle.model.generate(ids, attention_mask=mask, generation_mode="image", do_sample=False,
+                                     guidance_scale=GREEDY.guidance_scale)
+    assert greedy_batch.tokens.shape == (3, bundle.num_image_tokens)
+    assert torch.equal(greedy_batch.tokens, expected)
+    assert len({tuple(row) for row in expected.tolist()}) == 3  # the rows really differ
+    assert greedy_batch.object_maps is None
+
+
+def test_pixels_equal_transformers_decode_and_postprocess(bundle, greedy_batch):
+    with torch.no_grad():
+        decoded = bundle.model.decode_image_tokens(greedy_batch.tokens)  # (B, H, W, 3)
+    expected = bundle.processor.image_processor.postprocess(list(decoded.permute(0, 3, 1, 2).float().numpy()))
+    side = bundle.grid * 16
+    assert greedy_batch.pixels.shape == (3, side, side, 3) and greedy_batch.pixels.dtype == torch.uint8
+    for got, want in zip(greedy_batch.pixels, expected["pixel_values"]):
+        want = torch.from_numpy(want if want.shape[-1] == 3 else want.transpose(1, 2, 0))
+        assert torch.equal(got, want)
+
+
+def _eager_reference_maps(bundle, prompts, tokens, objects, layers):
+    """Mean attention of image-token queries to object sub-tokens from transformers' eager forward with
+    output_attentions=True (the reference code's way): (B, O, N)."""
+    from ospo_fast.engine.object_attention import object_token_positions
+
+    ids, mask = image_prompt_inputs(bundle, prompts)
+    positions = object_token_positions(bundle.tokenizer, ids, objects)
+    model = bundle.model
+    embeds = torch.cat([model.get_input_embeddings()(ids), model.prepare_embeddings_for_image_generation(tokens)], 1)
+    full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
+    lm = model.model.language_model
+    original = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = lm(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask),
+                     output_attentions=True)
+    finally:
+        lm.set_attn_implementation(original)
+    t, n = ids.shape[1], tokens.shape[1]
+    attn = torch.stack([out.attentions[layer] for layer in layers]).mean(0).mean(1)[:, t:t + n]  # (B, N, Tk)
+    maps = torch.zeros(len(prompts), positions.shape[1], n)
+    for b in range(len(prompts)):
+        for o in range(positions.shape[1]):
+            keys = [p for p in positions[b, o].tolist() if p >= 0]
+            if keys:
+                maps[b, o] = attn[b][:, keys].mean(-1)
+    return maps
+
+
+def test_seeded_image_depends_only_on_prompt_and_seed(bundle, sampled_batch):
+    alone = generate_images(bundle, [PROMPTS[1]], [11], SAMPLED)  # alone, and without capture
+    assert torch.equal(alone.tokens[0], sampled_batch.tokens[1])
+    assert not torch.equal(sampled_batch.tokens[0], sampled_batch.tokens[2])  # same seed, other prompt
+
+
+def test_in_flight_object_maps_equal_eager_output_attentions(bundle, sampled_batch):
+    from ospo_fast.ops.object_masks import object_masks
+
+    grid = bundle.grid
+    maps = sampled_batch.object_maps
+    assert maps.shape == (3, 3, grid, grid) and maps.dtype == torch.float32
+    expected = _eager_reference_maps(bundle, PROMPTS, sampled_batch.tokens, OBJECTS, LAYERS).view(3, 3, grid, grid)
+    torch.testing.assert_close(maps, expected, atol=1e-6, rtol=1e-4)
+    assert float(maps[0, 1:].abs().max()) == 0.0  # padded object slots stay empty
+    valid = torch.tensor([[True, False, False], [True, True, True], [True, False, False]])
+    got, want = (object_masks(m, backend="ref", object_valid=valid) for m in (maps, expected))
+    assert torch.equal(got.masks, want.masks) and torch.equal(got.union, want.union)
+
+
+def test_bad_arguments_raise_clear_errors(bundle):
+    with pytest.raises(ValueError, match="seeds"):
+        generate_images(bundle, PROMPTS, [0], GREEDY)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate_images(bundle, [], [], GREEDY)
+    with pytest.raises(ValueError, match="objects"):
+        generate_images(bundle, PROMPTS, [0, 1, 2], GREEDY, objects=[["car"]])
+    with pytest.raises(ValueError, match="temperature"):
+        generate_images(bundle, PROMPTS, [0, 1, 2], dataclasses.replace(GREEDY, temperature=-1.0))
+
+
+def test_pixels_from_decoded_clips_and_truncates():
+    decoded = torch.tensor([[-1.5, -1.0, 0.0], [0.999, 1.0, 2.0]]).view(1, 1, 2, 3)
+    got = pixels_from_decoded(decoded, [0.5] * 3, [0.5] * 3)
+    assert got.dtype == torch.uint8 and got.flatten().tolist() == [0, 0, 127, 254, 255, 255]
+
+
+# -- shared sampler ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0), (17, 0.5), (0, 0.3)])
+def test_filter_logits_keeps_what_transformers_warpers_keep(top_k, top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(7, 131) * 3  # odd vocab
+    expected = logits.clone()
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    got = filter_logits(logits, top_k, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    torch.testing.assert_close(got[~torch.isinf(got)], logits[~torch.isinf(got)])
+
+
+def test_counter_noise_is_a_pure_function_of_seed_step_and_entry():
+    seeds = torch.tensor([3, 9, 3, 123456789012])
+    u = counter_uniform(seeds, 5, 1000)
+    assert u.shape == (4, 1000) and float(u.min()) > 0 and float(u.max()) < 1
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
+    assert torch.equal(counter_uniform(seeds[1:2], 5, 1000)[0], u[1])  # batch composition does not matter
+    assert not torch.equal(counter_uniform(seeds, 6, 1000), u)
+    assert abs(float(u.mean()) - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_seeded_gumbel_draws_follow_the_softmax(temperature):
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
+    n = 20000
+    draws = sample_next(logits.expand(n, -1), torch.arange(n), 0, temperature)
+    freq = torch.bincount(draws, minlength=5).float() / n
+    torch.testing.assert_close(freq, (logits / temperature).softmax(-1), atol=0.015, rtol=0)
+    assert torch.equal(sample_next(logits[None], torch.tensor([0]), 0, 0.0), torch.tensor([0]))  # greedy
