@@ -158,7 +158,6 @@ class _Trainer:
         if self.tc.distributed == "fsdp" and self.tc.lora:
             raise ValueError("train.distributed=fsdp is for full fine-tuning; with train.lora=true use ddp or auto")
         self.mode = self.tc.distributed if self.tc.distributed != "auto" else ("ddp" if self.tc.lora else "fsdp")
-        torch.manual_seed(config.seed)  # identical initial adapters on every rank
         if bundle is None:
             bundle = load_janus(config.model.path, dtype=config.model.dtype, device=str(self.device),
                                 attn_implementation=config.model.attn_implementation)
@@ -166,6 +165,7 @@ class _Trainer:
         janus = bundle.model
         janus.config.use_cache = False
         set_trainable(janus, self.tc)
+        torch.manual_seed(config.seed)  # the same initial adapters on every rank and in every run
         self.peft = apply_lora(janus, self.tc, base_path=config.model.path) if self.tc.lora else None
         if self.tc.gradient_checkpointing:
             janus.model.language_model.gradient_checkpointing_enable(

@@ -1,0 +1,80 @@
+"""Two gloo processes (DDP with LoRA, FSDP2 with full fine-tuning) give the same run as one process with the same
+global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from tests.test_trainer import read_metrics, tiny_config, write_pairs
+
+STEPS = 3
+MODES = ("ddp", "fsdp")  # LoRA under DDP, full fine-tuning under FSDP2
+
+
+def _config(mode: str, per_device: int):
+    lora = mode == "ddp"
+    config = tiny_config(max_steps=STEPS, per_device_batch=per_device, grad_accum=2, save_every=STEPS, lora=lora,
+                         distributed=mode, lr=1e-2 if lora else 1e-3)
+    return config
+
+
+def _worker(rank: int, world: int, ports: list[int], root: str) -> None:
+    torch.set_num_threads(1)
+    from ospo_fast.train import train
+
+    for mode, port in zip(MODES, ports):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world))
+        out = Path(root, mode, "two")
+        result = train(_config(mode, per_device=2), Path(root, "pairs.jsonl"), out)
+        if rank == 0:
+            (out / "result.json").write_text(json.dumps({"checkpoint": str(result.checkpoint_dir)}))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _weights(result_dir: Path, lora: bool) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    weights = load_file(str(result_dir / name))
+    return {k: v for k, v in weights.items() if lora or ".language_model.layers." in k}
+
+
+def test_two_processes_equal_one(tmp_path):
+    """One spawn of two gloo ranks runs both modes; each is compared with a one-process run of 4 pairs/step."""
+    from ospo_fast.train import train
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 6, seed=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        singles = {mode: train(_config(mode, per_device=4), pairs, tmp_path / mode / "one") for mode in MODES}
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_worker, args=(2, [_free_port(), _free_port()], str(tmp_path)), nprocs=2, join=True)
+    for mode in MODES:
+        _compare(singles[mode], tmp_path / mode / "two", lora=mode == "ddp")
+
+
+def _compare(single, two_dir: Path, lora: bool) -> None:
+    double_dir = Path(json.loads((two_dir / "result.json").read_text())["checkpoint"])
+    a, b = read_metrics(single.metrics_path), read_metrics(two_dir / "metrics.jsonl")
+    assert [m["step"] for m in b] == list(range(1, STEPS + 1))
+    for key in ("loss", "margin", "accuracy", "grad_norm", "lr"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in b]), torch.tensor([m[key] for m in a]),
+                                   atol=1e-5, rtol=1e-4)
+    wa, wb = _weights(single.checkpoint_dir, lora), _weights(double_dir, lora)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=1e-4)
