@@ -6,6 +6,8 @@
   ospo-fast report DIR                   static HTML report of a run
   ospo-fast export DIR                   Parquet dataset of the pairs
   ospo-fast eval-gen --format F --prompts P --out DIR   benchmark images in the evaluator's layout
+  ospo-fast train --pairs F --out DIR [--preset P] [k=v..]   stage 5: Obj-SimPO + SFT (torchrun-aware)
+  ospo-fast merge-lora ADAPTER OUT [--base PATH]   fold a LoRA checkpoint into a standalone model
   ospo-fast config [--preset P] [k=v..]  print the resolved config
 """
 
@@ -86,6 +88,31 @@ def _cmd_eval_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ospo_fast.train import PairsFileError, TrainingDivergedError, train
+
+    try:
+        result = train(_load(args), args.pairs, args.out, resume=not args.no_resume)
+    except (PairsFileError, TrainingDivergedError) as err:
+        print(f"ospo-fast: error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{result.steps} steps ({result.skipped_nonfinite} skipped); checkpoint {result.checkpoint_dir}; "
+              f"merged {result.merged_dir}; metrics {result.metrics_path}")
+    return 0
+
+
+def _cmd_merge_lora(args: argparse.Namespace) -> int:
+    from ospo_fast.train import merge_lora
+
+    try:
+        print(merge_lora(args.adapter, args.out, base_path=args.base, dtype=args.dtype))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ospo-fast: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="toy", help="a preset name (toy, tiny, janus-pro-1b, janus-pro-7b) or a .yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. prompts.num_prompts=100")
@@ -129,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4, help="images per prompt (GenEval: 4; CompBench: 10)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_gen)
+
+    p = sub.add_parser("train", help="stage 5: Obj-SimPO + SFT training on a pairs.jsonl (resumes from --out)")
+    p.add_argument("--pairs", required=True, help="pairs file written by synth (<run_dir>/pairs.jsonl)")
+    p.add_argument("--out", required=True, help="training directory: checkpoints, metrics.jsonl, merged/")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("merge-lora", help="merge a LoRA checkpoint into a standalone model directory")
+    p.add_argument("adapter", help="a checkpoint directory holding adapter_model.safetensors")
+    p.add_argument("out")
+    p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_cmd_merge_lora)
 
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("--preset", default=None)

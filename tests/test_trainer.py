@@ -453,3 +453,20 @@ def test_full_finetune_saves_loadable_model(tmp_path, fresh_tiny):
     assert not torch.equal(up, layer_before)
     torch.testing.assert_close(up, fresh_tiny.model.model.language_model.layers[0].mlp.up_proj.weight)
     assert torch.equal(reloaded.model.vision_model.embeddings.patch_embedding.weight, vision_before)
+
+
+def test_cli_train_and_merge_lora(tmp_path, capsys):
+    from ospo_fast.cli import main
+
+    assert main(["train", "--pairs", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x"),
+                 "--preset", "tiny"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    out = tmp_path / "out"
+    assert main(["train", "--pairs", str(pairs), "--out", str(out), "--preset", "tiny", "model.device=cpu",
+                 "train.max_steps=2", "train.per_device_batch=2", "train.lora_targets=[q_proj]"]) == 0
+    assert len(read_metrics(out / "metrics.jsonl")) == 2 and (out / "merged" / "config.json").is_file()
+    assert main(["merge-lora", str(out / "checkpoints" / "step-000002"), str(tmp_path / "merged2")]) == 0
+    a = load_janus(str(out / "merged"), device="cpu").model.model.language_model.layers[0].self_attn.q_proj.weight
+    b = load_janus(str(tmp_path / "merged2"), device="cpu").model.model.language_model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(b.weight, a)
