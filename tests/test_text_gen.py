@@ -1,0 +1,85 @@
+"""Batched text generation against transformers' generate: greedy per row, stop tokens, seeded sampling."""
+
+import pytest
+import torch
+
+from ospo_fast.engine.text_gen import TextSampling, chat_inputs, generate_text, generate_text_ids
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write a short prompt about a red car and a blue bench"}],
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "You write prompts."}, {"role": "user", "content": "a cat on the table"}],
+]
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    """A private tiny model with an untied, sharper LM head, so greedy text is not one repeated token."""
+    from ospo_fast.models import load_janus
+
+    bundle = load_janus("builtin:tiny", device="cpu")
+    head = bundle.model.lm_head
+    generator = torch.Generator().manual_seed(0)
+    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=generator) * 0.5)
+    return bundle
+
+
+def _transformers_greedy(bundle, conversation, max_new_tokens, eos=None):
+    ids, mask = chat_inputs(bundle, [conversation])
+    kwargs = {} if eos is None else {"eos_token_id": eos}
+    out = bundle.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def greedy_rows(bundle):
+    return generate_text_ids(bundle, CONVERSATIONS, TextSampling(temperature=0.0, max_new_tokens=NEW), [0, 1, 2])
+
+
+def test_greedy_rows_equal_transformers_generate_each_alone(bundle, greedy_rows):
+    ids, mask = chat_inputs(bundle, CONVERSATIONS)
+    assert len(set(mask.sum(1).tolist())) == 3  # mixed lengths: rows are left-padded together
+    for conv, row in zip(CONVERSATIONS, greedy_rows):
+        assert row == _transformers_greedy(bundle, conv, NEW)
+    assert any(len(set(row)) > 1 for row in greedy_rows)
+
+
+def test_a_row_stops_at_its_stop_token_and_the_others_go_on(bundle, greedy_rows):
+    row = greedy_rows[1]
+    first_new = [j for j in range(1, len(row)) if row[j] not in row[:j]]
+    assert first_new, f"row {row} repeats one token; the test needs a token that first occurs later"
+    j = first_new[0]
+    stop = row[j]
+    config = TextSampling(temperature=0.0, max_new_tokens=NEW, stop_token_ids=[stop])
+    rows = generate_text_ids(bundle, CONVERSATIONS, config, [0, 1, 2])
+    assert rows[1] == row[:j]
+    for got, full in zip(rows, greedy_rows):
+        expected = full[:full.index(stop)] if stop in full else full
+        assert got == expected
+    reference = _transformers_greedy(bundle, CONVERSATIONS[1], NEW, eos=stop)
+    assert reference[-1] == stop and rows[1] == reference[:-1]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (20, 1.0)])
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(bundle, top_k, top_p):
+    config = TextSampling(temperature=1.0, top_k=top_k, top_p=top_p, max_new_tokens=6)
+    batch = generate_text_ids(bundle, CONVERSATIONS, config, [5, 6, 5])
+    alone = generate_text_ids(bundle, CONVERSATIONS[1:2], config, [6])
+    assert alone[0] == batch[1] and len(batch[1]) == 6
+    assert batch[0] != generate_text_ids(bundle, CONVERSATIONS[:1], config, [9])[0]
+
+
+def test_generate_text_decodes_without_special_tokens(bundle):
+    texts = generate_text(bundle, CONVERSATIONS[:2], TextSampling(temperature=0.0, max_new_tokens=4), [0, 0])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert all(bundle.tokenizer.eos_token not in t for t in texts)
+
+
+def test_bad_arguments_raise_clear_errors(bundle):
+    with pytest.raises(ValueError, match="seeds"):
+        generate_text(bundle, CONVERSATIONS, TextSampling(), [0])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_text(bundle, CONVERSATIONS[:1], TextSampling(max_new_tokens=0), [0])
+    with pytest.raises(ValueError, match="conversations is empty"):
+        generate_text(bundle, [], TextSampling(), [])
