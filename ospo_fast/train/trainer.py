@@ -145,7 +145,7 @@ def total_steps(config: TrainConfig, num_pairs: int, global_batch: int) -> int:
     return config.max_steps
 
 
-class _Trainer:
+class Trainer:
     """One training run; ``train`` below is the public entry."""
 
     def __init__(self, config: OSPOConfig, pairs_path: Path, out_dir: Path, bundle=None):
@@ -431,7 +431,7 @@ def train(config: OSPOConfig, pairs_path: str | Path, out_dir: str | Path, resum
     loaded ``JanusBundle`` to train in place (else ``config.model`` is loaded). Under torchrun, every rank calls
     this; rank 0 writes the files. Raises ``PairsFileError`` for a bad pairs file and
     ``TrainingDivergedError`` after ``train.max_nonfinite_in_row`` non-finite steps in a row."""
-    trainer = _Trainer(config, Path(pairs_path), Path(out_dir), bundle=bundle)
+    trainer = Trainer(config, Path(pairs_path), Path(out_dir), bundle=bundle)
     try:
         return trainer.run(resume)
     finally:
