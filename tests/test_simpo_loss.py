@@ -139,8 +139,8 @@ def test_hand_worked_length_and_label_smoothing():
     logits, targets, masks = _hand_batch()
     ln2 = math.log(2)
     beta, ls = 0.5, 0.1
-    paper_r_w = (beta * 2 * -ln2 + beta * 1 * -2 * ln2) / 2  # = -ln2 / 1 * beta * 2 = -0.693147
-    paper_r_l = (beta * 1 * -3 * ln2 + beta * 2 * -ln2) / 2  # = -1.25 ln2 = -0.866434
+    paper_r_w = (beta * 2 * -ln2 + beta * 1 * -2 * ln2) / 2  # = 0.5 * -4 ln2 / 2 = -ln2 = -0.693147
+    paper_r_l = (beta * 1 * -3 * ln2 + beta * 2 * -ln2) / 2  # = 0.5 * -5 ln2 / 2 = -1.25 ln2 = -0.866434
     z = paper_r_w - paper_r_l - beta * 0.5  # paper: r_w - r_l - gamma
     simpo = -(1 - ls) * math.log(1 / (1 + math.exp(-z))) - ls * math.log(1 / (1 + math.exp(z)))
     config = LossConfig(beta=beta, normalization="length", label_smoothing=ls)

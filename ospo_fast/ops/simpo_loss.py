@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ospo_fast._backend import pick_backend
 from ospo_fast.config import LossConfig
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 512  # 512 x 16,384 logits: 32 MiB in fp32, 16 MiB in bf16
 
 
 @dataclass
@@ -280,6 +280,9 @@ def preference_loss_from_logprobs(logp: torch.Tensor, mask_weights: torch.Tensor
     logp (2P, T) float, rows 0..P-1 chosen, P..2P-1 rejected; mask_weights (2P, T) in [0, 1]."""
     if config.normalization not in ("weighted_mean", "length"):
         raise ValueError(f"LossConfig.normalization={config.normalization!r}: use 'weighted_mean' or 'length'")
+    if logp.dim() != 2 or logp.shape[0] < 2 or logp.shape[0] % 2 or mask_weights.shape != logp.shape:
+        raise ValueError(f"logp must be (2P, T) with P >= 1 and mask_weights the same shape, got "
+                         f"{tuple(logp.shape)} and {tuple(mask_weights.shape)}")
     logp = logp.float()
     n_pairs = logp.shape[0] // 2
     w = 1.0 + config.alpha * mask_weights.float()  # (2P, T)
