@@ -210,7 +210,7 @@ def to_pair(record: dict) -> dict:
     side = lambda s: {k: record[s][k] for k in ("image", "tokens", "mask")} | {
         "score": record["verdict"]["score_chosen" if s == "chosen" else "score_rejected"], "vqa": record[s]["vqa"]}
     grid = int(round(len(record["chosen"]["tokens"]) ** 0.5))
-    return {"pair_id": record["id"], "base_id": record["base_id"], "prompt": record["base_prompt"],
+    return {"id": record["id"], "pair_id": record["id"], "base_id": record["base_id"], "prompt": record["base_prompt"],
             "category": record["category"], "kind": record["kind"], "perturbed_prompt": record["prompt"],
             "dense_chosen": record["dense_base"], "dense_rejected": record["dense_prompt"],
             "questions": record["questions"], "grid": grid, "structure": record["base_structure"],

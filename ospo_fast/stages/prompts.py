@@ -75,8 +75,29 @@ def sample_structure(vocab: Vocabulary, category: str, rng: random.Random) -> di
     return s
 
 
+def toy_world_prompts(config: PromptConfig, indices: list[int], seed: int) -> list[dict]:
+    """Prompts of the toy world's training split (``ospo_fast.toy.world``), so held-out captions stay unseen.
+    Relations are stored as the caption's phrase ("to the left of") so re-rendering reproduces the caption."""
+    from ospo_fast.toy import world
+
+    drawn = world.sample_prompts(max(indices, default=-1) + 1, split="train", seed=seed)
+    records = []
+    for index in indices:
+        row = drawn[index]
+        structure = dict(empty_structure(), **row["structure"])
+        structure["relations"] = [[a, world.CAPTION_RELATION[r], b] for a, r, b in structure["relations"]]
+        if render_prompt(structure) != row["prompt"]:
+            raise ValueError(f"toy caption {row['prompt']!r} does not re-render from its structure {structure}")
+        records.append({"id": f"p{index:06d}", "prompt": row["prompt"], "category": row["category"],
+                        "structure": structure, "source": "toy_world"})
+    return records
+
+
 def sample_prompts(vocab: Vocabulary, config: PromptConfig, indices: list[int], seed: int) -> list[dict]:
-    """Records for prompt indices ``indices``: each draw depends only on (seed, index)."""
+    """Records for prompt indices ``indices``: each draw depends only on (seed, index). The toy vocabulary draws
+    from the toy world's training split."""
+    if config.vocabulary == "toy":
+        return toy_world_prompts(config, indices, seed)
     categories = [c for c in config.categories if c in vocab.categories]
     if not categories:
         raise ValueError(f"prompts.categories={config.categories} has none of this vocabulary's categories "
