@@ -8,18 +8,29 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 
 namespace {
 
 constexpr int kBins = 256;
 
-// One map: writes the normalised values, the mask, and returns the scaled threshold.
+// One map: writes the normalised values, the mask, and returns the scaled threshold (NaN for a map with a
+// NaN or infinite value: the caller reports it).
 float otsu_one(const float* x, int64_t p, float otsu_scale, float* norm, bool* mask) {
   float lo = x[0], hi = x[0];
-  for (int64_t i = 1; i < p; ++i) {
+  bool finite = true;
+  for (int64_t i = 0; i < p; ++i) {
+    finite = finite && std::isfinite(x[i]);
     lo = x[i] < lo ? x[i] : lo;
     hi = x[i] > hi ? x[i] : hi;
+  }
+  if (!finite) {
+    for (int64_t i = 0; i < p; ++i) {
+      norm[i] = std::numeric_limits<float>::quiet_NaN();
+      mask[i] = false;
+    }
+    return std::numeric_limits<float>::quiet_NaN();
   }
   const float span = hi - lo;
   if (!(span > 0.0f)) {  // constant map: zeros, threshold 0, empty mask

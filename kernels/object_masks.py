@@ -22,11 +22,12 @@ def _object_masks_otsu_kernel(x_ptr, norm_ptr, thr_ptr, mask_ptr, P, otsu_scale,
     x = tl.load(x_ptr + row * P + offs, mask=inside, other=0.0).to(tl.float32)  # (BLOCK,)
     lo = tl.min(tl.where(inside, x, float("inf")), axis=0)
     hi = tl.max(tl.where(inside, x, float("-inf")), axis=0)
+    n_bad = tl.sum(tl.where(inside & ((x != x) | (tl.abs(x) == float("inf"))), 1, 0), axis=0)
     span = hi - lo
     constant = span <= 0.0
     safe_span = tl.where(constant, 1.0, span)
     norm = tl.where(constant, 0.0, tl.math.div_rn(x - lo, safe_span))  # IEEE division, as the reference
-    bins = tl.minimum(tl.floor(norm * NBINS).to(tl.int32), NBINS - 1)
+    bins = tl.maximum(tl.minimum(tl.floor(norm * NBINS).to(tl.int32), NBINS - 1), 0)  # NaN maps stay in range
     counts = tl.histogram(bins, NBINS, mask=inside).to(tl.int64)  # (NBINS,)
 
     # Otsu: exact weights and sums, float64 variance in skimage's order, first maximum.
@@ -43,8 +44,9 @@ def _object_masks_otsu_kernel(x_ptr, norm_ptr, thr_ptr, mask_ptr, P, otsu_scale,
     variance = (w1 * w2).to(tl.float64) * (d * d)
     variance = tl.where(idx < NBINS - 1, variance, -1.0)
     best = tl.argmax(variance, axis=0, tie_break_left=True)
-    center = ((best * 2 + 1).to(tl.float32)) / (2.0 * NBINS)  # exact binary fraction
+    center = (best * 2 + 1).to(tl.float32) * (1.0 / (2 * NBINS))  # exact binary fraction (2i + 1) / 512
     threshold = tl.where(constant, 0.0, center * otsu_scale)
+    threshold = tl.where(n_bad > 0, float("nan"), threshold)  # the caller reports non-finite maps
 
     tl.store(norm_ptr + row * P + offs, norm, mask=inside)
     tl.store(mask_ptr + row * P + offs, (norm > threshold).to(tl.int8), mask=inside)

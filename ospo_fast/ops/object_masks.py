@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ospo_fast._backend import pick_backend
 from ospo_fast.config import MaskConfig
@@ -97,13 +96,24 @@ def soft_mask(binary: torch.Tensor, kernel: int = 5, sigma: float = 1.0) -> torc
         raise ValueError(f"soft_mask expects (N, G, G), got shape {tuple(binary.shape)}")
     n, h, w = binary.shape
     pad = kernel // 2
-    if pad >= min(h, w):
+    if pad >= min(h, w):  # reflect-101 needs pad < side
         raise ValueError(f"gaussian kernel {kernel} needs a grid larger than {pad} cells per side, got {h}x{w}")
-    x = binary.to(torch.float32)[:, None]  # (N, 1, G, G)
-    taps = gaussian_kernel1d(kernel, sigma, device=binary.device)
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), taps.view(1, 1, 1, kernel))
-    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), taps.view(1, 1, kernel, 1))
-    return _minmax_per_image(x[:, 0])
+    x = binary.to(torch.float32)
+    rows = _blur_matrix(h, kernel, sigma, x.device)  # (G, G): smoothing with the borders folded in
+    cols = _blur_matrix(w, kernel, sigma, x.device)
+    return _minmax_per_image(rows @ x @ cols.T)  # (N, G, G)
+
+
+def _blur_matrix(n: int, kernel: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """(n, n) float32 matrix M with (M @ v)[i] = sum_k tap[k] * v[reflect101(i + k - kernel // 2)]."""
+    taps = gaussian_kernel1d(kernel, sigma, dtype=torch.float64)
+    pad = kernel // 2
+    src = torch.arange(n)[:, None] + torch.arange(kernel)[None, :] - pad  # (n, kernel)
+    src = src.abs()
+    src = torch.where(src >= n, 2 * (n - 1) - src, src)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.scatter_add_(1, src, taps.expand(n, kernel).contiguous())
+    return m.to(device=device, dtype=torch.float32)
 
 
 def aggregate_columns(columns: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,7 +138,7 @@ def otsu_from_normalised_ref(norm: torch.Tensor, constant: torch.Tensor, otsu_sc
     Bit-exact with skimage's threshold_otsu(nbins=256) on maps spanning exactly [0, 1] (see the module docstring).
     """
     n, p = norm.shape
-    bins = torch.clamp((norm * NBINS).floor().to(torch.int64), max=NBINS - 1)  # (N, P)
+    bins = torch.clamp((norm * NBINS).floor().to(torch.int64), 0, NBINS - 1)  # (N, P); NaN maps land anywhere
     counts = torch.zeros(n, NBINS, dtype=torch.int64, device=norm.device)
     counts.scatter_add_(1, bins, torch.ones_like(bins))  # (N, 256)
     centers = (torch.arange(NBINS, dtype=torch.float64, device=norm.device) * 2 + 1) / (2 * NBINS)
@@ -145,20 +155,24 @@ def otsu_from_normalised_ref(norm: torch.Tensor, constant: torch.Tensor, otsu_sc
     return torch.where(constant, torch.zeros_like(threshold), threshold)
 
 
-def _prepare(maps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, O, G, G) any float, (B, O) bool -> (B*O, G*G) float32 with padded objects zeroed."""
+def _prepare(maps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, O, G, G) any float, (B, O) bool or None (all valid) -> (B*O, G*G) float32, padded objects zeroed."""
     x = maps.to(torch.float32)
-    x = torch.where(valid[:, :, None, None], x, 0.0)
-    return x.flatten(2).flatten(0, 1).contiguous()
+    if valid is not None:
+        x = torch.where(valid[:, :, None, None], x, 0.0)
+    return x.flatten(2).flatten(0, 1)
 
 
 def _per_map_ref(flat: torch.Tensor, otsu_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, P) float32 -> normalised (N, P) float32, thresholds (N,) float32, masks (N, P) bool."""
-    lo = flat.amin(dim=1, keepdim=True)
-    span = flat.amax(dim=1, keepdim=True) - lo
+    lo = flat.amin(dim=1, keepdim=True)  # amin / amax propagate NaN
+    hi = flat.amax(dim=1, keepdim=True)
+    span = hi - lo
     constant = span[:, 0] <= 0
     norm = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1.0), 0.0)
     thresholds = otsu_from_normalised_ref(norm, constant, otsu_scale)
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))[:, 0]  # a non-finite map gets a NaN threshold
+    thresholds = torch.where(bad, float("nan"), thresholds)
     return norm, thresholds, norm > thresholds[:, None]
 
 
@@ -172,31 +186,34 @@ def _per_map(flat: torch.Tensor, otsu_scale: float, backend: str) -> tuple[torch
     return _per_map_ref(flat, otsu_scale)
 
 
-def _finish(norm: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor,
+def _finish(norm: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | None,
             shape: torch.Size, kernel: int, sigma: float) -> tuple[torch.Tensor, ...]:
     b, o, g1, g2 = shape
-    masks = masks.view(b, o, g1, g2) & valid[:, :, None, None]
+    masks = masks.view(b, o, g1, g2)
+    if valid is not None:
+        masks = masks & valid[:, :, None, None]
     union = masks.any(dim=1)  # (B, G, G)
     soft = soft_mask(union, kernel, sigma)
     return norm.view(b, o, g1, g2), thresholds.view(b, o), masks, union, soft
 
 
-def _check(maps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def _check(maps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
     if maps.dim() != 4:
         raise ValueError(f"maps must be (B, O, G, G), got shape {tuple(maps.shape)}; add a batch or object axis")
     if not maps.is_floating_point():
         raise ValueError(f"maps must be a floating tensor, got dtype {maps.dtype}")
     b, o = maps.shape[:2]
     if valid is None:
-        return torch.ones(b, o, dtype=torch.bool, device=maps.device)
+        return None
     if valid.shape != (b, o):
         raise ValueError(f"object_valid must be (B, O) = {(b, o)}, got {tuple(valid.shape)}")
     return valid.to(device=maps.device, dtype=torch.bool)
 
 
-def _check_finite(maps: torch.Tensor, valid: torch.Tensor) -> None:
-    bad = (~torch.isfinite(maps)).flatten(2).any(dim=2) & valid  # (B, O); one host sync
-    if bool(bad.any()):
+def _check_finite(thresholds: torch.Tensor) -> None:
+    """Every backend gives a map with a NaN/inf value a NaN threshold (padded objects were zeroed before)."""
+    bad = torch.isnan(thresholds)  # (B, O)
+    if bool(bad.any()):  # one host sync on (B, O) values
         b, o = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"object map of image {b}, object {o} has NaN/inf values; the attention capture produced "
                          "no finite map for it (check that every image cell was captured and the key positions)")
@@ -207,13 +224,14 @@ def object_masks_ref(maps: torch.Tensor, config: MaskConfig | None = None,
     """Plain-torch object masks (the oracle). maps: (B, O, G, G) float; object_valid: (B, O) bool."""
     config = config or MaskConfig()
     valid = _check(maps, object_valid)
-    _check_finite(maps, valid)
     norm, thr, masks = _per_map_ref(_prepare(maps, valid), config.otsu_scale)
-    return ObjectMasks(*_finish(norm, thr, masks, valid, maps.shape, config.gaussian_kernel, config.gaussian_sigma))
+    out = ObjectMasks(*_finish(norm, thr, masks, valid, maps.shape, config.gaussian_kernel, config.gaussian_sigma))
+    _check_finite(out.thresholds)
+    return out
 
 
 @torch.library.custom_op("ospo_fast::object_masks", mutates_args=())
-def _object_masks_op(maps: torch.Tensor, valid: torch.Tensor, otsu_scale: float, kernel: int, sigma: float,
+def _object_masks_op(maps: torch.Tensor, valid: torch.Tensor | None, otsu_scale: float, kernel: int, sigma: float,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     norm, thr, masks = _per_map(_prepare(maps, valid), otsu_scale, backend)
     return _finish(norm, thr, masks, valid, maps.shape, kernel, sigma)
@@ -240,8 +258,8 @@ def object_masks(maps: torch.Tensor, config: MaskConfig | None = None, backend: 
     if backend == "auto":
         backend = config.backend
     valid = _check(maps, object_valid)
-    _check_finite(maps, valid)
     resolved = pick_backend(backend, maps)
-    out = _object_masks_op(maps, valid, float(config.otsu_scale), int(config.gaussian_kernel),
-                           float(config.gaussian_sigma), resolved)
-    return ObjectMasks(*out)
+    out = ObjectMasks(*_object_masks_op(maps, valid, float(config.otsu_scale), int(config.gaussian_kernel),
+                                        float(config.gaussian_sigma), resolved))
+    _check_finite(out.thresholds)
+    return out
