@@ -121,6 +121,8 @@ def bench_teacher_forced(model: str, device: torch.device, n_images: int, repeat
     from ospo_fast.engine.object_attention import teacher_forced_object_maps
     from ospo_fast.models import load_janus
 
+    if not model.startswith("builtin:") and not Path(model).exists():
+        model = f"builtin:{model}"  # janus-pro-1b-shape -> builtin:janus-pro-1b-shape
     bundle = load_janus(model, dtype="float32" if device.type == "cpu" else "bfloat16", device=str(device))
     lm = bundle.model.model.language_model
     prompts, objects = _prompts(n_images)
@@ -167,7 +169,7 @@ def main() -> None:
     if not args.skip_otsu:
         bench_otsu(device, args.repeats)
     for model in args.model or ["builtin:tiny", "builtin:tiny-24"]:
-        bench_teacher_forced(model, device, args.images, args.repeats, batched_eager=model == "builtin:tiny")
+        bench_teacher_forced(model, device, args.images, args.repeats, batched_eager=model.endswith("tiny"))
 
 
 if __name__ == "__main__":

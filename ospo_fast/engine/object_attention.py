@@ -91,13 +91,21 @@ class ObjectAttentionCapture:
         self.layers = sorted(set(int(i) for i in layers))
         self.num_cells = int(num_cells)
         self.chunk_elements = int(chunk_elements)
-        b, o, _ = key_positions.shape
+        b, o, s = key_positions.shape
         valid = self.key_positions >= 0
+        self._max_position = int(self.key_positions.max()) if self.key_positions.numel() else -1
         self._weights = valid.float() / valid.sum(-1, keepdim=True).clamp(min=1)  # (B, O, S) sub-token mean
+        self._gather = self.key_positions.clamp(min=0).view(b, 1, 1, o * s)  # (B, 1, 1, O*S)
+        # Accumulators live on the device of the first recorded forward: no host sync while decoding.
         self._sums = torch.zeros(b, o, self.num_cells, dtype=torch.float64)
         self._counts = torch.zeros(self.num_cells, dtype=torch.int64)
         self._start: int | None = None
         self._seen: set[int] = set()
+
+    def _to(self, device: torch.device) -> None:
+        if self._sums.device != device:
+            self._weights, self._gather = self._weights.to(device), self._gather.to(device)
+            self._sums, self._counts = self._sums.to(device), self._counts.to(device)
 
     @property
     def batch_size(self) -> int:
@@ -130,8 +138,8 @@ class ObjectAttentionCapture:
         return self._counts > 0
 
     def maps(self) -> torch.Tensor:
-        """(B, O, num_cells) float32: mean over the selected layers, heads and sub-tokens. Cells never captured are
-        NaN (object_masks then raises naming the image), so a missing decode step cannot pass silently."""
+        """(B, O, num_cells) float32 on the recording device: mean over the selected layers, heads and sub-tokens.
+        Cells never captured are NaN (object_masks then raises naming the image): a missed step cannot pass silently."""
         counts = self._counts.to(self._sums.dtype)
         out = torch.where(counts > 0, self._sums / counts.clamp(min=1), float("nan"))
         return out.float()
@@ -152,9 +160,10 @@ class ObjectAttentionCapture:
         b = self.batch_size
         if query.shape[0] < b:
             raise ValueError(f"the forward has {query.shape[0]} rows but the capture expects at least {b} images")
+        self._to(query.device)
         columns = self._object_columns(query[:b], key[:b], mask, scaling, q0, q1)  # (B, O, q1 - q0)
         cells = slice(self._start + q0, self._start + q1)
-        self._sums[:, :, cells] += columns.to(self._sums.device, torch.float64)
+        self._sums[:, :, cells] += columns.to(torch.float64)
         self._counts[cells] += 1
 
     def _object_columns(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
@@ -163,13 +172,11 @@ class ObjectAttentionCapture:
         b, h, tq, d = query.shape
         hkv, tk = key.shape[1], key.shape[2]
         groups = h // hkv
-        positions = self.key_positions.to(query.device)
-        if int(positions.max()) >= tk:
-            raise ValueError(f"key position {int(positions.max())} is beyond the {tk} keys of this forward; "
+        if self._max_position >= tk:
+            raise ValueError(f"key position {self._max_position} is beyond the {tk} keys of this forward; "
                              "key_positions must index the KV sequence (cache slots)")
-        o, s = positions.shape[1:]
-        gather_idx = positions.clamp(min=0).view(b, 1, 1, o * s)
-        weights = self._weights.to(query.device)  # (B, O, S)
+        o, s = self.key_positions.shape[1:]
+        gather_idx, weights = self._gather, self._weights  # (B, 1, 1, O*S), (B, O, S)
         k = key.float()
         chunk = max(1, self.chunk_elements // max(1, b * h * tk))
         out = []
