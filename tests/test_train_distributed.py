@@ -76,5 +76,8 @@ def _compare(single, two_dir: Path, lora: bool) -> None:
                                    atol=1e-5, rtol=1e-4)
     wa, wb = _weights(single.checkpoint_dir, lora), _weights(double_dir, lora)
     assert wa.keys() == wb.keys() and wa
+    # Adam's first steps move every weight by about lr whatever the size of its gradient, so summation-order noise
+    # in near-zero gradients can show as a small fraction of one step; a wrong shard would differ by whole steps.
+    step = _config("ddp" if lora else "fsdp", per_device=4).train.lr
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(wb[name], wa[name], atol=0.02 * step, rtol=1e-4)
