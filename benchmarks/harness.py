@@ -54,15 +54,16 @@ def _sync(device: torch.device) -> None:
 
 
 def _cpu_peak_mib(fn: Callable[[], object]) -> float:
-    """Peak bytes of live CPU tensors during one call of ``fn`` (torch's memory profiler)."""
+    """Peak bytes of live CPU tensors during one call of ``fn`` (torch's memory profiler): each allocation and
+    free is counted once, at the op that makes it (``self_cpu_memory_usage``), in time order."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     for event in events:
-        live += event.cpu_memory_usage
+        live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak / 2**20
 

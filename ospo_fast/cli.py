@@ -2,6 +2,7 @@
 
   ospo-fast env                          which backends are live
   ospo-fast make-model KIND OUT          save a random-initialised offline Janus model
+  ospo-fast run --out DIR [--preset P] [k=v..]     all five stages, summary (the main job)
   ospo-fast synth --out DIR [--preset P] [k=v..]   stages 1-4 (resumable, torchrun-aware)
   ospo-fast report DIR                   static HTML report of a run
   ospo-fast export DIR                   Parquet dataset of the pairs
@@ -58,6 +59,16 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     pairs = run_synthesis(_load(args), args.out, redo=args.redo)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{len(pairs)} pairs in {args.out}/pairs.jsonl; report: {write_report(args.out)}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ospo_fast.run import format_summary, run_ospo
+
+    summary = run_ospo(_load(args), args.out, redo=args.redo)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+        print(f"\nsummary: {args.out}/summary.json; reports: {args.out}/iter*/synth/report.html")
     return 0
 
 
@@ -133,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_model)
 
+    p = sub.add_parser("run", help="all five stages (and iterations), then a closing summary")
+    p.add_argument("--out", required=True, help="run directory (re-running resumes)")
+    p.add_argument("--redo", default=None, help="recompute this synthesis stage and every later one")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_run)
+
     p = sub.add_parser("synth", help="stages 1-4: prompts, perturbations, images + masks, Self-VQA, selection")
     p.add_argument("--out", required=True, help="run directory (re-running resumes)")
     p.add_argument("--redo", default=None, help="recompute this stage and every later one")
@@ -182,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     from ospo_fast.config import ConfigError
     from ospo_fast.evalgen import PromptFileError
     from ospo_fast.models.loader import ModelLoadError
+    from ospo_fast.run import NoPairsError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, PromptFileError) as err:
+    except (ConfigError, ModelLoadError, PromptFileError, NoPairsError) as err:
         print(f"ospo-fast: error: {err}", file=sys.stderr)
         return 2
 

@@ -170,6 +170,14 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Judged alignment before and after training (toy world only: an exact judge exists there)."""
+
+    toy_heldout_prompts: int = 64  # 0: skip
+    batch_size: int = 32
+
+
+@dataclass
 class OSPOConfig:
     """The whole run. ``seed`` seeds every stage; ``iterations`` > 1 runs iterative OSPO."""
 
@@ -183,6 +191,7 @@ class OSPOConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     iterations: int = 1
 
