@@ -15,7 +15,6 @@ token j, so one extra step runs after the last token.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -100,31 +99,51 @@ class _Decoder:
     """The decode step over one static cache: embed the last tokens, run the language model for one position,
     apply the generation head, guidance and sampling. All tensors keep their shapes, so it can be graphed."""
 
-    def __init__(self, model, cache: StaticCache, mask: torch.Tensor, sampling: _Sampling):
-        self.model, self.cache, self.mask, self.sampling = model, cache, mask, sampling
+    def __init__(self, model, cache: StaticCache, sampling: _Sampling):
+        self.model, self.cache, self.sampling = model, cache, sampling
 
-    def logits(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """embeds (2B, T, H), position_ids (2B, T) -> guided logits (B, V) of the last position."""
-        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=self.mask,
-                                              position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+    def logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """embeds (2B, T, H), position_ids (2B, T), mask (2B, L) -> guided logits (B, V) of the last position."""
+        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                              past_key_values=self.cache, use_cache=True)
         scores = self.model.model.generation_head(out.last_hidden_state[:, -1, :])  # (2B, V)
         cond, uncond = scores.chunk(2)
         return self.sampling.guidance_scale * (cond - uncond) + uncond  # (B, V), as Janus / transformers' CFG
 
-    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor, seeds: torch.Tensor,
+    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, seeds: torch.Tensor,
              step: torch.Tensor) -> torch.Tensor:
-        """tokens (B,) last image tokens; position_ids (2B, 1); step 0-d int64 -> next tokens (B,)."""
+        """tokens (B,) last image tokens; position_ids (2B, 1); mask (2B, L); step 0-d int64 -> next tokens (B,)."""
         embeds = self.model.prepare_embeddings_for_image_generation(tokens.repeat(2)[:, None])  # (2B, 1, H)
-        return self.sample(self.logits(embeds, position_ids), seeds, step)
+        return self.sample(self.logits(embeds, position_ids, mask), seeds, step)
 
     def sample(self, logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
         s = self.sampling
         return sample_next(logits, seeds, step, s.temperature, s.top_k, s.top_p)
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_step():
-    return torch.compile(_Decoder.step, mode="reduce-overhead", dynamic=False)
+class _CompiledDecoders:
+    """Compiled decoders with their static caches, kept across calls: CUDA graphs replay only when the cache
+    tensors keep their addresses, so a (model, rows, cache length, sampling) shape reuses one cache (reset)."""
+
+    def __init__(self, limit: int = 4):
+        self.limit = limit
+        self._pool: dict[tuple, tuple[_Decoder, object]] = {}
+
+    def get(self, model, rows: int, cache_len: int, sampling: _Sampling):
+        key = (id(model), rows, cache_len, sampling)
+        if key in self._pool:
+            decoder, step_fn = self._pool[key]
+            decoder.cache.reset()
+            return decoder, step_fn
+        if len(self._pool) >= self.limit:
+            self._pool.pop(next(iter(self._pool)))
+        decoder = _Decoder(model, StaticCache(config=model.config.text_config, max_cache_len=cache_len), sampling)
+        step_fn = torch.compile(decoder.step, mode="reduce-overhead", dynamic=False)
+        self._pool[key] = (decoder, step_fn)
+        return decoder, step_fn
+
+
+_COMPILED = _CompiledDecoders()
 
 
 def _pad_to_multiple(input_ids: torch.Tensor, mask: torch.Tensor, multiple: int, pad_id: int):
@@ -165,9 +184,12 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     capture = _make_capture(bundle, input_ids, objects, mask_layers) if objects is not None else None
     cache_len = prompt_len + num_tokens + (1 if capture is not None else 0)
     full_mask = torch.cat([mask2, mask2.new_ones(2 * batch, cache_len - prompt_len)], dim=1)  # (2B, L)
-    cache = StaticCache(config=model.config.text_config, max_cache_len=cache_len)
     sampling = _Sampling(config.guidance_scale, config.temperature, config.top_k, config.top_p)
-    decoder = _Decoder(model, cache, full_mask, sampling)
+    if compiled:
+        decoder, step_fn = _COMPILED.get(model, 2 * batch, cache_len, sampling)
+    else:
+        decoder = _Decoder(model, StaticCache(config=model.config.text_config, max_cache_len=cache_len), sampling)
+        step_fn = decoder.step
     seeds_t = torch.as_tensor(seeds, dtype=torch.int64, device=device)
     positions = position_ids_from_mask(mask2)  # (2B, T)
     next_pos = positions[:, -1:] + 1  # (2B, 1)
@@ -176,17 +198,17 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     with _recording(capture, model):
         _set_cells(capture, -prompt_len)
         embeds = model.get_input_embeddings()(ids2)  # (2B, T, H)
-        tokens[:, 0] = decoder.sample(decoder.logits(embeds, positions), seeds_t, 0)
-        step_fn = functools.partial(_compiled_step(), decoder) if compiled else decoder.step
+        tokens[:, 0] = decoder.sample(decoder.logits(embeds, positions, full_mask), seeds_t, 0)
         for i in range(1, num_tokens):
             _set_cells(capture, i - 1)
             step = torch.tensor(i, dtype=torch.int64, device=device)
-            tokens[:, i] = step_fn(tokens[:, i - 1].clone(), next_pos + (i - 1), seeds_t, step)
+            tokens[:, i] = step_fn(tokens[:, i - 1].clone(), next_pos + (i - 1), full_mask, seeds_t, step)
         if capture is not None:  # one more query: the one whose input is the last image token
             _set_cells(capture, num_tokens - 1)
             embeds = model.prepare_embeddings_for_image_generation(tokens[:, -1].repeat(2)[:, None])
             model.model.language_model(inputs_embeds=embeds, attention_mask=full_mask,
-                                       position_ids=next_pos + num_tokens - 1, past_key_values=cache, use_cache=True)
+                                       position_ids=next_pos + num_tokens - 1, past_key_values=decoder.cache,
+                                       use_cache=True)
 
     object_maps = None
     if capture is not None:
