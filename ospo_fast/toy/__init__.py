@@ -1,1 +1,12 @@
-"""ospo_fast.toy."""
+"""The toy world that shows OSPO working end to end on a CPU.
+
+- ``world``: procedural 64x64 scenes of one or two coloured shapes, captions, structures, a held-out split and a
+  prompt sampler (``sample_scene``, ``render``, ``caption``, ``structure``, ``sample_prompts``).
+- ``judge``: the exact judge of an image against a structure (``judge`` -> ``JudgeResult(strict, loose, details)``).
+- ``build_model``: builds and measures the shipped ``builtin:toy`` Janus (``python -m ospo_fast.toy.build_model``).
+"""
+
+from ospo_fast.toy.judge import JudgeResult, judge, judge_batch
+from ospo_fast.toy.world import caption, render, sample_prompts, sample_scene, structure
+
+__all__ = ["JudgeResult", "caption", "judge", "judge_batch", "render", "sample_prompts", "sample_scene", "structure"]

@@ -1,0 +1,645 @@
+"""Build the toy Janus (``builtin:toy``): a small ``JanusForConditionalGeneration`` trained on the toy world, on a
+CPU, in resumable phases.
+
+  python -m ospo_fast.toy.build_model --out ospo_fast/assets/toy_janus --seed 0
+
+Phases (each saves its result under ``--work``; a rerun skips finished phases):
+1. ``vq``: the VQ-VAE (64x64 px -> 8x8 grid, 512 codes) on rendered scenes. Janus decodes through
+   L2-normalised codebook entries, so training quantises L2-normalised latents against a normalised codebook
+   (stored normalised, so ``encode``'s Euclidean argmin equals the cosine argmin). Against collapse to the plain
+   background: codebook initialised from encoder outputs, dead codes restarted from recent encoder outputs, and
+   foreground pixels weighted ``fg_weight`` times in the reconstruction loss.
+   ``vqdec``: then the decoder side alone on the frozen tokens (sharper shapes; tokens do not change, so it can
+   run beside phase mm, as it did for the shipped build).
+2. ``mm``: one multitask model, like Janus: text-to-image (generation head on the image tokens after the
+   chat-templated caption + ``<begin_of_image>``, the layout of transformers' Janus ``generate``; captions are
+   replaced by pads with probability ``p_uncond`` so that classifier-free guidance has an unconditional branch)
+   and yes/no understanding (the SigLIP tower reads the image into the placeholders; the LM head predicts the
+   answer token ``"yes"`` / ``"no"`` after the understanding chat, answers balanced).
+3. ``eval`` + ``save``: measure the figures (codes used, judge accuracy of reconstructions, T2I strict/loose on
+   held-out prompts with CFG 5, VQA accuracy on held-out captions), save fp16 weights, processor, generation
+   config, ``metrics.json`` and ``BUILD.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
+
+from ospo_fast.models.factory import image_generation_config
+from ospo_fast.models.tokenizer import build_tokenizer
+from ospo_fast.toy import world
+
+GRID = 8
+IMAGE_SIZE = world.SIZE
+CODEBOOK = 512
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language.\n\n"
+)  # transformers' Janus processor's DEFAULT_SYSTEM_PROMPT
+VQA_SUFFIX = " Please answer 'yes' or 'no' without explanation."
+
+
+@dataclass
+class BuildConfig:
+    """Sizes and schedule of the toy build (defaults: the shipped model)."""
+
+    seed: int = 0
+    hidden: int = 256
+    intermediate: int = 768
+    layers: int = 6
+    heads: int = 4
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vq_base_channels: int = 32
+    vq_latent_channels: int = 64
+    vq_minutes: float = 14.0
+    vq_batch: int = 16
+    vq_lr: float = 1e-3
+    fg_weight: float = 10.0
+    restart_every: int = 40
+    vqdec_minutes: float = 12.0
+    mm_minutes: float = 48.0
+    mm_batch: int = 24
+    mm_lr: float = 1e-3
+    p_uncond: float = 0.1
+    vqa_every: int = 2  # one understanding batch every ``vqa_every`` steps
+    threads: int = 1
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+def build_toy_processor(tokenizer) -> JanusProcessor:
+    """Processor for 64x64 images (mean/std 0.5 like Janus-Pro, so pixel values are in [-1, 1])."""
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+    image_processor = JanusImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return JanusProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template,
+                          num_image_tokens=GRID * GRID)
+
+
+def toy_config(cfg: BuildConfig, tokenizer) -> JanusConfig:
+    """JanusConfig: 64 px images, patch 8 (8x8 = 64 image tokens), VQ downsample 8, 512 codes."""
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    return JanusConfig(
+        text_config=dict(model_type="llama", hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                         num_key_value_heads=cfg.heads, vocab_size=1024, max_position_embeddings=512, **ids),
+        vision_config=dict(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                           num_hidden_layers=cfg.vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
+                           patch_size=IMAGE_SIZE // GRID, num_image_tokens=GRID * GRID, projection_dim=cfg.hidden),
+        vq_config=dict(embed_dim=8, num_embeddings=CODEBOOK, base_channels=cfg.vq_base_channels,
+                       channel_multiplier=[1, 1, 2, 2], num_res_blocks=1, latent_channels=cfg.vq_latent_channels,
+                       num_patches=GRID, projection_dim=cfg.hidden, image_token_embed_dim=cfg.hidden,
+                       num_hidden_layers=2),
+        image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+    )
+
+
+def new_model(cfg: BuildConfig, tokenizer) -> JanusForConditionalGeneration:
+    torch.manual_seed(cfg.seed)
+    model = JanusForConditionalGeneration(toy_config(cfg, tokenizer))
+    model.generation_config = image_generation_config(tokenizer)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def scene_batch(rng: np.random.Generator, n: int, split: str | None = None) -> tuple[list, np.ndarray]:
+    """``n`` scenes (from ``split``'s captions when given) and their renders, uint8 (n, 64, 64, 3)."""
+    specs = world.split_specs(split) if split else None
+    scenes = []
+    for _ in range(n):
+        if specs is None:
+            scene = world.sample_scene(rng)
+            while world.is_heldout(world.caption(scene)):
+                scene = world.sample_scene(rng)
+        else:
+            scene = world.scene_from_spec(specs[rng.integers(len(specs))], rng)
+        scenes.append(scene)
+    return scenes, np.stack([world.render(s) for s in scenes])
+
+
+# -------------------------------------------------------------------------------------------------- phase vq
+
+def vq_latents(vq, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 64, 64) -> L2-normalised latents (B, 8, 8, 8) channels-last."""
+    z = vq.quant_conv(vq.encoder(pixels))  # (B, D, 8, 8)
+    return F.normalize(z.permute(0, 2, 3, 1), dim=-1)
+
+
+def vq_forward(vq, pixels: torch.Tensor):
+    """Straight-through quantised reconstruction. Returns (recon (B,3,64,64), commit loss, ids (B*64), z (B*64,D))."""
+    z = vq_latents(vq, pixels)  # (B, 8, 8, D)
+    flat = z.reshape(-1, z.shape[-1])
+    book = F.normalize(vq.quantize.embedding.weight, dim=-1)  # (K, D)
+    ids = (flat @ book.T).argmax(-1)
+    q = book[ids]
+    commit = F.mse_loss(q, flat.detach()) + 0.25 * F.mse_loss(flat, q.detach())
+    q = flat + (q - flat).detach()
+    q = q.view(z.shape).permute(0, 3, 1, 2)  # (B, D, 8, 8)
+    return vq.decoder(vq.post_quant_conv(q)), commit, ids, flat.detach()
+
+
+def train_vq(model: JanusForConditionalGeneration, cfg: BuildConfig, log) -> dict:
+    vq = model.model.vqmodel.train()
+    rng = np.random.default_rng([cfg.seed, 1])
+    opt = torch.optim.Adam(vq.parameters(), lr=cfg.vq_lr, betas=(0.9, 0.99))
+    background = torch.tensor(world.BACKGROUND).view(1, 3, 1, 1).float().div(127.5).sub(1.0)
+    with torch.no_grad():  # codebook from encoder outputs
+        _, images = scene_batch(rng, 64)
+        z = vq_latents(vq, to_pixels(images)).reshape(-1, 8)
+        vq.quantize.embedding.weight.copy_(z[torch.randperm(z.shape[0])[:CODEBOOK]])
+    usage = torch.zeros(CODEBOOK)
+    recent: list[torch.Tensor] = []
+    start, step, budget = time.time(), 0, cfg.vq_minutes * 60
+    while time.time() - start < budget:
+        frac = (time.time() - start) / budget
+        for group in opt.param_groups:
+            group["lr"] = cfg.vq_lr * (0.5 * (1 + math.cos(math.pi * frac)) * 0.95 + 0.05)
+        _, images = scene_batch(rng, cfg.vq_batch)
+        pixels = to_pixels(images)
+        recon, commit, ids, flat = vq_forward(vq, pixels)
+        fg = ((pixels - background).abs().sum(1, keepdim=True) > 1e-3).float()
+        weight = 1.0 + (cfg.fg_weight - 1.0) * fg
+        err = (recon - pixels)
+        loss = (weight * (err.square() + err.abs())).mean() + commit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        usage += torch.bincount(ids, minlength=CODEBOOK).float()
+        recent.append(flat)
+        recent = recent[-8:]
+        step += 1
+        if step % cfg.restart_every == 0:
+            dead = (usage == 0).nonzero().flatten()
+            if len(dead) and frac < 0.85:
+                pool = torch.cat(recent)
+                pick = pool[torch.randint(pool.shape[0], (len(dead),))]
+                with torch.no_grad():
+                    vq.quantize.embedding.weight[dead] = F.normalize(pick + 0.01 * torch.randn_like(pick), dim=-1)
+            log(f"vq step {step} loss {loss.item():.4f} commit {commit.item():.4f} used {(usage > 0).sum().item()} "
+                f"restarted {len(dead)} lr {opt.param_groups[0]['lr']:.2e}")
+            usage.zero_()
+    with torch.no_grad():  # store the normalised codebook: encode()'s Euclidean argmin == cosine argmin
+        vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=-1))
+    vq.eval()
+    return {"vq_steps": step}
+
+
+def train_vq_decoder(model: JanusForConditionalGeneration, cfg: BuildConfig, log) -> dict:
+    """Phase vqdec: train only the decoder side (post_quant_conv + decoder) on fixed tokens for
+    ``cfg.vqdec_minutes``; encoder, quant_conv and codebook stay frozen, so every image keeps its tokens and the
+    multitask phase does not depend on this one (the shipped build ran the two side by side)."""
+    vq = model.model.vqmodel
+    vq.eval()
+    params = list(vq.decoder.parameters()) + list(vq.post_quant_conv.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.vq_lr / 2, betas=(0.9, 0.99))
+    rng = np.random.default_rng([cfg.seed, 6])
+    background = torch.tensor(world.BACKGROUND).view(1, 3, 1, 1).float().div(127.5).sub(1.0)
+    start, step, budget = time.time(), 0, cfg.vqdec_minutes * 60
+    while time.time() - start < budget:
+        frac = (time.time() - start) / budget
+        for group in opt.param_groups:
+            group["lr"] = cfg.vq_lr / 2 * (0.5 * (1 + math.cos(math.pi * frac)) * 0.95 + 0.05)
+        _, images = scene_batch(rng, cfg.vq_batch)
+        pixels = to_pixels(images)
+        with torch.no_grad():
+            tokens = vq.encode(pixels).image_tokens.view(len(images), -1)
+        recon = vq.decode(tokens)  # (B, 3, 64, 64), through the same path as decode_image_tokens
+        fg = ((pixels - background).abs().sum(1, keepdim=True) > 1e-3).float()
+        err = recon - pixels
+        loss = ((1.0 + (cfg.fg_weight - 1.0) * fg) * (err.square() + err.abs())).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 40 == 0:
+            log(f"vqdec step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+    return {"vqdec_steps": step}
+
+
+@torch.no_grad()
+def encode_tokens(model: JanusForConditionalGeneration, images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, 64, 64, 3) -> image tokens (B, 64) through the model's own VQ ``encode``."""
+    out = model.model.vqmodel.encode(to_pixels(images))
+    return out.image_tokens.view(len(images), -1)
+
+
+@torch.no_grad()
+def decode_tokens(model: JanusForConditionalGeneration, tokens: torch.Tensor) -> np.ndarray:
+    """(B, 64) tokens -> uint8 (B, 64, 64, 3) through ``decode_image_tokens``."""
+    return to_uint8(model.decode_image_tokens(tokens).permute(0, 3, 1, 2).float())
+
+
+# ------------------------------------------------------------------------------------------- prompts, questions
+
+def t2i_text(processor, caption: str) -> str:
+    """The chat-templated caption (``<begin_of_image>`` is appended by the processor in image mode)."""
+    return processor.apply_chat_template([{"role": "user", "content": caption}], add_generation_prompt=True)
+
+
+def vqa_text(processor, question: str) -> str:
+    """Janus's understanding chat: default system prompt, ``<image_placeholder>\n{q} Please answer ...``."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + VQA_SUFFIX}]}]
+    return DEFAULT_SYSTEM_PROMPT + processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """First tokens of the answers right after ``<|Assistant|>:`` (the chat template writes ``": " + answer``):
+    ([" yes", " Yes"], [" no", " No"]) as ``ospo_fast.engine.vqa.answer_token_ids`` reads them; SPEC stage 4
+    takes the max over each pair. The model is trained on " yes" / " no"."""
+    first = {w: tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("yes", "Yes", "no", "No")}
+    return [first["yes"], first["Yes"]], [first["no"], first["No"]]
+
+
+def answer_ids(tokenizer) -> tuple[int, int]:
+    """The training targets: the first tokens of " yes" and " no"."""
+    yes, no = answer_token_ids(tokenizer)
+    return yes[0], no[0]
+
+
+QUESTION_KINDS = ("there", "there", "there_shape", "is_colour", "rel_shapes", "rel_full", "there_rel")
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def make_question(spec: world.SceneSpec, rng: np.random.Generator, yes: bool) -> str:
+    """A yes/no question about a scene spec whose true answer is ``yes``. Templates:
+    ``Is there a {colour} {shape}?``, ``Is there a {shape}?``, ``Is the {shape} {colour}?``,
+    ``Is the {shape} {relation} the {shape}?``, ``Is the {colour} {shape} {relation} the {colour} {shape}?``,
+    ``Is there a {colour} {shape} {relation} a {colour} {shape}?`` (relation as in captions, e.g. "to the left of")."""
+    pairs = list(zip(spec.colors, spec.shapes))
+    kinds = QUESTION_KINDS if spec.relation else QUESTION_KINDS[:4]
+    kind = kinds[rng.integers(len(kinds))]
+    if kind == "there_shape" and not yes and len(pairs) == len(world.SHAPES):
+        kind = "there"
+    if kind == "there":
+        if yes:
+            c, s = pairs[rng.integers(len(pairs))]
+        else:
+            options = [(c, s) for c in world.COLORS for s in world.SHAPES if (c, s) not in pairs]
+            hard = [(c, s) for c, s in options if c in spec.colors or s in spec.shapes]
+            pool = hard if rng.random() < 0.7 else options
+            c, s = pool[rng.integers(len(pool))]
+        return f"Is there a {c} {s}?"
+    if kind == "there_shape":
+        pool = list(spec.shapes) if yes else [s for s in world.SHAPES if s not in spec.shapes]
+        return f"Is there a {pool[rng.integers(len(pool))]}?"
+    if kind == "is_colour":
+        c, s = pairs[rng.integers(len(pairs))]
+        if not yes:
+            others = [x for x in world.COLORS if x != c]
+            c = others[rng.integers(len(others))]
+        return f"Is the {s} {c}?"
+    (c1, s1), (c2, s2) = pairs
+    rel = spec.relation
+    if rng.random() < 0.5:  # ask it the other way round
+        (c1, s1), (c2, s2), rel = (c2, s2), (c1, s1), _OPPOSITE[rel]
+    if not yes:
+        if kind != "rel_shapes" and rng.random() < 0.4:  # swap the colour binding instead of the relation
+            c1, c2 = c2, c1
+        else:
+            others = [r for r in world.RELATIONS if r != rel]
+            rel = others[rng.integers(len(others))]
+    phrase = world.CAPTION_RELATION[rel]
+    if kind == "rel_shapes":
+        return f"Is the {s1} {phrase} the {s2}?"
+    if kind == "rel_full":
+        return f"Is the {c1} {s1} {phrase} the {c2} {s2}?"
+    return f"Is there a {c1} {s1} {phrase} a {c2} {s2}?"
+
+
+# -------------------------------------------------------------------------------------------------- phase mm
+
+def t2i_loss(model, processor, captions: list[str], tokens: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of image tokens (B, 64) under the generation head, conditioned as Janus ``generate`` does;
+    rows with ``uncond`` set see BOS, pads and ``<begin_of_image>`` only (the CFG branch)."""
+    enc = processor(text=[t2i_text(processor, c) for c in captions], generation_mode="image",
+                    return_tensors="pt", padding=True)
+    ids, mask = enc.input_ids, enc.attention_mask  # (B, T)
+    tok = processor.tokenizer
+    keep = (ids == tok.bos_token_id) | (ids == tok.convert_tokens_to_ids(tok.boi_token))
+    ids = torch.where(uncond[:, None] & ~keep, torch.full_like(ids, tok.pad_token_id), ids)
+    text = model.get_input_embeddings()(ids)  # (B, T, H)
+    image = model.prepare_embeddings_for_image_generation(tokens[:, :-1])  # (B, 63, H)
+    attention = torch.cat([mask, torch.ones_like(tokens[:, :-1])], dim=1)  # (B, T + 63)
+    hidden = model.model.language_model(inputs_embeds=torch.cat([text, image], 1),
+                                        attention_mask=attention).last_hidden_state
+    logits = model.model.generation_head(hidden[:, ids.shape[1] - 1:])  # (B, 64, K)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+
+
+def vqa_logits(model, processor, images: np.ndarray, questions: list[str]) -> torch.Tensor:
+    """Next-token logits (B, V) after the understanding chat for each (image uint8 (64,64,3), question)."""
+    enc = processor(text=[vqa_text(processor, q) for q in questions], images=list(images),
+                    return_tensors="pt", padding=True)
+    dev = next(model.parameters()).device
+    out = model(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev),
+                pixel_values=enc.pixel_values.to(dev, next(model.parameters()).dtype), logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def _mm_params(model):
+    return [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
+
+
+def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
+    """Multitask training (T2I + VQA) for ``cfg.mm_minutes`` of wall clock, resumable from ``work/mm.pt``."""
+    model.train()
+    model.model.vqmodel.eval().requires_grad_(False)
+    with torch.no_grad():  # generation embeddings start from the (normalised) VQ codebook
+        model.model.generation_embeddings.weight.copy_(model.model.vqmodel.quantize.embedding.weight)
+    opt = torch.optim.AdamW(_mm_params(model), lr=cfg.mm_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    rng = np.random.default_rng([cfg.seed, 2])
+    state = {"step": 0, "elapsed": 0.0}
+    ckpt = work / "mm.pt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(saved["model"], strict=False)
+        opt.load_state_dict(saved["opt"])
+        rng.bit_generator.state = saved["rng"]
+        state = saved["state"]
+        log(f"resumed mm at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    yes_id, no_id = answer_ids(processor.tokenizer)
+    budget, warmup = cfg.mm_minutes * 60, 30
+    t0, last_save = time.time() - state["elapsed"], time.time()
+    last_vqa = float("nan")
+    while (elapsed := time.time() - t0) < budget:
+        frac, step = elapsed / budget, state["step"]
+        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.97 + 0.03)
+        for group in opt.param_groups:
+            group["lr"] = cfg.mm_lr * scale
+        scenes, images = scene_batch(rng, cfg.mm_batch)
+        tokens = encode_tokens(model, images)
+        uncond = torch.from_numpy(rng.random(cfg.mm_batch) < cfg.p_uncond)
+        loss_t2i = t2i_loss(model, processor, [world.caption(s) for s in scenes], tokens, uncond)
+        loss = loss_t2i
+        if step % cfg.vqa_every == 0:
+            scenes, images = scene_batch(rng, cfg.mm_batch)
+            answers = rng.random(cfg.mm_batch) < 0.5
+            questions = [make_question(world.spec_of(s), rng, bool(a)) for s, a in zip(scenes, answers)]
+            target = torch.tensor([yes_id if a else no_id for a in answers])
+            loss_vqa = F.cross_entropy(vqa_logits(model, processor, images, questions), target)
+            loss = loss + loss_vqa
+            last_vqa = loss_vqa.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(_mm_params(model), 1.0)
+        opt.step()
+        state["step"] += 1
+        if state["step"] % 20 == 0:
+            log(f"mm step {state['step']} t2i {loss_t2i.item():.3f} vqa {last_vqa:.3f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min")
+        if time.time() - last_save > 240:
+            state["elapsed"] = time.time() - t0
+            _save_mm(ckpt, model, opt, rng, state)
+            last_save = time.time()
+    state["elapsed"] = time.time() - t0
+    _save_mm(ckpt, model, opt, rng, state)
+    model.eval()
+    return {"mm_steps": state["step"], "mm_minutes_trained": round(state["elapsed"] / 60, 1)}
+
+
+def _save_mm(path: Path, model, opt, rng, state) -> None:
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("model.vqmodel.")}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": weights, "opt": opt.state_dict(), "rng": rng.bit_generator.state, "state": state}, tmp)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def generate_images(model, processor, captions: list[str], seed: int, guidance_scale: float = 5.0,
+                    batch_size: int = 16) -> tuple[torch.Tensor, np.ndarray]:
+    """Janus ``generate(generation_mode="image")`` with CFG; returns tokens (N, 64) and uint8 (N, 64, 64, 3)."""
+    tokens = []
+    dev = next(model.parameters()).device
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        enc = processor(text=[t2i_text(processor, c) for c in chunk], generation_mode="image",
+                        return_tensors="pt", padding=True)
+        torch.manual_seed(seed + start)
+        tokens.append(model.generate(inputs=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev),
+                                     generation_mode="image", guidance_scale=guidance_scale, do_sample=True,
+                                     temperature=1.0).cpu())
+    tokens = torch.cat(tokens)
+    return tokens, decode_tokens(model, tokens.to(dev))
+
+
+def eval_t2i(model, processor, split: str, seed: int, n: int, guidance_scale: float = 5.0) -> dict:
+    """Judged alignment of ``n`` generated images for the captions of ``split`` (cycled, fixed order)."""
+    from ospo_fast.toy.judge import judge
+
+    specs = world.split_specs(split)
+    order = np.random.default_rng([seed, 3]).permutation(len(specs))
+    chosen = [specs[order[i % len(specs)]] for i in range(n)]
+    _, images = generate_images(model, processor, [world.caption_of_spec(s) for s in chosen], seed, guidance_scale)
+    results = [judge(img, world.structure_of_spec(s)) for img, s in zip(images, chosen)]
+    return {"n": n, "strict": float(np.mean([r.strict for r in results])),
+            "loose": float(np.mean([r.loose for r in results]))}
+
+
+@torch.no_grad()
+def eval_vqa(model, processor, split: str, seed: int, n: int, batch_size: int = 32) -> dict:
+    """Accuracy of sign(p(yes) - p(no)) on ``n`` balanced questions about scenes of ``split``'s captions;
+    p(yes) = max(P("yes"), P("Yes")) over the full vocabulary, as SPEC stage 4."""
+    rng = np.random.default_rng([seed, 4])
+    yes_ids, no_ids = answer_token_ids(processor.tokenizer)
+    correct = []
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        scenes, images = scene_batch(rng, m, split)
+        answers = rng.random(m) < 0.5
+        questions = [make_question(world.spec_of(s), rng, bool(a)) for s, a in zip(scenes, answers)]
+        probs = vqa_logits(model, processor, images, questions).softmax(-1)
+        score = probs[:, yes_ids].amax(-1) - probs[:, no_ids].amax(-1)  # (m,)
+        correct += ((score > 0).numpy() == answers).tolist()
+    return {"n": n, "accuracy": float(np.mean(correct))}
+
+
+@torch.no_grad()
+def eval_vq(model, seed: int, n: int) -> dict:
+    """Codes used over ``n`` scenes, and the judge on their reconstructions (encode -> decode)."""
+    from ospo_fast.toy.judge import judge
+
+    rng = np.random.default_rng([seed, 5])
+    scenes, images = scene_batch(rng, n)
+    tokens = torch.cat([encode_tokens(model, images[i:i + 64]) for i in range(0, n, 64)])
+    recon = np.concatenate([decode_tokens(model, tokens[i:i + 64]) for i in range(0, n, 64)])
+    results = [judge(img, world.structure(s)) for img, s in zip(recon, scenes)]
+    return {"n": n, "codes_used": int(tokens.unique().numel()),
+            "recon_strict": float(np.mean([r.strict for r in results])),
+            "recon_loose": float(np.mean([r.loose for r in results]))}
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+def _logger(path: Path):
+    def log(message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with path.open("a") as f:
+            f.write(line + "\n")
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="ospo_fast/assets/toy_janus")
+    parser.add_argument("--work", default="build/toy_janus_work", help="phase checkpoints and the log")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vq-minutes", type=float, default=BuildConfig.vq_minutes)
+    parser.add_argument("--mm-minutes", type=float, default=BuildConfig.mm_minutes)
+    parser.add_argument("--vqdec-minutes", type=float, default=BuildConfig.vqdec_minutes)
+    parser.add_argument("--phases", default="vq,vqdec,mm,save,eval")
+    args = parser.parse_args(argv)
+    cfg = BuildConfig(seed=args.seed, vq_minutes=args.vq_minutes, vqdec_minutes=args.vqdec_minutes,
+                      mm_minutes=args.mm_minutes)
+    torch.set_num_threads(cfg.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = _logger(work / "build.log")
+    tokenizer = build_tokenizer()
+    model = new_model(cfg, tokenizer)
+    stats: dict = {"build": asdict(cfg)}
+    phases = args.phases.split(",")
+    vq_file = work / "vq.pt"
+    if vq_file.is_file():
+        model.model.vqmodel.load_state_dict(torch.load(vq_file))
+        log(f"loaded {vq_file}")
+    elif "vq" in phases:
+        stats.update(train_vq(model, cfg, log))
+        torch.save(model.model.vqmodel.state_dict(), vq_file)
+        (work / "vq_stats.json").write_text(json.dumps(stats))
+        log(f"saved {vq_file}")
+    vqdec_file = work / "vq_decoder.pt"
+    if vqdec_file.is_file():
+        model.model.vqmodel.load_state_dict(torch.load(vqdec_file))
+        log(f"loaded {vqdec_file}")
+    elif "vqdec" in phases:
+        stats = {**json.loads((work / "vq_stats.json").read_text()), **train_vq_decoder(model, cfg, log)}
+        torch.save(model.model.vqmodel.state_dict(), vqdec_file)
+        (work / "vq_stats.json").write_text(json.dumps(stats))
+        log(f"saved {vqdec_file}")
+    run_later_phases(model, tokenizer, cfg, work, Path(args.out), phases, log)
+
+
+def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, phases: list[str], log) -> None:
+    """Phases mm (train), save (fp16 safetensors + processor + generation config) and eval (through
+    ``load_janus``, writing ``metrics.json`` and ``BUILD.md`` into ``out``)."""
+    processor = build_toy_processor(tokenizer)
+    stats = json.loads((work / "vq_stats.json").read_text()) if (work / "vq_stats.json").is_file() else {}
+    if "mm" in phases:
+        stats.update(train_mm(model, processor, cfg, work, log))
+        (work / "mm_stats.json").write_text(json.dumps(stats))
+    elif (work / "mm.pt").is_file():
+        model.load_state_dict(torch.load(work / "mm.pt", weights_only=False)["model"], strict=False)
+        stats.update(json.loads((work / "mm_stats.json").read_text()))
+    stats["build"] = asdict(cfg)  # this run's budgets (a resumed phase may have been given a longer one)
+    if "save" in phases:
+        if (work / "vq_decoder.pt").is_file():  # phase vqdec may have finished beside phase mm
+            model.model.vqmodel.load_state_dict(torch.load(work / "vq_decoder.pt"))
+        out.mkdir(parents=True, exist_ok=True)
+        model.eval().to(torch.float16).save_pretrained(out)
+        processor.save_pretrained(out)
+        model.to(torch.float32)
+        log(f"saved model to {out}")
+    if "report" in phases:  # rewrite BUILD.md from metrics.json
+        (out / "BUILD.md").write_text(build_report(json.loads((out / "metrics.json").read_text())))
+    if "eval" in phases:
+        from ospo_fast.models import load_janus
+
+        bundle = load_janus(str(out), dtype="float32", device="cpu")
+        metrics = {"seed": cfg.seed, "answer_tokens": {"yes": " yes", "no": " no"}, **stats}
+        metrics["vq"] = eval_vq(bundle.model, cfg.seed, 256)
+        log(f"vq {metrics['vq']}")
+        metrics["vqa_heldout"] = eval_vqa(bundle.model, bundle.processor, "heldout", cfg.seed, 512)
+        log(f"vqa {metrics['vqa_heldout']}")
+        for split, n in (("heldout", 160), ("train", 160)):
+            metrics[f"t2i_{split}_cfg5"] = eval_t2i(bundle.model, bundle.processor, split, cfg.seed, n)
+            log(f"t2i {split} {metrics[f't2i_{split}_cfg5']}")
+        metrics["test_t2i_heldout_cfg5"] = eval_t2i(bundle.model, bundle.processor, "heldout", TEST_SEED, TEST_N)
+        metrics["test_vqa_heldout"] = eval_vqa(bundle.model, bundle.processor, "heldout", TEST_SEED, TEST_N * 2)
+        log(f"test-sized {metrics['test_t2i_heldout_cfg5']} {metrics['test_vqa_heldout']}")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        (out / "BUILD.md").write_text(build_report(metrics))
+
+
+TEST_SEED, TEST_N = 1234, 32  # the tests' held-out check (tests/test_toy_model.py)
+
+
+def _pair(result: dict) -> str:
+    return f"{result['strict']:.3f} / {result['loose']:.3f} (n={result['n']})"
+
+
+def build_report(m: dict) -> str:
+    """BUILD.md text from the metrics dict."""
+    b, vq = m["build"], m["vq"]
+    rows = [
+        (f"VQ steps (batch {b['vq_batch']})", m.get("vq_steps", "?")),
+        (f"VQ codes used on {vq['n']} scenes", f"{vq['codes_used']} / 512"),
+        ("judge on VQ reconstructions, strict / loose", f"{vq['recon_strict']:.3f} / {vq['recon_loose']:.3f}"),
+        ("VQ decoder-only steps", m.get("vqdec_steps", "?")),
+        (f"multitask steps (T2I batch {b['mm_batch']}, VQA batch {b['mm_batch']} every {b['vqa_every']})",
+         m.get("mm_steps", "?")),
+        ("T2I held-out captions, CFG 5, strict / loose", _pair(m["t2i_heldout_cfg5"])),
+        ("T2I training captions, CFG 5, strict / loose", _pair(m["t2i_train_cfg5"])),
+        ("VQA accuracy, held-out captions, balanced", f"{m['vqa_heldout']['accuracy']:.3f} "
+                                                      f"(n={m['vqa_heldout']['n']})"),
+        (f"test-sized T2I held-out, seed {TEST_SEED}, strict / loose", _pair(m["test_t2i_heldout_cfg5"])),
+        (f"test-sized VQA held-out, seed {TEST_SEED}", f"{m['test_vqa_heldout']['accuracy']:.3f} "
+                                                       f"(n={m['test_vqa_heldout']['n']})"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""# builtin:toy: how it was built
+
+Command (CPU, 1 thread each, wall-clock budgets): `python -m ospo_fast.toy.build_model --out
+ospo_fast/assets/toy_janus --seed {m['seed']} --vq-minutes {b['vq_minutes']} --vqdec-minutes {b['vqdec_minutes']}
+--mm-minutes {b['mm_minutes']}` (phase checkpoints and the log in `build/toy_janus_work/`; a rerun resumes). Phases:
+VQ-VAE, then the VQ decoder alone on frozen tokens beside the multitask phase (T2I + yes/no VQA), then save (fp16)
+and eval through `load_janus`. Budgets are wall clock and the machine was shared (load 6-11 on 2 cores), so a
+rerun reaches a different number of steps: the figures are this build's.
+
+Model: JanusForConditionalGeneration, LLaMA decoder {b['layers']} layers x hidden {b['hidden']} (heads {b['heads']},
+MLP {b['intermediate']}), vocab 1024 (project tokenizer); SigLIP tower {b['vision_layers']} layers x
+{b['vision_hidden']}, image 64 px, patch 8 -> 64 image tokens; VQ-VAE base {b['vq_base_channels']} channels,
+multipliers [1,1,2,2] (downsample 8 -> 8x8 grid), 512 codes of dim 8; weights fp16 safetensors. Masks: the decoder
+has only {b['layers']} layers, so `presets/toy.yaml` sets `masks.skip_layers: 1` (layers 1..{b['layers'] - 2}).
+
+| figure | value |
+|---|---|
+{table}
+
+Answers: the model is trained to put the answer on the first token of `" yes"` / `" no"` (with the space the chat
+template writes after `<|Assistant|>:`), as `ospo_fast.engine.vqa.answer_token_ids` reads it.
+Questions it was trained on: `make_question` in `ospo_fast/toy/build_model.py`.
+Held-out captions: `ospo_fast.toy.world.is_heldout` (crc32 % 8 == 0, {len(world.split_specs('heldout'))} of
+{len(world.all_specs())} captions), never seen in training, neither for T2I nor for VQA.
+"""
+
+
+if __name__ == "__main__":
+    main()
