@@ -155,3 +155,29 @@ def test_encode_pixels_to_tokens(tiny_bundle):
     assert 0 <= int(tokens.min()) and int(tokens.max()) < tiny_bundle.model.config.vq_config.num_embeddings
     with pytest.raises(ValueError, match="128x128"):
         encode_pixels_to_tokens(tiny_bundle, pixels[:, :64, :64])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_query_heads_and_masks(masked):
+    """GQA (2 query heads per KV head) and left padding against softmax over repeated keys."""
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, tq, d = 2, 4, 2, 6, 8
+    query, key = torch.randn(b, h, tq, d, generator=g), torch.randn(b, hkv, tq, d, generator=g)
+    positions = torch.tensor([[[1, 2], [3, -1]], [[2, -1], [4, 5]]])
+    visible = torch.ones(tq, tq).tril().bool().expand(b, 1, tq, tq).clone()
+    if masked:
+        visible[1, :, :, :2] = False  # image 1 is left-padded by two tokens
+    capture = ObjectAttentionCapture(positions, [0], num_cells=tq)
+    capture.set_cells(0)
+    capture._record(0, query, key, visible if masked else None, scaling=d ** -0.5)
+    scores = query @ key.repeat_interleave(h // hkv, dim=1).transpose(-1, -2) * d ** -0.5
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0).mean(1)  # (B, Q, Tk)
+    expected = torch.zeros(b, 2, tq)
+    for i in range(b):
+        for o in range(2):
+            keys = positions[i, o][positions[i, o] >= 0]
+            expected[i, o] = probs[i][:, keys].mean(-1)
+    got = capture.maps()
+    if masked:  # padding query rows see no key (and are never image cells): compare the real rows
+        got, expected = got[:, :, 2:], expected[:, :, 2:]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
