@@ -7,13 +7,37 @@
 //       `out` may alias `logits` (each row is read before it is written, by one thread).
 //   simpo_token_logprobs_bwd(grad, logits, targets, lse) -> out   (allocates `out`, same dtype as logits)
 //
-// Rows are split over OpenMP threads; arithmetic is float32 for float, bfloat16 and half logits.
+// Rows are split over OpenMP threads; arithmetic is float32 for float, bfloat16 and half logits. Within a row the
+// loops are `omp simd` with a branch-free exp, so -O3 vectorises them without -ffast-math.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace {
+
+// exp(x) for x <= 0 (every argument here is z - max or z - lse), relative error ~1e-7 (Cephes' expf polynomial
+// after x = n ln2 + r); inputs below -87 (including -inf) return exp(-87) ~ 1.6e-38 instead of 0.
+inline float exp_nonpositive(float x) {
+  x = std::min(std::max(x, -87.f), 0.f);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest integer (1.5 * 2^23 trick), n in [-126, 0]
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two for precision
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
   TORCH_CHECK(logits.device().is_cpu(), "simpo_token_logprobs: logits must be a CPU tensor, got ", logits.device(),
@@ -31,9 +55,11 @@ void fwd_rows(const scalar_t* z, const int64_t* y, float* logp, float* lse, int6
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = z + r * vocab;
     float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
     for (int64_t v = 0; v < vocab; ++v) m = std::max(m, static_cast<float>(row[v]));
     float s = 0.f;
-    for (int64_t v = 0; v < vocab; ++v) s += std::exp(static_cast<float>(row[v]) - m);
+#pragma omp simd reduction(+ : s)
+    for (int64_t v = 0; v < vocab; ++v) s += exp_nonpositive(static_cast<float>(row[v]) - m);
     const float l = m + std::log(s);
     lse[r] = l;
     logp[r] = static_cast<float>(row[y[r]]) - l;
@@ -49,8 +75,9 @@ void bwd_rows(const float* g, const scalar_t* z, const int64_t* y, const float* 
     scalar_t* orow = out + r * vocab;
     const float gr = g[r], l = lse[r];
     const int64_t target = y[r];
+#pragma omp simd
     for (int64_t v = 0; v < vocab; ++v) {
-      const float p = std::exp(static_cast<float>(row[v]) - l);
+      const float p = exp_nonpositive(static_cast<float>(row[v]) - l);
       orow[v] = static_cast<scalar_t>(gr * ((v == target ? 1.f : 0.f) - p));
     }
   }
