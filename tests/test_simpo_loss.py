@@ -264,7 +264,7 @@ def test_torch_compile_matches_eager():
     def step(h, w, b):
         return fused_obj_simpo_loss(h, w, b, targets, masks, config, backend=backend, chunk_tokens=9)
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(step, fullgraph=True)  # inductor: fake impls, registered autograd, no graph break
     eager, eager_grads = _run(step, [hidden, weight, bias])
     traced, traced_grads = _run(compiled, [hidden, weight, bias])
     _compare(traced, eager, eager, traced_grads, eager_grads, eager_grads, torch.float32)
