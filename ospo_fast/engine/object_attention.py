@@ -80,7 +80,7 @@ class ObjectAttentionCapture:
     """
 
     def __init__(self, key_positions: torch.Tensor, layers: list[int], num_cells: int,
-                 chunk_elements: int = 1 << 22) -> None:
+                 chunk_elements: int = 1 << 21) -> None:
         if key_positions.dim() != 3:
             raise ValueError(f"key_positions must be (B, O, S), got shape {tuple(key_positions.shape)}")
         if not layers:
