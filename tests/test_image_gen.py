@@ -113,8 +113,13 @@ def _eager_reference_maps(bundle, prompts, tokens, objects, layers):
 
 
 def test_seeded_image_depends_only_on_prompt_and_seed(bundle, sampled_batch):
-    alone = generate_images(bundle, [PROMPTS[1]], [11], SAMPLED)  # alone, and without capture
-    assert torch.equal(alone.tokens[0], sampled_batch.tokens[1])
+    """Rows 2 and 1 again, in the other order and one per batch (batch_size=1): same tokens, same maps."""
+    config = dataclasses.replace(SAMPLED, batch_size=1)
+    alone = generate_images(bundle, [PROMPTS[2], PROMPTS[1]], [7, 11], config, objects=[OBJECTS[2], OBJECTS[1]],
+                            mask_layers=LAYERS)
+    assert torch.equal(alone.tokens, sampled_batch.tokens[[2, 1]])
+    assert alone.object_maps.shape == (2, 3) + sampled_batch.object_maps.shape[2:]  # O padded across batches
+    torch.testing.assert_close(alone.object_maps, sampled_batch.object_maps[[2, 1]], atol=1e-6, rtol=1e-4)
     assert not torch.equal(sampled_batch.tokens[0], sampled_batch.tokens[2])  # same seed, other prompt
 
 

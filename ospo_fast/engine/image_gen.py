@@ -15,6 +15,7 @@ token j, so one extra step runs after the last token.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -158,14 +159,37 @@ def _pad_to_multiple(input_ids: torch.Tensor, mask: torch.Tensor, multiple: int,
 @torch.no_grad()
 def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageConfig,
                     objects: list[list[str]] | None = None, mask_layers: list[int] | None = None) -> ImageBatch:
-    """Generate one image per (prompt, seed) with classifier-free guidance.
+    """Generate one image per (prompt, seed) with classifier-free guidance, ``config.batch_size`` at a time.
 
     prompts: B texts; seeds: B ints (the image depends only on prompt, seed and settings); config: guidance
-    scale, temperature (0: greedy), top_k (0: off), top_p (1.0: off), compile. objects: per prompt, the object
-    words whose attention maps to capture (layers ``mask_layers``, default all but the first/last 5).
-    Returns ImageBatch(tokens (B, N), pixels (B, H, W, 3) uint8, object_maps (B, O, G, G) or None).
+    scale, temperature (0: greedy), top_k (0: off), top_p (1.0: off), compile (CUDA graphs on CUDA; not while
+    capturing maps). objects: per prompt, the object words whose attention maps to capture (layers
+    ``mask_layers``, default ``select_layers(num_layers)``: all but the first and last 5).
+    Returns ImageBatch(tokens (B, N), pixels (B, H, W, 3) uint8, object_maps (B, O, G, G) or None; O is the
+    longest object list, shorter lists padded with zero maps).
     """
     _check_args(bundle, prompts, seeds, config, objects)
+    if config.batch_size < 1:
+        raise ValueError(f"images.batch_size={config.batch_size} must be >= 1")
+    parts = []
+    for start in range(0, len(prompts), config.batch_size):
+        end = start + config.batch_size
+        parts.append(_generate_batch(bundle, prompts[start:end], seeds[start:end], config,
+                                     None if objects is None else objects[start:end], mask_layers))
+    if len(parts) == 1:
+        return parts[0]
+    maps = None
+    if objects is not None:
+        width = max(p.object_maps.shape[1] for p in parts)
+        maps = torch.cat([torch.nn.functional.pad(p.object_maps, (0, 0, 0, 0, 0, width - p.object_maps.shape[1]))
+                          for p in parts])
+    return ImageBatch(tokens=torch.cat([p.tokens for p in parts]), pixels=torch.cat([p.pixels for p in parts]),
+                      object_maps=maps)
+
+
+def _generate_batch(bundle, prompts: list[str], seeds: list[int], config: ImageConfig,
+                    objects: list[list[str]] | None, mask_layers: list[int] | None) -> ImageBatch:
+    """One batch of ``generate_images``: prefill 2B rows, decode N tokens (+1 capture step), VQ-decode."""
     model, tokenizer = bundle.model, bundle.tokenizer
     device = bundle.device
     gen_config = model.generation_config
@@ -195,7 +219,7 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     next_pos = positions[:, -1:] + 1  # (2B, 1)
     tokens = torch.empty(batch, num_tokens, dtype=torch.int64, device=device)
 
-    with _recording(capture, model):
+    with capture.recording(model) if capture is not None else contextlib.nullcontext():
         _set_cells(capture, -prompt_len)
         embeds = model.get_input_embeddings()(ids2)  # (2B, T, H)
         tokens[:, 0] = decoder.sample(decoder.logits(embeds, positions, full_mask), seeds_t, 0)
@@ -227,19 +251,6 @@ def _make_capture(bundle, input_ids: torch.Tensor, objects: list[list[str]], mas
         mask_layers = select_layers(bundle.num_layers)
     positions = object_token_positions(bundle.tokenizer, input_ids, objects).to(bundle.device)  # (B, O, S)
     return ObjectAttentionCapture(positions, list(mask_layers), bundle.num_image_tokens)
-
-
-class _recording:
-    """``capture.recording(model)`` when capturing, else nothing."""
-
-    def __init__(self, capture, model):
-        self._ctx = capture.recording(model) if capture is not None else None
-
-    def __enter__(self):
-        return self._ctx.__enter__() if self._ctx is not None else None
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc) if self._ctx is not None else False
 
 
 def _set_cells(capture, start: int) -> None:
