@@ -14,14 +14,13 @@ from __future__ import annotations
 import random
 import re
 
-from ospo_fast.stages.prompts import TUPLE_RE, stable_seed
+from ospo_fast.stages.prompts import stable_seed
 from ospo_fast.stages.structure import (
-    NUMBER_WORDS,
     Vocabulary,
     attributes_of,
     copy_structure,
-    empty_structure,
     objects_in_text,
+    parse_relation_tuples,
     render_prompt,
 )
 
@@ -163,24 +162,9 @@ def parse_perturbation(text: str, record: dict) -> tuple[str, dict] | str:
     prompt = match["prompt"].strip().rstrip(".")
     if prompt.lower() == record["prompt"].lower():
         return "unchanged"
-    structure = empty_structure()
-    for raw in TUPLE_RE.findall(match["relation"]):
-        parts = [p.strip() for p in raw.split(",") if p.strip()]
-        if len(parts) not in (2, 3):
-            return "bad_relation_tuple"
-        if len(parts) == 2:
-            number = {v: k for k, v in NUMBER_WORDS.items()}.get(parts[1])
-            if number:
-                structure["counts"][parts[0]] = number
-            else:
-                structure["attributes"].append(parts)
-        else:
-            structure["relations"].append(parts)
-        for name in [parts[0]] + ([parts[2]] if len(parts) == 3 else []):
-            if name not in structure["objects"]:
-                structure["objects"].append(name)
-    if not structure["objects"]:
-        return "no_objects"
+    structure = parse_relation_tuples(match["relation"])
+    if isinstance(structure, str):
+        return structure
     if not objects_in_text(structure, prompt):
         return "object_not_in_prompt"
     return prompt, structure

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ospo_fast.config import PromptConfig
-from ospo_fast.stages.structure import NUMBER_WORDS, Vocabulary, empty_structure, objects_in_text, render_prompt
+from ospo_fast.stages.structure import (
+    NUMBER_WORDS,
+    Vocabulary,
+    empty_structure,
+    objects_in_text,
+    parse_relation_tuples,
+    render_prompt,
+)
 
 CATEGORY_WORDS = ("color", "colour", "shape", "texture", "spatial", "numeracy", "category", "attribute", "relation")
 
@@ -157,7 +164,6 @@ INSTRUCTIONS = {
 
 ANSWER_RE = re.compile(r"^\s*Prompt:\s*(?P<prompt>[^;\n]+?)\s*;\s*Concepts and relations:\s*(?P<concepts>[^;\n]*?)"
                        r"\s*;\s*Relation:\s*(?P<relation>.+?)\s*$", re.S)
-TUPLE_RE = re.compile(r"\(([^()]*)\)")
 
 
 def format_answer(record: dict) -> str:
@@ -184,25 +190,9 @@ def parse_prompt_answer(text: str, category: str, max_numeracy: int = 4) -> Pars
     lowered = prompt.lower()
     if any(word in lowered.split() for word in CATEGORY_WORDS):
         return ParseResult(None, "category_word_leak")
-    structure = empty_structure()
-    for raw in TUPLE_RE.findall(match["relation"]):
-        parts = [p.strip() for p in raw.split(",") if p.strip()]
-        if len(parts) == 2:
-            obj, value = parts
-            number = {v: k for k, v in NUMBER_WORDS.items()}.get(value)
-            if number:
-                structure["counts"][obj] = number
-            else:
-                structure["attributes"].append([obj, value])
-        elif len(parts) == 3:
-            structure["relations"].append(parts)
-        else:
-            return ParseResult(None, "bad_relation_tuple")
-        for name in [parts[0]] + ([parts[2]] if len(parts) == 3 else []):
-            if name not in structure["objects"]:
-                structure["objects"].append(name)
-    if not structure["objects"]:
-        return ParseResult(None, "no_objects")
+    structure = parse_relation_tuples(match["relation"])
+    if isinstance(structure, str):
+        return ParseResult(None, structure)
     if not objects_in_text(structure, prompt):
         return ParseResult(None, "object_not_in_prompt")
     if category == "numeracy":

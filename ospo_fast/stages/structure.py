@@ -10,6 +10,7 @@ structure back into a short prompt; the rule perturbations edit structures and r
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
@@ -92,6 +93,32 @@ def objects_in_text(structure: dict, text: str) -> bool:
     """True when every object word occurs in ``text`` as a word."""
     words = set(text.lower().replace(",", " ").replace(".", " ").split())
     return all(o.lower() in words for o in structure["objects"])
+
+
+TUPLE_RE = re.compile(r"\(([^()]*)\)")
+
+
+def parse_relation_tuples(text: str) -> dict | str:
+    """A structure from ``(object, attribute), (object, number), (object, relation, object)`` tuples, or the reject
+    reason ("bad_relation_tuple", "no_objects")."""
+    words_to_number = {v: k for k, v in NUMBER_WORDS.items()}
+    structure = empty_structure()
+    for raw in TUPLE_RE.findall(text):
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        if len(parts) == 2:
+            number = words_to_number.get(parts[1])
+            if number:
+                structure["counts"][parts[0]] = number
+            else:
+                structure["attributes"].append(parts)
+        elif len(parts) == 3:
+            structure["relations"].append(parts)
+        else:
+            return "bad_relation_tuple"
+        for name in [parts[0]] + ([parts[2]] if len(parts) == 3 else []):
+            if name not in structure["objects"]:
+                structure["objects"].append(name)
+    return structure if structure["objects"] else "no_objects"
 
 
 def copy_structure(structure: dict) -> dict:
