@@ -27,30 +27,8 @@ COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink"]
 THINGS = ["car", "bench", "dog", "cat", "apple", "chair", "table", "book", "lamp", "tree", "boat", "clock"]
 
 
-def self_peak_mib(fn) -> float | None:
-    """Peak of live CPU tensors counting each allocation once (the profiler's self memory). The harness's figure
-    sums inclusive per-op memory, so nested ops (linear -> matmul -> mm) count several times; both are logged."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
-
-
 def timed(name: str, fn, device: torch.device, repeats: int):
-    """harness.measure plus the self-counted CPU peak in ``extra`` (printed by ``print_self_peaks``)."""
-    extra = {"self_peak_mib": round(self_peak_mib(fn), 1)} if device.type == "cpu" else {}
-    return measure(name, fn, device=device, repeats=repeats, **extra)
-
-
-def print_self_peaks(results) -> None:
-    for r in results:
-        if "self_peak_mib" in r.extra:
-            print(f"   self-counted CPU peak  {r.name:<34}{r.extra['self_peak_mib']:>9.1f} MiB")
+    return measure(name, fn, device=device, repeats=repeats)
 
 
 def skimage_loop(maps: np.ndarray, scale: float = 0.8) -> np.ndarray:
@@ -84,7 +62,6 @@ def bench_otsu(device: torch.device, repeats: int) -> None:
                                device=device, repeats=repeats))
     report("object_masks_otsu_union", results, baseline="skimage loop (reference)", device=device,
            config={"maps": 4096, "grid": 24, "threads": torch.get_num_threads()})
-    print_self_peaks(results)
 
 
 def _prompts(n: int) -> tuple[list[str], list[list[str]]]:
@@ -150,7 +127,6 @@ def bench_teacher_forced(model: str, device: torch.device, n_images: int, repeat
     report("object_masks_teacher_forced", results, baseline="eager output_attentions, per image", device=device,
            config={"model": model, "images": n_images, "grid": bundle.grid, "layers": bundle.num_layers,
                    "max_abs_err_vs_eager": f"{err:.2e}", "threads": torch.get_num_threads()})
-    print_self_peaks(results)
 
 
 def main() -> None:

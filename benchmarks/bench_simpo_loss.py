@@ -48,8 +48,8 @@ def cpu_peak_mib(fn) -> float:
 
 
 def _measure(name: str, fn, device: torch.device, repeats: int, warmup: int, reset) -> Measurement:
-    """The harness's timing; on CPU the peak comes from ``cpu_peak_mib`` (the harness's CPU estimate sums nested
-    profiler events, so it counts an allocation once per enclosing op), after ``reset`` dropped the old grads."""
+    """The harness's timing; on CPU the peak comes from ``cpu_peak_mib`` (memory above what was alive at the start,
+    from the profiler's timeline), after ``reset`` dropped the old grads."""
     if device.type != "cpu":
         return measure(name, lambda: (reset(), fn()), device=device, warmup=warmup, repeats=repeats)
     result = measure(name, lambda: (reset(), fn()), device=device, warmup=warmup, repeats=repeats, memory=False)

@@ -38,21 +38,6 @@ def write_random_pairs(path: Path, num: int, grid: int, codebook: int, seed: int
     return path
 
 
-def cpu_peak_mib(fn) -> float:
-    """Peak live CPU tensor memory during ``fn``: allocations counted once, at the op that makes them (self
-    memory), frees as they happen. (The harness's CPU figure sums inclusive op memory, so nested ops count an
-    allocation several times; this one is reported beside it.)"""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
-
-
 def build_tiny_with_codebook(out: Path, grid: int, codebook: int) -> str:
     """The tiny model with Janus-Pro's image vocabulary (e.g. 16,384), so the loss's logits have their real width."""
     import dataclasses
@@ -123,16 +108,12 @@ def main() -> None:
             result = measure(name, trainer.train_step, device=device, warmup=1, repeats=args.repeats,
                              memory=True)
             result.extra["pairs_per_s"] = args.pairs / result.median_s
-            if device.type == "cpu":
-                result.extra["self_peak_mib"] = cpu_peak_mib(trainer.train_step)
             results.append(result)
             del trainer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         for r in results:
-            peak = r.extra.get("self_peak_mib")
-            print(f"   {r.name:<34} {r.extra['pairs_per_s']:.2f} pairs/s"
-                  + (f", peak live tensors {peak:.1f} MiB (self-counted)" if peak is not None else ""))
+            print(f"   {r.name:<34} {r.extra['pairs_per_s']:.2f} pairs/s")
         report("train_step", results, baseline="naive loss (full logits)", device=device,
                config={"model": args.model, "pairs_per_step": args.pairs, "tokens_per_image": grid * grid,
                        "codebook": codebook, "lora": not args.full, "lora_r": args.lora_r,

@@ -53,7 +53,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cpu_peak_mib(fn: Callable[[], object]) -> float:
+def cpu_peak_mib(fn: Callable[[], object]) -> float:
     """Peak bytes of live CPU tensors during one call of ``fn`` (torch's memory profiler): each allocation and
     free is counted once, at the op that makes it (``self_cpu_memory_usage``), in time order."""
     from torch.profiler import ProfilerActivity, profile
@@ -90,7 +90,7 @@ def measure(name: str, fn: Callable[[], object], device: torch.device | str = "c
             _sync(device)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:
-            peak = _cpu_peak_mib(fn)
+            peak = cpu_peak_mib(fn)
     return Measurement(name=name, median_s=statistics.median(times), peak_mib=peak, repeats=repeats, extra=extra)
 
 
