@@ -16,10 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import harness  # noqa: E402
-
+from benchmarks import harness  # noqa: E402
 from ospo_fast.config import load_config  # noqa: E402
 from ospo_fast.pipeline import Pipeline  # noqa: E402
 
