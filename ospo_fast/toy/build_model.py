@@ -73,7 +73,9 @@ class BuildConfig:
     mm_batch: int = 24
     mm_lr: float = 1e-3
     p_uncond: float = 0.1
-    vqa_every: int = 2  # one understanding batch every ``vqa_every`` steps
+    vqa_every: int = 1  # one understanding batch every ``vqa_every`` steps
+    vqa_weight: float = 2.0
+    caption_weight: float = 1.0  # auxiliary captioning loss on the VQA images
     threads: int = 1
 
 
@@ -361,6 +363,29 @@ def vqa_logits(model, processor, images: np.ndarray, questions: list[str]) -> to
     return out.logits[:, -1].float()
 
 
+CAPTION_REQUEST = "Describe the image."
+
+
+def caption_loss(model, processor, images: np.ndarray, captions: list[str]) -> torch.Tensor:
+    """Auxiliary understanding loss: NLL of the caption (+ end of sentence) as the assistant's answer to
+    ``<image_placeholder>\nDescribe the image.``; it teaches the decoder to read the image tokens, which the
+    balanced yes/no task alone does not start to do (its answers carry no signal without the image)."""
+    tok = processor.tokenizer
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_REQUEST}]}
+    prompt = DEFAULT_SYSTEM_PROMPT + processor.apply_chat_template([user], add_generation_prompt=True)
+    texts = [prompt + " " + c + tok.eos_token for c in captions]
+    enc = processor(text=texts, images=list(images), return_tensors="pt", padding=True)
+    lengths = [len(tok(" " + c + tok.eos_token, add_special_tokens=False)["input_ids"]) for c in captions]
+    logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                   pixel_values=enc.pixel_values).logits  # (B, T, V); left padding: answers end each row
+    width = max(lengths)
+    labels = enc.input_ids[:, -width:].clone()  # (B, width)
+    for row, n in enumerate(lengths):
+        labels[row, : width - n] = -100
+    return F.cross_entropy(logits[:, -width - 1:-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100)
+
+
 def _mm_params(model):
     return [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
 
@@ -385,7 +410,7 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
     yes_id, no_id = answer_ids(processor.tokenizer)
     budget, warmup = cfg.mm_minutes * 60, 30
     t0, last_save = time.time() - state["elapsed"], time.time()
-    last_vqa = float("nan")
+    last_vqa = last_cap = float("nan")
     while (elapsed := time.time() - t0) < budget:
         frac, step = elapsed / budget, state["step"]
         scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.97 + 0.03)
@@ -402,15 +427,19 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
             questions = [make_question(world.spec_of(s), rng, bool(a)) for s, a in zip(scenes, answers)]
             target = torch.tensor([yes_id if a else no_id for a in answers])
             loss_vqa = F.cross_entropy(vqa_logits(model, processor, images, questions), target)
-            loss = loss + loss_vqa
+            loss = loss + cfg.vqa_weight * loss_vqa
             last_vqa = loss_vqa.item()
+            if cfg.caption_weight > 0:
+                loss_cap = caption_loss(model, processor, images, [world.caption(s) for s in scenes])
+                loss = loss + cfg.caption_weight * loss_cap
+                last_cap = loss_cap.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(_mm_params(model), 1.0)
         opt.step()
         state["step"] += 1
         if state["step"] % 20 == 0:
-            log(f"mm step {state['step']} t2i {loss_t2i.item():.3f} vqa {last_vqa:.3f} "
+            log(f"mm step {state['step']} t2i {loss_t2i.item():.3f} vqa {last_vqa:.3f} caption {last_cap:.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min")
         if time.time() - last_save > 240:
             state["elapsed"] = time.time() - t0
