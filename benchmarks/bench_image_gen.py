@@ -13,6 +13,7 @@ Images/s, peak memory and ratios. CPU default: ``builtin:tiny`` (8x8 grid), 4 pr
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import measure, report  # noqa: E402
+from benchmarks.harness import Measurement, measure, report  # noqa: E402
 from ospo_fast.config import ImageConfig  # noqa: E402
 from ospo_fast.engine.image_gen import (  # noqa: E402
     generate_images,
@@ -86,15 +87,35 @@ def transformers_generate(bundle, prompts: list[str], config: ImageConfig) -> to
     return _to_uint8(bundle, bundle.model.decode_image_tokens(tokens))
 
 
+def interleaved(cases, device: torch.device, rounds: int) -> list[Measurement]:
+    """Median over ``rounds`` rounds that each time every case once, in turn (a shared, busy machine slows whole
+    stretches of time: interleaving spreads that over all cases), plus one peak-memory run per case."""
+    times: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for name, fn in cases:
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in cases:
+            times[name].append(measure(name, fn, device=device, warmup=0, repeats=1, memory=False).median_s)
+    results = []
+    for name, fn in cases:
+        peak = measure(name, fn, device=device, warmup=0, repeats=1).peak_mib
+        results.append(Measurement(name=name, median_s=statistics.median(times[name]), peak_mib=peak,
+                                   repeats=rounds))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny | tiny-24 | janus-pro-1b-shape | a checkpoint path")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-compile", action="store_true", help="CUDA: run the engine without CUDA graphs")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     path = args.model if "/" in args.model or args.model.startswith("builtin:") else f"builtin:{args.model}"
     bundle = load_janus(path, dtype=args.dtype, device=args.device)
@@ -108,11 +129,9 @@ def main() -> None:
         ("engine generate_images", lambda: generate_images(bundle, prompts, seeds, config)),
         ("engine + in-flight masks", lambda: generate_images(bundle, prompts, seeds, config, objects=objects)),
     ]
-    results = []
-    for name, fn in cases:
-        m = measure(name, fn, device=device, warmup=1, repeats=args.repeats)
+    results = interleaved(cases, device, args.repeats)
+    for m in results:
         m.extra["images_per_s"] = n / m.median_s
-        results.append(m)
     report("image_gen", results, baseline="reference loop (DynamicCache)", device=device,
            config={"model": path, "dtype": args.dtype, "prompts": n, "tokens": bundle.num_image_tokens,
                    "compile": config.compile and device.type == "cuda"})

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import measure, report  # noqa: E402
+from benchmarks.bench_image_gen import interleaved  # noqa: E402
+from benchmarks.harness import report  # noqa: E402
 from ospo_fast.engine.vqa import answer_token_ids, score_yes_no, vqa_prompt  # noqa: E402
 from ospo_fast.models import load_janus  # noqa: E402
 
@@ -62,8 +63,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     path = args.model if "/" in args.model or args.model.startswith("builtin:") else f"builtin:{args.model}"
     bundle = load_janus(path, dtype=args.dtype, device=args.device)
@@ -75,15 +79,12 @@ def main() -> None:
     engine = [p for row in score_yes_no(bundle, images, questions, batch_size=len(images)) for p in row]
     gap = np.abs(np.array(engine) - np.array(batched_full(bundle, images, ids))).max()
     print(f"max |engine - batched full forward| = {gap:.2e}")
-    results = [
-        measure("per-question forward", lambda: per_question(bundle, images, ids), device=device,
-                repeats=args.repeats),
-        measure("batched full forwards", lambda: batched_full(bundle, images, ids), device=device,
-                repeats=args.repeats),
-        measure("engine score_yes_no (prefix cache)",
-                lambda: score_yes_no(bundle, images, questions, batch_size=len(images)), device=device,
-                repeats=args.repeats),
+    cases = [
+        ("per-question forward", lambda: per_question(bundle, images, ids)),
+        ("batched full forwards", lambda: batched_full(bundle, images, ids)),
+        ("engine score_yes_no (prefix cache)", lambda: score_yes_no(bundle, images, questions, len(images))),
     ]
+    results = interleaved(cases, device, args.repeats)
     for r in results:
         r.extra["questions_per_s"] = len(images) * len(QUESTIONS) / r.median_s
     report("self_vqa", results, baseline="per-question forward", device=device,

@@ -104,10 +104,10 @@ class _Decoder:
         self.model, self.cache, self.sampling = model, cache, sampling
 
     def logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """embeds (2B, T, H), position_ids (2B, T), mask (2B, L) -> guided logits (B, V) of the last position."""
+        """embeds (2B, T, H), position_ids (2B, T), mask (2B, L) -> guided float32 logits (B, V), last position."""
         out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                               past_key_values=self.cache, use_cache=True)
-        scores = self.model.model.generation_head(out.last_hidden_state[:, -1, :])  # (2B, V)
+        scores = self.model.model.generation_head(out.last_hidden_state[:, -1, :]).float()  # (2B, V)
         cond, uncond = scores.chunk(2)
         return self.sampling.guidance_scale * (cond - uncond) + uncond  # (B, V), as Janus / transformers' CFG
 
