@@ -57,9 +57,10 @@ class PromptConfig:
 
 @dataclass
 class PerturbConfig:
-    """Stage 2a: N perturbed prompts per base prompt that change object-level detail only."""
+    """Stage 2a: N perturbed prompts per base prompt that change object-level detail only. ``best_of_n`` is the
+    SILMM-style baseline instead: no perturbation, 2N images of x, best vs worst Self-VQA score."""
 
-    source: Literal["model", "rules"] = "model"
+    source: Literal["model", "rules", "best_of_n"] = "model"
     num_perturbations: int = 3
     temperature: float = 1.0
     top_p: float = 0.9

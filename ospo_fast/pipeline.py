@@ -22,7 +22,7 @@ from ospo_fast.runstore import RunStore
 from ospo_fast.stages import prompts as S1
 from ospo_fast.stages import steps
 from ospo_fast.stages.context import StageContext
-from ospo_fast.stages.select import select_best
+from ospo_fast.stages.select import best_vs_worst, select_best
 
 STAGES = ("prompts", "perturb", "densify", "images", "questions", "vqa", "select")
 
@@ -190,8 +190,9 @@ class Pipeline:
                     record = dict(record, verdict=dict(record["verdict"], keep=True))
                 by_prompt[record["base_id"]].append(record)
             pairs, rejects = [], []
+            pick = best_vs_worst if self.config.perturb.source == "best_of_n" else select_best
             for base_id in sorted(by_prompt):
-                best = select_best(by_prompt[base_id])
+                best = pick(by_prompt[base_id])
                 if best is None:
                     rejects.append({"id": base_id, "stage": "select", "reason": "no_surviving_pair"})
                 else:

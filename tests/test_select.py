@@ -54,3 +54,18 @@ def test_select_ties_take_the_lower_index():
 
 def test_no_survivor():
     assert select_best([_cand(0, False, 0.9), _cand(1, False, 0.95)]) is None
+
+
+def _bon(n, chosen, rejected):
+    return {"n": n, "base_id": "p0", "chosen": {"vqa": chosen, "tag": f"w{n}"}, "rejected": {"vqa": rejected,
+                                                                                            "tag": f"l{n}"}}
+
+
+def test_best_of_n_takes_best_and_worst_over_all_images():
+    from ospo_fast.stages.select import best_vs_worst
+
+    pair = best_vs_worst([_bon(0, [YES, HALF], [NO, NO]), _bon(1, [YES, YES], [HALF, NO])])
+    assert pair["chosen"]["tag"] == "w1" and pair["rejected"]["tag"] == "l0"
+    assert pair["verdict"]["score_chosen"] == pytest.approx(0.85)
+    assert pair["verdict"]["score_rejected"] == pytest.approx(-0.85)
+    assert best_vs_worst([_bon(0, [HALF], [HALF])]) is None  # all images tie: no pair

@@ -25,6 +25,7 @@ from ospo_fast.stages.structure import (
 )
 
 REPLACE, SWAP, DROP = "replace", "swap", "drop"
+BEST_OF_N = "best_of_n"
 
 
 def perturbation_kinds(record: dict, n: int) -> list[str]:
@@ -130,6 +131,11 @@ def perturbed_record(record: dict, index: int, kind: str, prompt: str, structure
     return {"id": f"{record['id']}-n{index}", "base_id": record["id"], "n": index, "kind": kind,
             "category": record["category"], "base_prompt": record["prompt"], "base_structure": record["structure"],
             "prompt": prompt, "structure": structure}
+
+
+def best_of_n_records(record: dict, n: int) -> list[dict]:
+    """The Best-of-N baseline: ``n`` records whose both sides are drawn from x itself (different seeds)."""
+    return [perturbed_record(record, index, BEST_OF_N, record["prompt"], record["structure"]) for index in range(n)]
 
 
 # ---------------------------------------------------------------- model source

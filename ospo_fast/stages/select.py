@@ -47,3 +47,21 @@ def select_best(candidates: list[dict]) -> dict | None:
     if not kept:
         return None
     return max(kept, key=lambda c: (c["verdict"]["score_chosen"], -c["n"]))
+
+
+def best_vs_worst(candidates: list[dict]) -> dict | None:
+    """The Best-of-N baseline (SILMM): among every image drawn for one prompt (both sides of every candidate), the
+    highest S as chosen and the lowest as rejected; None when they tie. Returns a candidate-shaped record."""
+    images = []
+    for record in candidates:
+        for side in ("chosen", "rejected"):
+            scores = question_scores(record[side]["vqa"])
+            images.append((sum(scores) / len(scores), record["n"], side, record))
+    best = max(images, key=lambda x: (x[0], -x[1], x[2] == "chosen"))
+    worst = min(images, key=lambda x: (x[0], x[1], x[2] == "chosen"))
+    if best[0] <= worst[0]:
+        return None
+    first = candidates[0]
+    verdict = {"keep": True, "reason": "best_of_n", "score_chosen": best[0], "score_rejected": worst[0]}
+    return dict(first, id=f"{first['base_id']}-bon", n=best[1], chosen=best[3][best[2]], rejected=worst[3][worst[2]],
+                verdict=verdict)

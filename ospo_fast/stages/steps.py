@@ -76,6 +76,8 @@ def model_prompts_chunk(ctx: StageContext, chunk_index: int, rank: int, history:
 def perturb_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
     cfg = ctx.config.perturb
     n = cfg.num_perturbations
+    if cfg.source == "best_of_n":
+        return [r for record in records for r in P.best_of_n_records(record, n)], []
     if cfg.source == "rules":
         out, rejects = [], []
         for record in records:
@@ -150,7 +152,10 @@ def images_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
     for start in range(0, len(records), max(1, cfg.batch_size // 2)):
         batch = records[start:start + max(1, cfg.batch_size // 2)]
         prompts = [r["dense_base"] for r in batch] + [r["dense_prompt"] for r in batch]
-        seeds = [ctx.config.seed + r["n"] for r in batch] * 2  # SPEC: seeds 0..N-1 per pair index
+        # SPEC: seeds 0..N-1 per pair index on both sides; Best-of-N draws its rejected side from seeds N..2N-1
+        n_pairs = ctx.config.perturb.num_perturbations
+        seeds = [ctx.config.seed + r["n"] for r in batch] + [
+            ctx.config.seed + r["n"] + (n_pairs if r["kind"] == P.BEST_OF_N else 0) for r in batch]
         sides = ["chosen"] * len(batch) + ["rejected"] * len(batch)
         objects = [mask_objects(r, side, mcfg.context) for side, r in zip(sides, batch + batch)]
         in_flight = mcfg.context == "generation"
@@ -167,7 +172,7 @@ def images_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
         tokens = result.tokens.cpu().tolist()
         for i, record in enumerate(batch):
             j = i + len(batch)
-            out.append(dict(record, seed=seeds[i], mask_objects=objects[i], chosen={
+            out.append(dict(record, seed=seeds[i], rejected_seed=seeds[j], mask_objects=objects[i], chosen={
                 "image": result.pixels[i].cpu().numpy(), "tokens": tokens[i],
                 "mask": unions[i].reshape(-1).astype(int).tolist()}, rejected={
                 "image": result.pixels[j].cpu().numpy(), "tokens": tokens[j],
