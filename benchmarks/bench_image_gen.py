@@ -6,7 +6,8 @@ Cases (same prompts, same model, same run):
 2. transformers ``generate(generation_mode="image")`` + VQ decode;
 3. ``ospo_fast.engine.generate_images`` (static cache; CUDA graphs on CUDA) + VQ decode;
 4. the engine with in-flight object-attention capture (mask capture overhead).
-Images/s, peak memory and ratios. CPU default: ``builtin:tiny`` (8x8 grid), 4 prompts. On a GPU:
+Images/s, peak memory and ratios. CPU default: ``builtin:tiny`` (8x8 grid), 4 prompts (``--threads 1`` gives
+stable figures on a shared machine). On a GPU:
 ``--model janus-pro-1b-shape --device cuda --prompts 16 --dtype bfloat16``.
 """
 
