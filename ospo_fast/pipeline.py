@@ -79,6 +79,7 @@ class Pipeline:
     def _run_stage(self, stage: str, items: list[dict], fn: ChunkFn, chunk_size: int) -> list[dict]:
         if self.store.stage_done(stage):
             return self.store.read_stage(stage)
+        self.store.check_world(stage)
         start = time.perf_counter()
         mine = items[self.dist.rank::self.dist.world]
         chunks = [mine[i:i + chunk_size] for i in range(0, len(mine), chunk_size)]
@@ -117,6 +118,7 @@ class Pipeline:
         the quota in requests); duplicates across ranks are removed at the merge."""
         stage, cfg = "prompts", self.config.prompts
         if not self.store.stage_done(stage):
+            self.store.check_world(stage)
             start = time.perf_counter()
             quota = -(-cfg.num_prompts // self.dist.world)
             max_chunks = max(1, -(-4 * quota // cfg.batch_size))

@@ -60,6 +60,14 @@ class RunStore:
     def _rank_dir(self, stage: str) -> Path:
         return self.root / stage / f"rank{self.rank:03d}-of-{self.world:03d}"
 
+    def check_world(self, stage: str) -> None:
+        """Chunks are fixed slices per (rank, world): a stage started with another process count cannot resume."""
+        worlds = {p.name.split("-of-")[1] for p in (self.root / stage).glob("rank*-of-*")}
+        other = sorted(worlds - {f"{self.world:03d}"})
+        if other:
+            raise ValueError(f"stage {stage!r} in {self.root} was started with {int(other[0])} process(es), this run "
+                             f"has {self.world}; resume with the same number of processes or pass --redo {stage}")
+
     def chunk_done(self, stage: str, index: int) -> bool:
         return (self._rank_dir(stage) / f"chunk-{index:05d}.jsonl").is_file()
 

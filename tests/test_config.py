@@ -1,8 +1,15 @@
 import pytest
 import yaml
 
-from ospo_fast.config import (ConfigError, OSPOConfig, config_from_dict, config_to_dict, load_config,
-                              preset_names, save_config)
+from ospo_fast.config import (
+    ConfigError,
+    OSPOConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    preset_names,
+    save_config,
+)
 
 
 def test_defaults_follow_spec():

@@ -123,3 +123,12 @@ def test_prompt_file_source(tmp_path):
     wrong.write_text(json.dumps({"prompt": "a cat", "category": "color", "structure": {"objects": ["dog"]}}) + "\n")
     with pytest.raises(ValueError, match="appear as words"):
         S1.read_prompt_file(wrong)
+
+
+def test_resuming_with_another_process_count_is_refused(tmp_path):
+    from ospo_fast.runstore import RunStore
+
+    RunStore(tmp_path, rank=0, world=2).write_chunk("perturb", 0, [{"id": "a"}], [])
+    RunStore(tmp_path, rank=0, world=2).check_world("perturb")
+    with pytest.raises(ValueError, match="started with 2 process"):
+        RunStore(tmp_path, rank=0, world=1).check_world("perturb")
