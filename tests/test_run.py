@@ -11,8 +11,9 @@ from ospo_fast.models import load_janus
 from ospo_fast.run import format_summary, run_ospo
 from ospo_fast.store import read_jsonl
 
-OVERRIDES = ["prompts.num_prompts=3", "perturb.num_perturbations=2", "images.batch_size=6", "filter.enabled=false",
-             "train.max_steps=2", "train.per_device_batch=2", "train.save_every=1", "eval.toy_heldout_prompts=0"]
+OVERRIDES = ["iterations=2", "prompts.num_prompts=3", "perturb.num_perturbations=2", "images.batch_size=6",
+             "filter.enabled=false", "train.max_steps=2", "train.per_device_batch=2", "train.save_every=1",
+             "eval.toy_heldout_prompts=0"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,14 @@ def test_run_produces_checkpoint_dataset_report(tiny_run):
     bundle = load_janus(merged, device="cpu")  # the trained model loads through the normal loader
     assert bundle.num_image_tokens == 64
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_iteration_two_starts_from_iteration_one(tiny_run):
+    out, summary = tiny_run
+    first, second = summary["iterations"]
+    saved = load_config(str(out / "iter2" / "synth" / "config.yaml"))
+    assert saved.model.path == first["model"] != "builtin:tiny"
+    assert second["model"] == str(out / "iter2" / "train" / "merged")
 
 
 def test_summary_agrees_with_files(tiny_run):
