@@ -11,7 +11,8 @@ from ospo_fast.models import load_janus
 from ospo_fast.run import format_summary, run_ospo
 from ospo_fast.store import read_jsonl
 
-OVERRIDES = ["iterations=2", "prompts.num_prompts=3", "perturb.num_perturbations=2", "images.batch_size=6",
+OVERRIDES = ["model.path=builtin:tiny-4", "iterations=2",
+             "prompts.num_prompts=3", "perturb.num_perturbations=2", "images.batch_size=6",
              "filter.enabled=false", "train.max_steps=2", "train.per_device_batch=2", "train.save_every=1",
              "eval.toy_heldout_prompts=0"]
 
@@ -30,7 +31,7 @@ def test_run_produces_checkpoint_dataset_report(tiny_run):
     merged = summary["iterations"][0]["model"]
     assert merged.endswith("merged")
     bundle = load_janus(merged, device="cpu")  # the trained model loads through the normal loader
-    assert bundle.num_image_tokens == 64
+    assert bundle.num_image_tokens == 16
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
@@ -38,7 +39,7 @@ def test_iteration_two_starts_from_iteration_one(tiny_run):
     out, summary = tiny_run
     first, second = summary["iterations"]
     saved = load_config(str(out / "iter2" / "synth" / "config.yaml"))
-    assert saved.model.path == first["model"] != "builtin:tiny"
+    assert saved.model.path == first["model"] != "builtin:tiny-4"
     assert second["model"] == str(out / "iter2" / "train" / "merged")
 
 
@@ -57,7 +58,8 @@ def test_summary_agrees_with_files(tiny_run):
 
 
 def test_no_pairs_is_a_clear_error(tmp_path, capsys):
-    code = main(["run", "--preset", "tiny", "--out", str(tmp_path), "prompts.num_prompts=1", "filter.tau=2.0",
+    code = main(["run", "--preset", "tiny", "--out", str(tmp_path), "model.path=builtin:tiny-4",
+                 "prompts.num_prompts=1", "filter.tau=2.0",
                  "perturb.num_perturbations=1",
                  "eval.toy_heldout_prompts=0"])
     assert code == 2 and "kept no pair" in capsys.readouterr().err
