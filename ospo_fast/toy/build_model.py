@@ -69,7 +69,7 @@ class BuildConfig:
     fg_weight: float = 10.0
     restart_every: int = 40
     vqdec_minutes: float = 12.0
-    mm_minutes: float = 48.0
+    mm_minutes: float = 56.0
     mm_batch: int = 24
     mm_lr: float = 1e-3
     p_uncond: float = 0.1
