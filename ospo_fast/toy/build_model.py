@@ -16,6 +16,10 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    replaced by pads with probability ``p_uncond`` so that classifier-free guidance has an unconditional branch)
    and yes/no understanding (the SigLIP tower reads the image into the placeholders; the LM head predicts the
    answer token ``"yes"`` / ``"no"`` after the understanding chat, answers balanced).
+2b. ``und`` (optional, ``--und-minutes``): continues from phase mm's weights with an understanding-focused recipe:
+   balanced yes/no VQA + captioning every step, T2I every ``und_t2i_every`` steps; generation head, generation
+   embeddings and generation aligner frozen; the SigLIP tower + aligner at a higher LR than the decoder.
+   Resumable from ``work/und.pt``.
 3. ``eval`` + ``save``: measure the figures (codes used, judge accuracy of reconstructions, T2I strict/loose on
    held-out prompts with CFG 5, VQA accuracy on held-out captions), save fp16 weights, processor, generation
    config, ``metrics.json`` and ``BUILD.md``.
@@ -76,6 +80,11 @@ class BuildConfig:
     vqa_every: int = 1  # one understanding batch every ``vqa_every`` steps
     vqa_weight: float = 2.0
     caption_weight: float = 1.0  # auxiliary captioning loss on the VQA images
+    und_minutes: float = 0.0  # phase und (0: not run)
+    und_batch: int = 32
+    und_lr_vision: float = 1e-3  # SigLIP tower + understanding aligner
+    und_lr_decoder: float = 3e-4  # language model + LM head
+    und_t2i_every: int = 2  # one T2I batch every ``und_t2i_every`` steps (generation head/embeddings frozen)
     threads: int = 1
 
 
@@ -458,6 +467,87 @@ def _save_mm(path: Path, model, opt, rng, state) -> None:
     tmp.replace(path)
 
 
+# ------------------------------------------------------------------------------------------------- phase und
+
+_FROZEN_IN_UND = ("model.vqmodel.", "model.generation_head.", "model.generation_embeddings.",
+                  "model.generation_aligner.")
+
+
+def _und_groups(model, cfg: BuildConfig) -> list[dict]:
+    """Vision tower + aligner at ``und_lr_vision``, the decoder at ``und_lr_decoder``; generation side frozen."""
+    vision, decoder = [], []
+    for name, p in model.named_parameters():
+        if name.startswith(_FROZEN_IN_UND):
+            p.requires_grad_(False)
+        elif name.startswith(("model.vision_model.", "model.aligner.")):
+            vision.append(p)
+        else:
+            decoder.append(p)
+    return [{"params": vision, "base_lr": cfg.und_lr_vision}, {"params": decoder, "base_lr": cfg.und_lr_decoder}]
+
+
+def train_und(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
+    """Understanding-focused continuation of phase mm for ``cfg.und_minutes``, resumable from ``work/und.pt``:
+    balanced yes/no VQA + captioning every step, T2I every ``und_t2i_every`` steps so generation keeps up."""
+    model.train()
+    model.model.vqmodel.eval()
+    groups = _und_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.und_lr_decoder, betas=(0.9, 0.95), weight_decay=0.01)
+    params = [p for g in groups for p in g["params"]]
+    rng = np.random.default_rng([cfg.seed, 6])
+    state = {"step": 0, "elapsed": 0.0}
+    ckpt = work / "und.pt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(saved["model"], strict=False)
+        opt.load_state_dict(saved["opt"])
+        rng.bit_generator.state = saved["rng"]
+        state = saved["state"]
+        log(f"resumed und at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    yes_id, no_id = answer_ids(processor.tokenizer)
+    budget, warmup = cfg.und_minutes * 60, 20
+    t0, last_save = time.time() - state["elapsed"], time.time()
+    last_t2i, hits = float("nan"), []
+    while (elapsed := time.time() - t0) < budget:
+        frac, step = elapsed / budget, state["step"]
+        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.9 + 0.1)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+        scenes, images = scene_batch(rng, cfg.und_batch)
+        answers = rng.random(cfg.und_batch) < 0.5
+        questions = [make_question(world.spec_of(s), rng, bool(a)) for s, a in zip(scenes, answers)]
+        target = torch.tensor([yes_id if a else no_id for a in answers])
+        logits = vqa_logits(model, processor, images, questions)  # (B, V)
+        loss_vqa = F.cross_entropy(logits, target)
+        hits += ((logits[:, yes_id] > logits[:, no_id]) == torch.from_numpy(answers)).tolist()
+        loss_cap = caption_loss(model, processor, images, [world.caption(s) for s in scenes])
+        loss = cfg.vqa_weight * loss_vqa + cfg.caption_weight * loss_cap
+        if step % cfg.und_t2i_every == 0:
+            scenes, images = scene_batch(rng, cfg.mm_batch)
+            uncond = torch.from_numpy(rng.random(cfg.mm_batch) < cfg.p_uncond)
+            loss_t2i = t2i_loss(model, processor, [world.caption(s) for s in scenes], encode_tokens(model, images),
+                                uncond)
+            loss = loss + loss_t2i
+            last_t2i = loss_t2i.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["step"] += 1
+        if state["step"] % 10 == 0:
+            log(f"und step {state['step']} vqa {loss_vqa.item():.3f} (train acc last 10 steps "
+                f"{np.mean(hits[-10 * cfg.und_batch:]):.3f}) caption {loss_cap.item():.3f} t2i {last_t2i:.3f} "
+                f"lr {opt.param_groups[0]['lr']:.2e}/{opt.param_groups[1]['lr']:.2e} {elapsed / 60:.1f} min")
+        if time.time() - last_save > 180:
+            state["elapsed"] = time.time() - t0
+            _save_mm(ckpt, model, opt, rng, state)
+            last_save = time.time()
+    state["elapsed"] = time.time() - t0
+    _save_mm(ckpt, model, opt, rng, state)
+    model.eval()
+    return {"und_steps": state["step"], "und_minutes_trained": round(state["elapsed"] / 60, 1)}
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
@@ -543,10 +633,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vq-minutes", type=float, default=BuildConfig.vq_minutes)
     parser.add_argument("--mm-minutes", type=float, default=BuildConfig.mm_minutes)
     parser.add_argument("--vqdec-minutes", type=float, default=BuildConfig.vqdec_minutes)
+    parser.add_argument("--und-minutes", type=float, default=BuildConfig.und_minutes)
     parser.add_argument("--phases", default="vq,vqdec,mm,save,eval")
     args = parser.parse_args(argv)
     cfg = BuildConfig(seed=args.seed, vq_minutes=args.vq_minutes, vqdec_minutes=args.vqdec_minutes,
-                      mm_minutes=args.mm_minutes)
+                      mm_minutes=args.mm_minutes, und_minutes=args.und_minutes)
     torch.set_num_threads(cfg.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -587,6 +678,12 @@ def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, 
     elif (work / "mm.pt").is_file():
         model.load_state_dict(torch.load(work / "mm.pt", weights_only=False)["model"], strict=False)
         stats.update(json.loads((work / "mm_stats.json").read_text()))
+    if "und" in phases:
+        stats.update(train_und(model, processor, cfg, work, log))
+        (work / "und_stats.json").write_text(json.dumps(stats))
+    elif (work / "und.pt").is_file():
+        model.load_state_dict(torch.load(work / "und.pt", weights_only=False)["model"], strict=False)
+        stats.update(json.loads((work / "und_stats.json").read_text()))
     stats["build"] = asdict(cfg)  # this run's budgets (a resumed phase may have been given a longer one)
     if "save" in phases:
         if (work / "vq_decoder.pt").is_file():  # phase vqdec may have finished beside phase mm
@@ -634,6 +731,8 @@ def build_report(m: dict) -> str:
         ("VQ decoder-only steps", m.get("vqdec_steps", "?")),
         (f"multitask steps (T2I batch {b['mm_batch']}, VQA batch {b['mm_batch']} every {b['vqa_every']})",
          m.get("mm_steps", "?")),
+        *([(f"understanding steps (phase und: VQA + caption batch {b['und_batch']}, T2I every "
+            f"{b['und_t2i_every']})", m["und_steps"])] if "und_steps" in m else []),
         ("T2I held-out captions, CFG 5, strict / loose", _pair(m["t2i_heldout_cfg5"])),
         ("T2I training captions, CFG 5, strict / loose", _pair(m["t2i_train_cfg5"])),
         ("VQA accuracy, held-out captions, balanced", f"{m['vqa_heldout']['accuracy']:.3f} "
@@ -643,11 +742,13 @@ def build_report(m: dict) -> str:
                                                        f"(n={m['test_vqa_heldout']['n']})"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    und_cmd = f" --und-minutes {b['und_minutes']}" if b.get("und_minutes") else ""
     return f"""# builtin:toy: how it was built
 
 Command (CPU, 1 thread each, wall-clock budgets): `python -m ospo_fast.toy.build_model --out
 ospo_fast/assets/toy_janus --seed {m['seed']} --vq-minutes {b['vq_minutes']} --vqdec-minutes {b['vqdec_minutes']}
---mm-minutes {b['mm_minutes']}` (phase checkpoints and the log in `build/toy_janus_work/`; a rerun resumes). Phases:
+--mm-minutes {b['mm_minutes']}{und_cmd}` (phase checkpoints and the log in `build/toy_janus_work/`; a rerun resumes).
+Phases:
 VQ-VAE, then the VQ decoder alone on frozen tokens beside the multitask phase (T2I + yes/no VQA), then save (fp16)
 and eval through `load_janus`. Budgets are wall clock and the machine was shared (load 6-11 on 2 cores), so a
 rerun reaches a different number of steps: the figures are this build's.
