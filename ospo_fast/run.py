@@ -41,6 +41,22 @@ def _evaluate(config: OSPOConfig, model_path: str) -> dict | None:
                             batch_size=config.eval.batch_size)
 
 
+def toy_mask_localisation(synth_dir: Path) -> dict:
+    """Toy world only: how well the attention masks of the generated images cover the drawn objects."""
+    import numpy as np
+    from PIL import Image
+
+    from ospo_fast.toy.evaluate import mask_localisation
+
+    images, masks = [], []
+    for record in read_jsonl(synth_dir / "images" / "records.jsonl"):
+        for side in ("chosen", "rejected"):
+            images.append(np.asarray(Image.open(synth_dir / record[side]["image"]).convert("RGB")))
+            grid = int(round(len(record[side]["mask"]) ** 0.5))
+            masks.append(np.asarray(record[side]["mask"], dtype=bool).reshape(grid, grid))
+    return mask_localisation(images, masks)
+
+
 def stage_summary(synth_dir: Path) -> dict:
     """Counts, reasons, timings and per-category pass rates of one synthesis run, read from its files."""
     manifest = json.loads((synth_dir / "manifest.json").read_text())
@@ -113,6 +129,7 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
             after = _evaluate(config, model_path)
             if after:
                 summary["alignment"][f"after_iter{iteration}"] = after
+                entry["mask_localisation"] = toy_mask_localisation(it_dir / "synth")
             summary["iterations"].append(entry)
             atomic_write_json(out / "summary.json", summary)
     return summary
@@ -136,6 +153,10 @@ def format_summary(summary: dict) -> str:
         lines.append("   seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()) +
                      f"; training {it['seconds']['training']:.1f}")
         lines.append(f"   images/s: {s['images_per_second']:.2f}; pairs kept: {s['pairs']}")
+        if "mask_localisation" in it:
+            m = it["mask_localisation"]
+            lines.append(f"   object masks vs drawn objects: precision {m['precision']:.1%} (chance {m['chance']:.1%}),"
+                         f" recall {m['recall']:.1%} over {m['n']} images")
         if t.get("steps"):
             lines.append(f"   loss curve (step, loss): {t['curve']}")
             lines.append(f"   first -> last: loss {t['first']['loss']:.4f} -> {t['last']['loss']:.4f}, margin "

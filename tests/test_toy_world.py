@@ -183,3 +183,18 @@ def test_judge_bad_inputs():
 
 def test_judge_config_is_a_dataclass():
     assert dataclasses.is_dataclass(JudgeConfig) and JudgeConfig().min_area > 0
+
+
+def test_mask_localisation_on_ground_truth():
+    import numpy as np
+
+    from ospo_fast.toy import world
+    from ospo_fast.toy.evaluate import mask_localisation, object_cells
+
+    scene = world.sample_scene(np.random.default_rng(3))
+    image = world.render(scene)
+    truth = object_cells(image, 8)
+    perfect = mask_localisation([image], [truth])
+    assert perfect["precision"] == 1.0 and perfect["recall"] == 1.0 and 0 < perfect["chance"] < 1
+    inverted = mask_localisation([image], [~truth])
+    assert inverted["precision"] == 0.0

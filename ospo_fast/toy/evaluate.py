@@ -31,3 +31,32 @@ def judged_alignment(bundle, num_prompts: int, seed: int = 0, config: ImageConfi
         summary["per_category"][category] = {"n": len(picked), "strict": float(np.mean([r.strict for r in picked])),
                                              "loose": float(np.mean([r.loose for r in picked]))}
     return summary
+
+
+def object_cells(image: np.ndarray, grid: int, min_fill: float = 0.25) -> np.ndarray:
+    """(grid, grid) bool: cells of an image whose pixels are mostly nearer a palette colour than the background."""
+    from ospo_fast.toy.world import BACKGROUND, PALETTE
+
+    pixels = image.astype(np.float32)
+    palette = np.asarray(list(PALETTE.values()), dtype=np.float32)
+    to_palette = ((pixels[:, :, None, :] - palette[None, None]) ** 2).sum(-1).min(-1)
+    to_background = ((pixels - np.asarray(BACKGROUND, dtype=np.float32)) ** 2).sum(-1)
+    foreground = to_palette < to_background
+    h, w = foreground.shape
+    cells = foreground.reshape(grid, h // grid, grid, w // grid).mean(axis=(1, 3))
+    return cells > min_fill
+
+
+def mask_localisation(images: list[np.ndarray], masks: list[np.ndarray]) -> dict:
+    """How well object masks (each (G, G) bool) cover the drawn objects: mean precision (mask cells on objects),
+    its chance level (the object-cell fraction), and recall, over images where both are non-empty."""
+    precision, chance, recall = [], [], []
+    for image, mask in zip(images, masks):
+        cells = object_cells(image, mask.shape[0])
+        if mask.any() and cells.any():
+            precision.append((mask & cells).sum() / mask.sum())
+            chance.append(cells.mean())
+            recall.append((mask & cells).sum() / cells.sum())
+    return {"n": len(precision), "precision": float(np.mean(precision)) if precision else float("nan"),
+            "chance": float(np.mean(chance)) if chance else float("nan"),
+            "recall": float(np.mean(recall)) if recall else float("nan")}
