@@ -407,15 +407,8 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
         model.model.generation_embeddings.weight.copy_(model.model.vqmodel.quantize.embedding.weight)
     opt = torch.optim.AdamW(_mm_params(model), lr=cfg.mm_lr, betas=(0.9, 0.95), weight_decay=0.01)
     rng = np.random.default_rng([cfg.seed, 2])
-    state = {"step": 0, "elapsed": 0.0}
     ckpt = work / "mm.pt"
-    if ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"], strict=False)
-        opt.load_state_dict(saved["opt"])
-        rng.bit_generator.state = saved["rng"]
-        state = saved["state"]
-        log(f"resumed mm at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    state = _resume_phase(ckpt, model, opt, rng, log)
     yes_id, no_id = answer_ids(processor.tokenizer)
     budget, warmup = cfg.mm_minutes * 60, 30
     t0, last_save = time.time() - state["elapsed"], time.time()
@@ -460,6 +453,19 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
     return {"mm_steps": state["step"], "mm_minutes_trained": round(state["elapsed"] / 60, 1)}
 
 
+def _resume_phase(ckpt: Path, model, opt, rng: np.random.Generator, log) -> dict:
+    """Load a phase checkpoint (model, optimizer, data RNG) if there is one; returns the phase's step state."""
+    if not ckpt.is_file():
+        return {"step": 0, "elapsed": 0.0}
+    saved = torch.load(ckpt, weights_only=False)
+    model.load_state_dict(saved["model"], strict=False)
+    opt.load_state_dict(saved["opt"])
+    rng.bit_generator.state = saved["rng"]
+    state = saved["state"]
+    log(f"resumed {ckpt.stem} at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    return state
+
+
 def _save_mm(path: Path, model, opt, rng, state) -> None:
     weights = {k: v for k, v in model.state_dict().items() if not k.startswith("model.vqmodel.")}
     tmp = path.with_suffix(".tmp")
@@ -495,15 +501,8 @@ def train_und(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
     opt = torch.optim.AdamW(groups, lr=cfg.und_lr_decoder, betas=(0.9, 0.95), weight_decay=0.01)
     params = [p for g in groups for p in g["params"]]
     rng = np.random.default_rng([cfg.seed, 6])
-    state = {"step": 0, "elapsed": 0.0}
     ckpt = work / "und.pt"
-    if ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"], strict=False)
-        opt.load_state_dict(saved["opt"])
-        rng.bit_generator.state = saved["rng"]
-        state = saved["state"]
-        log(f"resumed und at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    state = _resume_phase(ckpt, model, opt, rng, log)
     yes_id, no_id = answer_ids(processor.tokenizer)
     budget, warmup = cfg.und_minutes * 60, 20
     t0, last_save = time.time() - state["elapsed"], time.time()
