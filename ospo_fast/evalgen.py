@@ -18,7 +18,7 @@ import numpy as np
 
 from ospo_fast.config import ImageConfig
 from ospo_fast.runstore import png_bytes
-from ospo_fast.store import atomic_write_bytes, atomic_write_text
+from ospo_fast.store import atomic_write_bytes, atomic_write_text, read_jsonl_rows
 
 FORMATS = ("geneval", "t2i-compbench", "dpg-bench")
 
@@ -38,13 +38,7 @@ def read_geneval(path: Path) -> list[dict]:
     if not path.is_file():
         raise PromptFileError(f"GenEval metadata {path} does not exist; pass evaluation_metadata.jsonl")
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromptFileError(f"{path}:{line_no} is not JSON ({err.msg})") from err
+    for line_no, row in read_jsonl_rows(path, PromptFileError):
         if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
             raise PromptFileError(f"{path}:{line_no} has no \"prompt\" field; GenEval lines look like "
                                   '{"tag": "single_object", "include": [...], "prompt": "a photo of a cat"}')

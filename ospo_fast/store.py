@@ -43,3 +43,17 @@ def atomic_write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def read_jsonl_rows(path: Path, error: type[ValueError] = ValueError) -> list[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a user-supplied JSONL file; a line that is not
+    JSON raises ``error`` naming the file and line."""
+    rows = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line_no, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{line_no} is not JSON ({err.msg}); fix that line") from err
+    return rows

@@ -2,62 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ospo_fast.config import LossConfig, OSPOConfig
 from ospo_fast.models import load_janus
 
 PROMPTS = ["a red car and a blue bench", "two dogs", "a cat on the left of a green chair", "a white harp"]
-
-
-# -- a minimal stand-in for ospo_fast.ops.simpo_loss, used only while that module does not exist yet --------------
-@dataclass
-class _Output:
-    loss: torch.Tensor
-    simpo_loss: torch.Tensor
-    sft_loss: torch.Tensor
-    chosen_reward: torch.Tensor
-    rejected_reward: torch.Tensor
-    margin: torch.Tensor
-    accuracy: torch.Tensor
-
-
-def _standin_loss(logits, targets, mask_weights, config: LossConfig, backend="auto"):
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]  # (2P, T)
-    weights = 1 + config.alpha * mask_weights.float()
-    reward = (weights * logp).sum(-1) / weights.sum(-1)
-    p = logits.shape[0] // 2
-    margin = reward[:p] - reward[p:]
-    simpo = -F.logsigmoid(config.beta * margin - config.beta * config.gamma_beta_ratio).mean()
-    sft = -logp[:p].mean()
-    return _Output(simpo + config.sft_weight * sft, simpo, sft, reward[:p].mean(), reward[p:].mean(),
-                   margin.mean(), (margin > 0).float().mean())
-
-
-def _standin_fused(hidden, weight, bias, targets, mask_weights, config, backend="auto"):
-    return _standin_loss(F.linear(hidden, weight, bias), targets, mask_weights, config, backend)
-
-
-def install_loss_standin() -> None:
-    if "ospo_fast.ops.simpo_loss" in sys.modules or importlib.util.find_spec("ospo_fast.ops.simpo_loss"):
-        return
-    module = types.ModuleType("ospo_fast.ops.simpo_loss")
-    module.obj_simpo_loss = _standin_loss
-    module.fused_obj_simpo_loss = _standin_fused
-    sys.modules[module.__name__] = module
-
-
-install_loss_standin()
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------

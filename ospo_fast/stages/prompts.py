@@ -12,7 +12,6 @@ Sources:
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from ospo_fast.stages.structure import (
     parse_relation_tuples,
     render_prompt,
 )
+from ospo_fast.store import read_jsonl_rows
 
 CATEGORY_WORDS = ("color", "colour", "shape", "texture", "spatial", "numeracy", "category", "attribute", "relation")
 
@@ -128,13 +128,7 @@ def read_prompt_file(path: str | Path) -> list[dict]:
         raise ValueError(f"prompts.file={str(path)!r} does not exist; give a JSONL file of "
                          '{"prompt": ..., "category": ..., "structure": {"objects": [...], ...}} lines')
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}); fix that line") from err
+    for line_no, row in read_jsonl_rows(path):
         missing = [k for k in ("prompt", "category", "structure") if k not in row]
         if missing:
             raise ValueError(f"{path}:{line_no} lacks {missing}; each line needs prompt, category and structure")
