@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from ospo_fast.config import OSPOConfig, save_config
+from ospo_fast.models.loader import is_random_init
 from ospo_fast.pipeline import Pipeline, init_distributed
 from ospo_fast.report import write_report
 from ospo_fast.store import atomic_write_json, read_jsonl
@@ -23,10 +24,6 @@ from ospo_fast.store import atomic_write_json, read_jsonl
 
 class NoPairsError(RuntimeError):
     """Stages 1-4 kept no pair, so there is nothing to train on."""
-
-
-def _is_random_init(path: str) -> bool:
-    return path.startswith("builtin:") and path != "builtin:toy"
 
 
 def _evaluate(config: OSPOConfig, model_path: str) -> dict | None:
@@ -96,7 +93,7 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
 
     out = Path(out_dir)
     dist = init_distributed()
-    summary: dict = {"random_init": _is_random_init(config.model.path), "model": config.model.path,
+    summary: dict = {"random_init": is_random_init(config.model.path), "model": config.model.path,
                      "iterations": [], "alignment": {}}
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)

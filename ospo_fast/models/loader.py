@@ -50,7 +50,13 @@ class JanusBundle:
 
     @property
     def random_init(self) -> bool:
-        return self.source.startswith("builtin:tiny") or "-shape" in self.source
+        return is_random_init(self.source)
+
+
+def is_random_init(path: str) -> bool:
+    """True for the random-initialised models: every ``builtin:`` model but the trained ``builtin:toy``, and
+    directories saved by ``ospo-fast make-model`` for the published shapes (``*-shape``)."""
+    return (path.startswith("builtin:") and path != "builtin:toy") or "-shape" in path
 
 
 def cache_dir() -> Path:
