@@ -72,6 +72,7 @@ class Pipeline:
             if redo:
                 for stage in STAGES[STAGES.index(redo):]:
                     self.store.clear_stage(stage)
+                (self.store.root / "pairs.jsonl").unlink(missing_ok=True)  # select's output: every redo reaches it
             save_config(config, self.store.root / "config.yaml")
         self.dist.barrier()
 

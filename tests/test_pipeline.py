@@ -105,3 +105,18 @@ def test_two_gloo_processes_equal_one(reference_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "images" / "rank001-of-002").is_dir()
     assert _rounded(read_jsonl(out / "pairs.jsonl")) == _rounded(reference_run[1])
+
+
+def test_redo_select_reselects_from_the_scored_candidates(reference_run, tmp_path):
+    """``redo="select"`` keeps stages 1-vqa and recomputes the pairs under the new filter settings."""
+    import shutil
+
+    out, pairs = reference_run
+    shutil.copytree(out, tmp_path / "run")
+    filtered = load_config("tiny", [*OVERRIDES, "filter.enabled=true", "filter.tau=2.0"])  # S <= 1: nothing passes
+    assert Pipeline(filtered, tmp_path / "run", redo="select", progress=False).run() == []
+    assert read_jsonl(tmp_path / "run" / "pairs.jsonl") == []
+    images_before = json.loads((out / "manifest.json").read_text())["stages"]["images"]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["images"] == images_before
+    again = Pipeline(load_config("tiny", OVERRIDES), tmp_path / "run", redo="select", progress=False).run()
+    assert _rounded(again) == _rounded(pairs)
