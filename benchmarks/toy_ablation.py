@@ -1,4 +1,4 @@
-"""The paper's ablations in miniature on the toy world (held-out prompts, several seeds, mean +- std).
+"""The paper's ablations in miniature on the toy world (several seeds, mean +- std).
 
 Variants, each trained from the shipped ``builtin:toy`` model with the toy preset's training settings:
 - base                 : no training
@@ -6,18 +6,25 @@ Variants, each trained from the shipped ``builtin:toy`` model with the toy prese
 - OSPO, plain SimPO    : perturbed-prompt pairs, alpha = 0, no SFT
 - OSPO, object SimPO   : alpha = 1, no SFT
 - OSPO, + SFT          : alpha = 1, sft_weight = 2 (the full method)
-- OSPO, no filter      : the full loss on unfiltered pairs
+- OSPO, no filter      : the full loss on unfiltered pairs (same images and scores, reselected without the filter)
 - OSPO, iteration 2    : the full method run again from its own trained model
-Judged alignment (strict: colour + shape + relation; loose: colour + position) by the exact judge on the same
-held-out prompts and sampling seeds for every variant.
+Judged alignment (strict: colour + shape + relation; loose: colour + position) by the exact judge, on the same
+prompts and sampling seeds for every variant, under three conditions: held-out captions with CFG 5 (the SPEC's
+sampling), held-out captions without guidance (CFG 1: the conditional model alone) and training-split captions
+without guidance. Each synthesis run also reports what its pairs hold by the judge (``pair_judgement``).
 
-    python benchmarks/toy_ablation.py --seeds 0 1 [--prompts 48] [--eval-prompts 96] [--out runs/ablation]
+    python benchmarks/toy_ablation.py --seeds 0 1 2 [--prompts 384] [--eval-prompts 160] [--out runs/ablation]
+
+Each seed's results are saved in ``<out>/seed<s>/results.json`` and reused by a later call, so seeds can run in
+separate processes (``OMP_NUM_THREADS=1 ... --seeds 0`` beside ``... --seeds 1``) and one more call tabulates them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -25,25 +32,43 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import RESULTS, device_name, git_commit  # noqa: E402
-from ospo_fast.config import OSPOConfig, load_config  # noqa: E402
+from ospo_fast.config import load_config  # noqa: E402
 from ospo_fast.models import load_janus  # noqa: E402
 from ospo_fast.pipeline import Pipeline  # noqa: E402
-from ospo_fast.store import read_jsonl  # noqa: E402
-from ospo_fast.toy.evaluate import judged_alignment  # noqa: E402
+from ospo_fast.store import atomic_write_json, read_jsonl  # noqa: E402
+from ospo_fast.toy.evaluate import judged_alignment, pair_judgement  # noqa: E402
 from ospo_fast.train import train  # noqa: E402
 
 LOSSES = {"plain_simpo": ["loss.alpha=0", "loss.sft_weight=0"], "object_simpo": ["loss.alpha=1", "loss.sft_weight=0"],
           "object_simpo_sft": ["loss.alpha=1", "loss.sft_weight=2"]}
+CONDITIONS = {"heldout_cfg5": ("heldout", 5.0), "heldout_cfg1": ("heldout", 1.0), "train_cfg1": ("train", 1.0)}
 
 
-def evaluate(config: OSPOConfig, model_path: str, n: int) -> dict:
+def evaluate(model_path: str, n: int) -> dict:
+    """Judged alignment of one model under every condition of ``CONDITIONS``."""
     bundle = load_janus(model_path, device="cpu")
-    return judged_alignment(bundle, n, seed=0, config=config.images, batch_size=32)
+    images = load_config("toy").images
+    results = {}
+    for name, (split, weight) in CONDITIONS.items():
+        config = dataclasses.replace(images, guidance_scale=weight)
+        result = judged_alignment(bundle, n, seed=0, config=config, batch_size=32, split=split)
+        results[name] = {k: result[k] for k in ("n", "strict", "loose")}
+    return results
 
 
 def synth(seed: int, out: Path, prompts: int, model: str, extra: list[str]) -> Path:
     config = load_config("toy", [f"seed={seed}", f"prompts.num_prompts={prompts}", f"model.path={model}", *extra])
     Pipeline(config, out, progress=False).run()
+    return out / "pairs.jsonl"
+
+
+def reselect_unfiltered(seed: int, ospo_dir: Path, out: Path, prompts: int) -> Path:
+    """The OSPO run's images and Self-VQA scores, selected again with the filter off (no second generation)."""
+    if not (out / "pairs.jsonl").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(ospo_dir, out)
+        config = load_config("toy", [f"seed={seed}", f"prompts.num_prompts={prompts}", "filter.enabled=false"])
+        Pipeline(config, out, redo="select", progress=False).run()
     return out / "pairs.jsonl"
 
 
@@ -54,54 +79,78 @@ def fit(seed: int, pairs: Path, out: Path, model: str, loss: list[str]) -> str:
     return str(train(config, pairs, out).merged_dir)
 
 
-def one_seed(seed: int, root: Path, prompts: int, eval_n: int) -> dict[str, dict]:
+def one_seed(seed: int, root: Path, prompts: int, eval_n: int) -> dict:
+    """Every variant for one seed; resumable: a finished seed's ``results.json`` is read back."""
+    saved = root / "results.json"
+    if saved.is_file():
+        results = json.loads(saved.read_text())
+        if results["prompts"] == prompts and results["eval_n"] == eval_n:
+            return results
     root.mkdir(parents=True, exist_ok=True)
-    base_cfg = load_config("toy")
-    results = {"base": evaluate(base_cfg, "builtin:toy", eval_n)}
+    results: dict = {"prompts": prompts, "eval_n": eval_n, "variants": {"base": evaluate("builtin:toy", eval_n)}}
     ospo = synth(seed, root / "synth_ospo", prompts, "builtin:toy", [])
-    unfiltered = synth(seed, root / "synth_nofilter", prompts, "builtin:toy", ["filter.enabled=false"])
+    unfiltered = reselect_unfiltered(seed, root / "synth_ospo", root / "synth_nofilter", prompts)
     bon = synth(seed, root / "synth_bon", prompts, "builtin:toy", ["perturb.source=best_of_n"])
-    results["pairs"] = {"ospo": len(read_jsonl(ospo)), "no_filter": len(read_jsonl(unfiltered)),
-                        "best_of_n": len(read_jsonl(bon))}
+    variants = results["variants"]
     full = LOSSES["object_simpo_sft"]
-    results["best_of_n"] = evaluate(base_cfg, fit(seed, bon, root / "train_bon", "builtin:toy", full), eval_n)
+    variants["best_of_n"] = evaluate(fit(seed, bon, root / "train_bon", "builtin:toy", full), eval_n)
     for name, loss in LOSSES.items():
-        results[f"ospo_{name}"] = evaluate(base_cfg, fit(seed, ospo, root / f"train_{name}", "builtin:toy", loss),
-                                           eval_n)
-    results["ospo_no_filter"] = evaluate(
-        base_cfg, fit(seed, unfiltered, root / "train_nofilter", "builtin:toy", full), eval_n)
+        variants[f"ospo_{name}"] = evaluate(fit(seed, ospo, root / f"train_{name}", "builtin:toy", loss), eval_n)
+    variants["ospo_no_filter"] = evaluate(fit(seed, unfiltered, root / "train_nofilter", "builtin:toy", full), eval_n)
     iter1 = str(root / "train_object_simpo_sft" / "merged")
     ospo2 = synth(seed, root / "synth_iter2", prompts, iter1, [])
-    results["ospo_iteration2"] = evaluate(base_cfg, fit(seed, ospo2, root / "train_iter2", iter1, full), eval_n)
+    variants["ospo_iteration2"] = evaluate(fit(seed, ospo2, root / "train_iter2", iter1, full), eval_n)
+    results["pairs"] = {name: pair_judgement(path.parent) for name, path in
+                        (("ospo", ospo), ("no_filter", unfiltered), ("best_of_n", bon), ("ospo_iteration2", ospo2))}
+    atomic_write_json(saved, results)
     return results
+
+
+def _mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):6.1%} +- {spread:<5.1%}"
+
+
+def print_tables(per_seed: dict[int, dict], seeds: list[int], eval_n: int) -> list[dict]:
+    variants = list(per_seed[seeds[0]]["variants"])
+    rows = []
+    for condition in CONDITIONS:
+        print(f"\n   {condition} ({eval_n} prompts, mean +- std over seeds)")
+        print(f"   {'variant':<22}{'strict':>17}{'loose':>17}{'loose vs base':>15}")
+        base = statistics.mean(per_seed[s]["variants"]["base"][condition]["loose"] for s in seeds)
+        for name in variants:
+            strict = [per_seed[s]["variants"][name][condition]["strict"] for s in seeds]
+            loose = [per_seed[s]["variants"][name][condition]["loose"] for s in seeds]
+            print(f"   {name:<22}{_mean_std(strict):>17}{_mean_std(loose):>17}"
+                  f"{statistics.mean(loose) - base:>+14.1%}")
+            rows.append({"condition": condition, "variant": name, "strict": strict, "loose": loose})
+    print("\n   what the pairs hold (exact judge vs the base prompt; mean over seeds)")
+    print(f"   {'pairs':<26}{'n':>6}{'chosen strict':>15}{'chosen loose':>14}{'rejected loose':>16}"
+          f"{'chosen-only right':>19}{'rejected-only right':>21}")
+    for name in per_seed[seeds[0]]["pairs"]:
+        for part in ("candidates", "kept"):
+            stats = [per_seed[s]["pairs"][name][part] for s in seeds]
+            mean = lambda key: statistics.mean(x[key] for x in stats)
+            print(f"   {name + ' ' + part:<26}{mean('n'):>6.0f}{mean('chosen_strict'):>15.1%}"
+                  f"{mean('chosen_loose'):>14.1%}{mean('rejected_loose'):>16.1%}{mean('chosen_better'):>19.1%}"
+                  f"{mean('rejected_better'):>21.1%}")
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--prompts", type=int, default=48)
-    parser.add_argument("--eval-prompts", type=int, default=96)
+    parser.add_argument("--prompts", type=int, default=384)
+    parser.add_argument("--eval-prompts", type=int, default=160)
     parser.add_argument("--out", default="runs/ablation")
     args = parser.parse_args()
     per_seed = {seed: one_seed(seed, Path(args.out) / f"seed{seed}", args.prompts, args.eval_prompts)
                 for seed in args.seeds}
-    variants = [k for k in per_seed[args.seeds[0]] if k != "pairs"]
-    print(f"\n== toy ablation on {device_name()} ({len(args.seeds)} seeds, {args.eval_prompts} held-out prompts)")
-    print(f"   {'variant':<26}{'strict mean +- std':>22}{'loose mean +- std':>22}{'vs base (strict)':>18}")
-    rows = []
-    for name in variants:
-        strict = [per_seed[s][name]["strict"] for s in args.seeds]
-        loose = [per_seed[s][name]["loose"] for s in args.seeds]
-        base = statistics.mean(per_seed[s]["base"]["strict"] for s in args.seeds)
-        spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
-        print(f"   {name:<26}{statistics.mean(strict):>13.1%} +- {spread(strict):<5.1%}"
-              f"{statistics.mean(loose):>13.1%} +- {spread(loose):<5.1%}{statistics.mean(strict) - base:>+17.1%}")
-        rows.append({"variant": name, "strict": strict, "loose": loose})
-    print("   pairs kept per seed: " + "; ".join(f"seed {s}: {per_seed[s]['pairs']}" for s in args.seeds))
+    print(f"\n== toy ablation on {device_name()} ({len(args.seeds)} seeds, {args.prompts} prompts per synthesis)")
+    rows = print_tables(per_seed, args.seeds, args.eval_prompts)
     with open(RESULTS, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"bench": "toy_ablation", "device": device_name(), "commit": git_commit(),
-                                 "seeds": args.seeds, "rows": rows,
-                                 "pairs": {str(s): per_seed[s]["pairs"] for s in args.seeds}}) + "\n")
+                                 "seeds": args.seeds, "prompts": args.prompts, "rows": rows}) + "\n")
     (Path(args.out) / "ablation.json").write_text(json.dumps(per_seed, indent=2))
 
 

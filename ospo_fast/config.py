@@ -176,6 +176,8 @@ class EvalConfig:
 
     toy_heldout_prompts: int = 64  # 0: skip
     batch_size: int = 32
+    # Also judge at these CFG weights (images.guidance_scale is always judged); 1.0 = the conditional model alone
+    toy_extra_guidance: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -10,6 +10,7 @@ category, the loss curve, time per stage and images/s; it says plainly when the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -26,16 +27,23 @@ class NoPairsError(RuntimeError):
     """Stages 1-4 kept no pair, so there is nothing to train on."""
 
 
-def _evaluate(config: OSPOConfig, model_path: str) -> dict | None:
+def _evaluate(config: OSPOConfig, model_path: str) -> dict[str, dict]:
+    """Toy world only: judged alignment on held-out prompts at ``images.guidance_scale`` (key "") and at each of
+    ``eval.toy_extra_guidance`` (key "@cfg<w>"); {} when not on the toy world or switched off."""
     if config.prompts.vocabulary != "toy" or config.eval.toy_heldout_prompts <= 0:
-        return None
+        return {}
     from ospo_fast.models import load_janus
     from ospo_fast.toy.evaluate import judged_alignment
 
     m = config.model
     bundle = load_janus(model_path, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
-    return judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed, config=config.images,
-                            batch_size=config.eval.batch_size)
+    results = {}
+    for weight in [config.images.guidance_scale, *config.eval.toy_extra_guidance]:
+        key = "" if weight == config.images.guidance_scale else f"@cfg{weight:g}"
+        images = dataclasses.replace(config.images, guidance_scale=weight)
+        results[key] = judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed, config=images,
+                                        batch_size=config.eval.batch_size)
+    return results
 
 
 def toy_mask_localisation(synth_dir: Path) -> dict:
@@ -98,9 +106,8 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-        before = _evaluate(config, config.model.path)
-        if before:
-            summary["alignment"]["before"] = before
+        for key, result in _evaluate(config, config.model.path).items():
+            summary["alignment"][f"before{key}"] = result
     model_path = config.model.path
     for iteration in range(1, config.iterations + 1):
         cfg = copy.deepcopy(config)
@@ -124,9 +131,13 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
                      "train": loss_summary(result.metrics_path), "model": model_path,
                      "seconds": {"synthesis": round(synth_seconds, 2), "training": round(train_seconds, 2)}}
             after = _evaluate(config, model_path)
+            for key, result in after.items():
+                summary["alignment"][f"after_iter{iteration}{key}"] = result
             if after:
-                summary["alignment"][f"after_iter{iteration}"] = after
+                from ospo_fast.toy.evaluate import pair_judgement
+
                 entry["mask_localisation"] = toy_mask_localisation(it_dir / "synth")
+                entry["pair_judgement"] = pair_judgement(it_dir / "synth")
             summary["iterations"].append(entry)
             atomic_write_json(out / "summary.json", summary)
     return summary
@@ -154,6 +165,14 @@ def format_summary(summary: dict) -> str:
             m = it["mask_localisation"]
             lines.append(f"   object masks vs drawn objects: precision {m['precision']:.1%} (chance {m['chance']:.1%}),"
                          f" recall {m['recall']:.1%} over {m['n']} images")
+        if "pair_judgement" in it:
+            for name, p in it["pair_judgement"].items():
+                if not p["n"]:
+                    continue
+                lines.append(f"   judge on {name} pairs (n={p['n']}): chosen strict {p['chosen_strict']:.1%} loose "
+                             f"{p['chosen_loose']:.1%}, rejected strict {p['rejected_strict']:.1%} loose "
+                             f"{p['rejected_loose']:.1%}; loosely right on one side only: chosen "
+                             f"{p['chosen_better']:.1%}, rejected {p['rejected_better']:.1%}")
         if t.get("steps"):
             lines.append(f"   loss curve (step, loss): {t['curve']}")
             lines.append(f"   first -> last: loss {t['first']['loss']:.4f} -> {t['last']['loss']:.4f}, margin "
@@ -164,7 +183,7 @@ def format_summary(summary: dict) -> str:
         lines.append("-- judged alignment on held-out toy prompts (exact judge)")
         for name, a in alignment.items():
             cats = ", ".join(f"{c} {v['strict']:.1%}" for c, v in a["per_category"].items())
-            lines.append(f"   {name:<12} strict {a['strict']:.1%}  loose {a['loose']:.1%}  (n={a['n']}; strict per "
+            lines.append(f"   {name:<18} strict {a['strict']:.1%}  loose {a['loose']:.1%}  (n={a['n']}; strict per "
                          f"category: {cats})")
     return "\n".join(lines)
 

@@ -117,3 +117,20 @@ def test_make_question_answers_are_consistent_with_the_judge():
             struct = {"objects": [shape], "attributes": [[shape, colour]], "relations": []}
             verdict = judge(world.render(scene), struct)
             assert (verdict.loose and verdict.details["shapes"]) == yes, (question, world.caption(scene))
+
+
+def test_run_judges_at_every_requested_guidance(toy):
+    """``eval.toy_extra_guidance`` adds judged alignment at other CFG weights, each equal to a direct call."""
+    import dataclasses
+
+    from ospo_fast.config import load_config
+    from ospo_fast.run import _evaluate
+    from ospo_fast.toy.evaluate import judged_alignment
+
+    config = load_config("toy", ["eval.toy_heldout_prompts=8", "eval.toy_extra_guidance=[1.0]"])
+    results = _evaluate(config, "builtin:toy")
+    assert sorted(results) == ["", "@cfg1"]
+    for key, weight in (("", 5.0), ("@cfg1", 1.0)):
+        direct = judged_alignment(toy, 8, seed=config.seed, batch_size=config.eval.batch_size,
+                                  config=dataclasses.replace(config.images, guidance_scale=weight))
+        assert results[key] == direct

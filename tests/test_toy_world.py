@@ -198,3 +198,41 @@ def test_mask_localisation_on_ground_truth():
     assert perfect["precision"] == 1.0 and perfect["recall"] == 1.0 and 0 < perfect["chance"] < 1
     inverted = mask_localisation([image], [~truth])
     assert inverted["precision"] == 0.0
+
+
+def test_pair_judgement_on_rendered_pairs(tmp_path):
+    """Chosen = a render of the base prompt, rejected = a render of another caption: the judge says so exactly."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ospo_fast.toy import world
+    from ospo_fast.toy.evaluate import pair_judgement
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "images").mkdir()
+    prompts, rows = [], []
+    for i in range(6):
+        base = world.sample_scene(rng, p_single=0.0)
+        other = world.sample_scene(rng, p_single=0.0)
+        while {o.color for o in other.objects} & {o.color for o in base.objects}:
+            other = world.sample_scene(rng, p_single=0.0)  # no shared colour: the rejected image is loosely wrong
+        base_id = f"p{i:06d}"
+        prompts.append({"id": base_id, "structure": world.structure(base)})
+        row = {"base_id": base_id}
+        for side, scene in (("chosen", base), ("rejected", other)):
+            rel = f"images/{base_id}-{side}.png"
+            Image.fromarray(world.render(scene)).save(tmp_path / rel)
+            row[side] = {"image": rel}
+        rows.append(row)
+    write = lambda path, records: path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write(tmp_path / "prompts" / "records.jsonl", prompts)
+    write(tmp_path / "images" / "records.jsonl", rows)
+    write(tmp_path / "pairs.jsonl", rows[:4])
+    judged = pair_judgement(tmp_path)
+    assert judged["kept"]["n"] == 4 and judged["candidates"]["n"] == 6
+    for part in judged.values():
+        assert part["chosen_strict"] == part["chosen_loose"] == part["chosen_better"] == 1.0
+        assert part["rejected_strict"] == part["rejected_loose"] == part["rejected_better"] == 0.0

@@ -3,6 +3,8 @@ by the exact judge). Seeds are fixed per prompt index, so two models are compare
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ospo_fast.config import ImageConfig
@@ -11,13 +13,14 @@ from ospo_fast.toy.judge import judge
 
 
 def judged_alignment(bundle, num_prompts: int, seed: int = 0, config: ImageConfig | None = None,
-                     batch_size: int = 32) -> dict:
-    """{"n", "strict", "loose", "per_category": {cat: {"n", "strict", "loose"}}} over ``num_prompts`` held-out
-    prompts; strict = colour + shape + relation, loose = colour + position."""
+                     batch_size: int = 32, split: str = "heldout") -> dict:
+    """{"n", "strict", "loose", "per_category": {cat: {"n", "strict", "loose"}}} over ``num_prompts`` prompts of
+    ``split`` ("heldout": captions never trained on; "train": the captions OSPO's prompts come from, fresh
+    sampling seeds); strict = colour + shape + relation, loose = colour + position."""
     from ospo_fast.engine.image_gen import generate_images
 
     config = config or ImageConfig()
-    records = world.sample_prompts(num_prompts, split="heldout", seed=seed + 1)
+    records = world.sample_prompts(num_prompts, split=split, seed=seed + 1)
     results = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
@@ -60,3 +63,31 @@ def mask_localisation(images: list[np.ndarray], masks: list[np.ndarray]) -> dict
     return {"n": len(precision), "precision": float(np.mean(precision)) if precision else float("nan"),
             "chance": float(np.mean(chance)) if chance else float("nan"),
             "recall": float(np.mean(recall)) if recall else float("nan")}
+
+
+def pair_judgement(synth_dir: Path) -> dict:
+    """What the preference pairs of a synthesis run hold, by the exact judge against the base prompt: strict and
+    loose rates of chosen and rejected images, and how often chosen is loosely right where rejected is not (and
+    the reverse), for the kept pairs and for every candidate pair before filtering and selection."""
+    from PIL import Image
+
+    from ospo_fast.store import read_jsonl
+
+    structures = {r["id"]: r["structure"] for r in read_jsonl(synth_dir / "prompts" / "records.jsonl")}
+
+    def verdicts(rows: list[dict]) -> dict:
+        if not rows:
+            return {"n": 0}
+        judged = {side: [judge(np.asarray(Image.open(synth_dir / r[side]["image"]).convert("RGB")),
+                               structures[r["base_id"]]) for r in rows] for side in ("chosen", "rejected")}
+        w, lo = judged["chosen"], judged["rejected"]
+        return {"n": len(rows),
+                "chosen_strict": float(np.mean([j.strict for j in w])),
+                "chosen_loose": float(np.mean([j.loose for j in w])),
+                "rejected_strict": float(np.mean([j.strict for j in lo])),
+                "rejected_loose": float(np.mean([j.loose for j in lo])),
+                "chosen_better": float(np.mean([a.loose and not b.loose for a, b in zip(w, lo)])),
+                "rejected_better": float(np.mean([b.loose and not a.loose for a, b in zip(w, lo)]))}
+
+    return {"kept": verdicts(read_jsonl(synth_dir / "pairs.jsonl")),
+            "candidates": verdicts(read_jsonl(synth_dir / "images" / "records.jsonl"))}
