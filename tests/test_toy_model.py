@@ -134,3 +134,30 @@ def test_run_judges_at_every_requested_guidance(toy):
         direct = judged_alignment(toy, 8, seed=config.seed, batch_size=config.eval.batch_size,
                                   config=dataclasses.replace(config.images, guidance_scale=weight))
         assert results[key] == direct
+
+
+def test_build_md_regenerates_the_report_and_keeps_the_history(tmp_path, metrics):
+    (tmp_path / "BUILD.md").write_text("# stale report\n| old | table |\n\n" + bm.HISTORY_HEADING + "\n\nphase notes\n")
+    bm.write_build_md(tmp_path, metrics)
+    text = (tmp_path / "BUILD.md").read_text()
+    assert text.startswith(bm.build_report(metrics)) and "stale report" not in text
+    assert text.endswith(bm.HISTORY_HEADING + "\n\nphase notes\n")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    bm.write_build_md(fresh, metrics)
+    assert (fresh / "BUILD.md").read_text() == bm.build_report(metrics)
+
+
+def test_init_from_saved_continues_from_the_shipped_weights(tmp_path, toy):
+    from ospo_fast.models.tokenizer import build_tokenizer
+
+    model = bm.new_model(bm.BuildConfig(), build_tokenizer())
+    bm.init_from_saved(model, TOY_DIR, tmp_path, print)
+    shipped = toy.model.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, shipped[name].float()), name
+    assert json.loads((tmp_path / "vq_stats.json").read_text())["mm_steps"] == json.loads(
+        (TOY_DIR / "metrics.json").read_text())["mm_steps"]
+    (tmp_path / "und.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="und.pt"):
+        bm.init_from_saved(model, TOY_DIR, tmp_path, print)

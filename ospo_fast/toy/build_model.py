@@ -19,7 +19,10 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
 2b. ``und`` (optional, ``--und-minutes``): continues from phase mm's weights with an understanding-focused recipe:
    balanced yes/no VQA + captioning every step, T2I every ``und_t2i_every`` steps; generation head, generation
    embeddings and generation aligner frozen; the SigLIP tower + aligner at a higher LR than the decoder.
-   Resumable from ``work/und.pt``.
+   Resumable from ``work/und.pt``. Questions: ``UND_QUESTION_KINDS`` (shape and relation questions twice as often).
+   ``--init DIR`` starts the later phases from a saved toy model instead of ``work``'s checkpoints (how the shipped
+   model got its second und continuation: ``--init ospo_fast/assets/toy_janus --work build/und2 --phases
+   und,save,eval``).
 3. ``eval`` + ``save``: measure the figures (codes used, judge accuracy of reconstructions, T2I strict/loose on
    held-out prompts with CFG 5, VQA accuracy on held-out captions), save fp16 weights, processor, generation
    config, ``metrics.json`` and ``BUILD.md``.
@@ -293,16 +296,21 @@ def answer_ids(tokenizer) -> tuple[int, int]:
 
 
 QUESTION_KINDS = ("there", "there", "there_shape", "is_colour", "rel_shapes", "rel_full", "there_rel")
+# Phase und's mix: shape and relation questions twice as often (the colour ones are learnt first, see BUILD.md).
+UND_QUESTION_KINDS = ("there", "there_shape", "there_shape", "is_colour", "rel_shapes", "rel_shapes", "rel_full",
+                      "rel_full", "there_rel", "there_rel")
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def make_question(spec: world.SceneSpec, rng: np.random.Generator, yes: bool) -> str:
+def make_question(spec: world.SceneSpec, rng: np.random.Generator, yes: bool,
+                  kinds: tuple[str, ...] = QUESTION_KINDS) -> str:
     """A yes/no question about a scene spec whose true answer is ``yes``. Templates:
     ``Is there a {colour} {shape}?``, ``Is there a {shape}?``, ``Is the {shape} {colour}?``,
     ``Is the {shape} {relation} the {shape}?``, ``Is the {colour} {shape} {relation} the {colour} {shape}?``,
     ``Is there a {colour} {shape} {relation} a {colour} {shape}?`` (relation as in captions, e.g. "to the left of")."""
     pairs = list(zip(spec.colors, spec.shapes))
-    kinds = QUESTION_KINDS if spec.relation else QUESTION_KINDS[:4]
+    if not spec.relation:
+        kinds = tuple(k for k in kinds if not k.startswith(("rel_", "there_rel")))
     kind = kinds[rng.integers(len(kinds))]
     if kind == "there_shape" and not yes and len(pairs) == len(world.SHAPES):
         kind = "there"
@@ -514,7 +522,8 @@ def train_und(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
             group["lr"] = group["base_lr"] * scale
         scenes, images = scene_batch(rng, cfg.und_batch)
         answers = rng.random(cfg.und_batch) < 0.5
-        questions = [make_question(world.spec_of(s), rng, bool(a)) for s, a in zip(scenes, answers)]
+        questions = [make_question(world.spec_of(s), rng, bool(a), UND_QUESTION_KINDS)
+                     for s, a in zip(scenes, answers)]
         target = torch.tensor([yes_id if a else no_id for a in answers])
         logits = vqa_logits(model, processor, images, questions)  # (B, V)
         loss_vqa = F.cross_entropy(logits, target)
@@ -634,6 +643,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vqdec-minutes", type=float, default=BuildConfig.vqdec_minutes)
     parser.add_argument("--und-minutes", type=float, default=BuildConfig.und_minutes)
     parser.add_argument("--phases", default="vq,vqdec,mm,save,eval")
+    parser.add_argument("--init", default=None,
+                        help="start the later phases from a saved toy model (e.g. the shipped "
+                             "ospo_fast/assets/toy_janus) instead of the phase checkpoints in --work")
     args = parser.parse_args(argv)
     cfg = BuildConfig(seed=args.seed, vq_minutes=args.vq_minutes, vqdec_minutes=args.vqdec_minutes,
                       mm_minutes=args.mm_minutes, und_minutes=args.und_minutes)
@@ -645,6 +657,8 @@ def main(argv: list[str] | None = None) -> None:
     model = new_model(cfg, tokenizer)
     stats: dict = {"build": asdict(cfg)}
     phases = args.phases.split(",")
+    if args.init:
+        init_from_saved(model, Path(args.init), work, log)
     vq_file = work / "vq.pt"
     if vq_file.is_file():
         model.model.vqmodel.load_state_dict(torch.load(vq_file))
@@ -664,6 +678,21 @@ def main(argv: list[str] | None = None) -> None:
         (work / "vq_stats.json").write_text(json.dumps(stats))
         log(f"saved {vqdec_file}")
     run_later_phases(model, tokenizer, cfg, work, Path(args.out), phases, log)
+
+
+def init_from_saved(model, path: Path, work: Path, log) -> None:
+    """Copy a saved toy model's weights (fp16 -> fp32) into ``model`` and its build figures (``metrics.json``)
+    into ``work``, so that the later phases continue from it. Refuses a ``work`` that already holds phase
+    checkpoints: they would silently replace the weights loaded here."""
+    stale = [p.name for p in work.glob("*.pt")]
+    if stale:
+        raise SystemExit(f"--init {path}: {work} already holds phase checkpoints {stale}; use an empty --work")
+    saved = JanusForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    model.load_state_dict(saved.state_dict())
+    metrics = json.loads((path / "metrics.json").read_text())
+    keep = {k: v for k, v in metrics.items() if k.endswith(("_steps", "_trained"))}
+    (work / "vq_stats.json").write_text(json.dumps(keep))
+    log(f"initialised from {path} ({keep})")
 
 
 def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, phases: list[str], log) -> None:
@@ -693,7 +722,7 @@ def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, 
         model.to(torch.float32)
         log(f"saved model to {out}")
     if "report" in phases:  # rewrite BUILD.md from metrics.json
-        (out / "BUILD.md").write_text(build_report(json.loads((out / "metrics.json").read_text())))
+        write_build_md(out, json.loads((out / "metrics.json").read_text()))
     if "eval" in phases:
         from ospo_fast.models import load_janus
 
@@ -710,7 +739,7 @@ def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, 
         metrics["test_vqa_heldout"] = eval_vqa(bundle.model, bundle.processor, "heldout", TEST_SEED, TEST_N * 2)
         log(f"test-sized {metrics['test_t2i_heldout_cfg5']} {metrics['test_vqa_heldout']}")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        (out / "BUILD.md").write_text(build_report(metrics))
+        write_build_md(out, metrics)
 
 
 TEST_SEED, TEST_N = 1234, 32  # the tests' held-out check (tests/test_toy_model.py)
@@ -718,6 +747,18 @@ TEST_SEED, TEST_N = 1234, 32  # the tests' held-out check (tests/test_toy_model.
 
 def _pair(result: dict) -> str:
     return f"{result['strict']:.3f} / {result['loose']:.3f} (n={result['n']})"
+
+
+HISTORY_HEADING = "## Build history"
+
+
+def write_build_md(out: Path, metrics: dict) -> None:
+    """BUILD.md = the generated report + the hand-written history of an existing BUILD.md (from
+    ``HISTORY_HEADING`` on), which records what a rerun cannot: interrupted phases, recipe changes, continuations."""
+    path = out / "BUILD.md"
+    old = path.read_text() if path.is_file() else ""
+    history = old[old.index(HISTORY_HEADING):] if HISTORY_HEADING in old else ""
+    path.write_text(build_report(metrics) + ("\n" + history if history else ""))
 
 
 def build_report(m: dict) -> str:
