@@ -20,9 +20,9 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    balanced yes/no VQA + captioning every step, T2I every ``und_t2i_every`` steps; generation head, generation
    embeddings and generation aligner frozen; the SigLIP tower + aligner at a higher LR than the decoder.
    Resumable from ``work/und.pt``. Questions: ``UND_QUESTION_KINDS`` (shape and relation questions twice as often).
-   ``--init DIR`` starts the later phases from a saved toy model instead of ``work``'s checkpoints (how the shipped
-   model got its second und continuation: ``--init ospo_fast/assets/toy_janus --work build/und2 --phases
-   und,save,eval``).
+   ``--init DIR`` starts the later phases from a saved toy model instead of ``work``'s checkpoints (e.g.
+   ``--init ospo_fast/assets/toy_janus --work build/und2 --out build/toy_und2 --phases und,save,eval``; BUILD.md
+   records what such a continuation reached).
 3. ``eval`` + ``save``: measure the figures (codes used, judge accuracy of reconstructions, T2I strict/loose on
    held-out prompts with CFG 5, VQA accuracy on held-out captions), save fp16 weights, processor, generation
    config, ``metrics.json`` and ``BUILD.md``.
