@@ -63,3 +63,17 @@ def test_no_pairs_is_a_clear_error(tmp_path, capsys):
                  "perturb.num_perturbations=1",
                  "eval.toy_heldout_prompts=0"])
     assert code == 2 and "kept no pair" in capsys.readouterr().err
+
+
+def test_toy_run_judges_before_and_after_at_each_guidance(tmp_path):
+    """On the toy world the summary holds judged alignment at CFG 5 and CFG 1 before and after, and what the pairs
+    hold by the judge; the printed summary shows them."""
+    config = load_config("toy", ["prompts.num_prompts=4", "filter.enabled=false", "train.max_steps=2",
+                                 "train.per_device_batch=2", "train.save_every=2", "eval.toy_heldout_prompts=4"])
+    summary = run_ospo(config, tmp_path)
+    assert sorted(summary["alignment"]) == ["after_iter1", "after_iter1@cfg1", "before", "before@cfg1"]
+    judged = summary["iterations"][0]["pair_judgement"]
+    assert judged["kept"]["n"] == 4 and judged["candidates"]["n"] == 12
+    assert 0.0 <= judged["kept"]["chosen_loose"] <= 1.0
+    text = format_summary(summary)
+    assert "before@cfg1" in text and "judge on kept pairs (n=4)" in text
