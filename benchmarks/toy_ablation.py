@@ -14,6 +14,7 @@ sampling), held-out captions without guidance (CFG 1: the conditional model alon
 without guidance. Each synthesis run also reports what its pairs hold by the judge (``pair_judgement``).
 
     python benchmarks/toy_ablation.py --seeds 0 1 2 [--prompts 384] [--eval-prompts 160] [--out runs/ablation]
+                                      [--confirm-prompts 640]
 
 Each seed's results are saved in ``<out>/seed<s>/results.json`` and reused by a later call, so seeds can run in
 separate processes (``OMP_NUM_THREADS=1 ... --seeds 0`` beside ``... --seeds 1``) and one more call tabulates them.
@@ -41,6 +42,9 @@ from ospo_fast.train import train  # noqa: E402
 
 LOSSES = {"plain_simpo": ["loss.alpha=0", "loss.sft_weight=0"], "object_simpo": ["loss.alpha=1", "loss.sft_weight=0"],
           "object_simpo_sft": ["loss.alpha=1", "loss.sft_weight=2"]}
+VARIANTS = ("base", "best_of_n", "ospo_plain_simpo", "ospo_object_simpo", "ospo_object_simpo_sft", "ospo_no_filter",
+            "ospo_iteration2")  # table order
+MODEL_DIRS = {"ospo_object_simpo_sft": "train_object_simpo_sft/merged", "ospo_iteration2": "train_iter2/merged"}
 CONDITIONS = {"heldout_cfg5": ("heldout", 5.0), "heldout_cfg1": ("heldout", 1.0), "train_cfg1": ("train", 1.0)}
 
 
@@ -106,28 +110,55 @@ def one_seed(seed: int, root: Path, prompts: int, eval_n: int) -> dict:
     return results
 
 
+def cached_evaluate(saved: Path, model_path: str, n: int) -> dict:
+    if not saved.is_file():
+        atomic_write_json(saved, evaluate(model_path, n))
+    return json.loads(saved.read_text())
+
+
+def confirm(out: Path, seed: int, n: int) -> dict:
+    """The base model, the full method and iteration 2 judged again on ``n`` prompts per condition (a tighter
+    estimate of the comparison that matters); cached in ``<out>/confirm_base<n>.json`` (the base model does not
+    depend on the seed) and ``<out>/seed<s>/confirm<n>.json``."""
+    base = cached_evaluate(out / f"confirm_base{n}.json", "builtin:toy", n)
+    seed_root = out / f"seed{seed}"
+    saved = seed_root / f"confirm{n}.json"
+    if saved.is_file():
+        return {"base": base, **json.loads(saved.read_text())}
+    results = {}
+    for name, rel in MODEL_DIRS.items():
+        results[name] = evaluate(str(seed_root / rel), n)
+    atomic_write_json(saved, results)
+    return {"base": base, **results}
+
+
 def _mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):6.1%} +- {spread:<5.1%}"
 
 
-def print_tables(per_seed: dict[int, dict], seeds: list[int], eval_n: int) -> list[dict]:
-    variants = list(per_seed[seeds[0]]["variants"])
+def print_alignment(per_seed: dict[int, dict], seeds: list[int], n: int, variants: list[str]) -> list[dict]:
+    """One table per condition; ``per_seed[s][variant][condition]`` holds {"strict", "loose"}."""
     rows = []
     for condition in CONDITIONS:
-        print(f"\n   {condition} ({eval_n} prompts, mean +- std over seeds)")
+        print(f"\n   {condition} ({n} prompts, mean +- std over seeds)")
         print(f"   {'variant':<22}{'strict':>17}{'loose':>17}{'loose vs base':>15}")
-        base = statistics.mean(per_seed[s]["variants"]["base"][condition]["loose"] for s in seeds)
+        base = statistics.mean(per_seed[s]["base"][condition]["loose"] for s in seeds)
         for name in variants:
-            strict = [per_seed[s]["variants"][name][condition]["strict"] for s in seeds]
-            loose = [per_seed[s]["variants"][name][condition]["loose"] for s in seeds]
+            strict = [per_seed[s][name][condition]["strict"] for s in seeds]
+            loose = [per_seed[s][name][condition]["loose"] for s in seeds]
             print(f"   {name:<22}{_mean_std(strict):>17}{_mean_std(loose):>17}"
                   f"{statistics.mean(loose) - base:>+14.1%}")
-            rows.append({"condition": condition, "variant": name, "strict": strict, "loose": loose})
+            rows.append({"condition": condition, "variant": name, "n": n, "strict": strict, "loose": loose})
+    return rows
+
+
+def print_tables(per_seed: dict[int, dict], seeds: list[int], eval_n: int) -> list[dict]:
+    rows = print_alignment({s: per_seed[s]["variants"] for s in seeds}, seeds, eval_n, list(VARIANTS))
     print("\n   what the pairs hold (exact judge vs the base prompt; mean over seeds)")
     print(f"   {'pairs':<26}{'n':>6}{'chosen strict':>15}{'chosen loose':>14}{'rejected loose':>16}"
           f"{'chosen-only right':>19}{'rejected-only right':>21}")
-    for name in per_seed[seeds[0]]["pairs"]:
+    for name in ("ospo", "no_filter", "best_of_n", "ospo_iteration2"):
         for part in ("candidates", "kept"):
             stats = [per_seed[s]["pairs"][name][part] for s in seeds]
             mean = lambda key: statistics.mean(x[key] for x in stats)
@@ -143,11 +174,17 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=384)
     parser.add_argument("--eval-prompts", type=int, default=160)
     parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--confirm-prompts", type=int, default=0,
+                        help="also judge base, the full method and iteration 2 on this many prompts per condition")
     args = parser.parse_args()
     per_seed = {seed: one_seed(seed, Path(args.out) / f"seed{seed}", args.prompts, args.eval_prompts)
                 for seed in args.seeds}
     print(f"\n== toy ablation on {device_name()} ({len(args.seeds)} seeds, {args.prompts} prompts per synthesis)")
     rows = print_tables(per_seed, args.seeds, args.eval_prompts)
+    if args.confirm_prompts:
+        confirmed = {s: confirm(Path(args.out), s, args.confirm_prompts) for s in args.seeds}
+        print(f"\n== confirmation: base vs the full method and iteration 2 on {args.confirm_prompts} prompts")
+        rows += print_alignment(confirmed, args.seeds, args.confirm_prompts, ["base", *MODEL_DIRS])
     with open(RESULTS, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"bench": "toy_ablation", "device": device_name(), "commit": git_commit(),
                                  "seeds": args.seeds, "prompts": args.prompts, "rows": rows}) + "\n")
