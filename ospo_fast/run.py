@@ -169,7 +169,8 @@ def format_summary(summary: dict) -> str:
             for name, p in it["pair_judgement"].items():
                 if not p["n"]:
                     continue
-                lines.append(f"   judge on {name} pairs (n={p['n']}): chosen strict {p['chosen_strict']:.1%} loose "
+                label = "candidate" if name == "candidates" else name
+                lines.append(f"   judge on {label} pairs (n={p['n']}): chosen strict {p['chosen_strict']:.1%} loose "
                              f"{p['chosen_loose']:.1%}, rejected strict {p['rejected_strict']:.1%} loose "
                              f"{p['rejected_loose']:.1%}; loosely right on one side only: chosen "
                              f"{p['chosen_better']:.1%}, rejected {p['rejected_better']:.1%}")
