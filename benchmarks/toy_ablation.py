@@ -119,17 +119,12 @@ def cached_evaluate(saved: Path, model_path: str, n: int) -> dict:
 def confirm(out: Path, seed: int, n: int) -> dict:
     """The base model, the full method and iteration 2 judged again on ``n`` prompts per condition (a tighter
     estimate of the comparison that matters); cached in ``<out>/confirm_base<n>.json`` (the base model does not
-    depend on the seed) and ``<out>/seed<s>/confirm<n>.json``."""
-    base = cached_evaluate(out / f"confirm_base{n}.json", "builtin:toy", n)
+    depend on the seed) and ``<out>/seed<s>/confirm<n>_<variant>.json``."""
     seed_root = out / f"seed{seed}"
-    saved = seed_root / f"confirm{n}.json"
-    if saved.is_file():
-        return {"base": base, **json.loads(saved.read_text())}
-    results = {}
+    results = {"base": cached_evaluate(out / f"confirm_base{n}.json", "builtin:toy", n)}
     for name, rel in MODEL_DIRS.items():
-        results[name] = evaluate(str(seed_root / rel), n)
-    atomic_write_json(saved, results)
-    return {"base": base, **results}
+        results[name] = cached_evaluate(seed_root / f"confirm{n}_{name}.json", str(seed_root / rel), n)
+    return results
 
 
 def _mean_std(values: list[float]) -> str:

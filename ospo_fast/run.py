@@ -38,7 +38,7 @@ def _evaluate(config: OSPOConfig, model_path: str) -> dict[str, dict]:
     m = config.model
     bundle = load_janus(model_path, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
     results = {}
-    for weight in [config.images.guidance_scale, *config.eval.toy_extra_guidance]:
+    for weight in dict.fromkeys([config.images.guidance_scale, *config.eval.toy_extra_guidance]):  # no repeats
         key = "" if weight == config.images.guidance_scale else f"@cfg{weight:g}"
         images = dataclasses.replace(config.images, guidance_scale=weight)
         results[key] = judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed, config=images,

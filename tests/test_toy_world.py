@@ -202,11 +202,10 @@ def test_mask_localisation_on_ground_truth():
 
 def test_pair_judgement_on_rendered_pairs(tmp_path):
     """Chosen = a render of the base prompt, rejected = a render of another caption: the judge says so exactly."""
-    import json
-
     import numpy as np
     from PIL import Image
 
+    from ospo_fast.store import atomic_write_jsonl
     from ospo_fast.toy import world
     from ospo_fast.toy.evaluate import pair_judgement
 
@@ -227,10 +226,9 @@ def test_pair_judgement_on_rendered_pairs(tmp_path):
             Image.fromarray(world.render(scene)).save(tmp_path / rel)
             row[side] = {"image": rel}
         rows.append(row)
-    write = lambda path, records: path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    write(tmp_path / "prompts" / "records.jsonl", prompts)
-    write(tmp_path / "images" / "records.jsonl", rows)
-    write(tmp_path / "pairs.jsonl", rows[:4])
+    atomic_write_jsonl(tmp_path / "prompts" / "records.jsonl", prompts)
+    atomic_write_jsonl(tmp_path / "images" / "records.jsonl", rows)
+    atomic_write_jsonl(tmp_path / "pairs.jsonl", rows[:4])
     judged = pair_judgement(tmp_path)
     assert judged["kept"]["n"] == 4 and judged["candidates"]["n"] == 6
     for part in judged.values():

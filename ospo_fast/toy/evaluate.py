@@ -74,13 +74,18 @@ def pair_judgement(synth_dir: Path) -> dict:
     from ospo_fast.store import read_jsonl
 
     structures = {r["id"]: r["structure"] for r in read_jsonl(synth_dir / "prompts" / "records.jsonl")}
+    candidates = read_jsonl(synth_dir / "images" / "records.jsonl")
+    verdict = {}  # image path -> judge result; kept pairs are candidates, so each image is judged once
+    for r in candidates:
+        for side in ("chosen", "rejected"):
+            image = np.asarray(Image.open(synth_dir / r[side]["image"]).convert("RGB"))
+            verdict[r[side]["image"]] = judge(image, structures[r["base_id"]])
 
-    def verdicts(rows: list[dict]) -> dict:
+    def summary(rows: list[dict]) -> dict:
         if not rows:
             return {"n": 0}
-        judged = {side: [judge(np.asarray(Image.open(synth_dir / r[side]["image"]).convert("RGB")),
-                               structures[r["base_id"]]) for r in rows] for side in ("chosen", "rejected")}
-        w, lo = judged["chosen"], judged["rejected"]
+        w = [verdict[r["chosen"]["image"]] for r in rows]
+        lo = [verdict[r["rejected"]["image"]] for r in rows]
         return {"n": len(rows),
                 "chosen_strict": float(np.mean([j.strict for j in w])),
                 "chosen_loose": float(np.mean([j.loose for j in w])),
@@ -89,5 +94,4 @@ def pair_judgement(synth_dir: Path) -> dict:
                 "chosen_better": float(np.mean([a.loose and not b.loose for a, b in zip(w, lo)])),
                 "rejected_better": float(np.mean([b.loose and not a.loose for a, b in zip(w, lo)]))}
 
-    return {"kept": verdicts(read_jsonl(synth_dir / "pairs.jsonl")),
-            "candidates": verdicts(read_jsonl(synth_dir / "images" / "records.jsonl"))}
+    return {"kept": summary(read_jsonl(synth_dir / "pairs.jsonl")), "candidates": summary(candidates)}
