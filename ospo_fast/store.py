@@ -1,14 +1,36 @@
-"""Atomic file writes. Every file the project writes goes through here: write to a temporary file in the same
-directory, fsync, then ``os.replace`` so a reader sees either the old file or the whole new one, never a part.
+"""Atomic file writes, strict JSONL reads, safe file names and config fingerprints. Every file the project writes
+goes through here: write to a temporary file in the same directory, fsync, then ``os.replace`` so a reader sees
+either the old file or the whole new one, never a part. New files get the mode ``open()`` would give them
+(0o666 minus the umask), not mkstemp's 0o600.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
+
+
+class StoreError(ValueError):
+    """A file the run reads is damaged, inconsistent with the manifest, or invalid; the message names the file and
+    what to do."""
+
+
+class FingerprintMismatch(StoreError):
+    """An output was made with other settings than the ones given now; the message lists the keys that differ."""
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -16,6 +38,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0o600; follow the umask as open() does
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -35,14 +58,56 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def jsonl_bytes(records: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
+
+
 def atomic_write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
-    lines = [json.dumps(r, sort_keys=True) for r in records]
-    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return atomic_write_bytes(path, jsonl_bytes(records))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- strict reads
+
+def parse_jsonl(data: bytes, path: Path, fix: str, error: type[ValueError] = StoreError) -> list[dict[str, Any]]:
+    """Records of a JSONL file the project wrote. A torn last line (no final newline), a line that is not JSON or
+    not an object raises ``error`` naming ``path``, the line and ``fix``: damage is never read as end of file."""
+    text = data.decode("utf-8", errors="replace")
+    if text and not text.endswith("\n"):
+        raise error(f"{path} ends in a torn line (no final newline: the file was cut); {fix}")
+    records = []
+    for line_no, line in enumerate(text.split("\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{line_no} is damaged (not JSON: {err.msg}); {fix}") from err
+        if not isinstance(record, dict):
+            raise error(f"{path}:{line_no} is damaged (a {type(record).__name__}, not a record); {fix}")
+        records.append(record)
+    return records
+
+
+def read_jsonl(path: Path, fix: str = "re-run the command that wrote it") -> list[dict[str, Any]]:
+    """Every record of a JSONL file the project wrote (strict: see ``parse_jsonl``)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise StoreError(f"cannot read {path} ({err.strerror}); {fix}") from err
+    return parse_jsonl(data, path, fix)
 
 
 def read_jsonl_rows(path: Path, error: type[ValueError] = ValueError) -> list[tuple[int, object]]:
@@ -57,3 +122,93 @@ def read_jsonl_rows(path: Path, error: type[ValueError] = ValueError) -> list[tu
         except json.JSONDecodeError as err:
             raise error(f"{path}:{line_no} is not JSON ({err.msg}); fix that line") from err
     return rows
+
+
+# ---------------------------------------------------------------- names that become paths
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+SAFE_NAME_RULE = "1-100 characters from A-Z a-z 0-9 . _ -, not starting with '.'"
+
+
+def check_name(value: object, where: str = "") -> str:
+    """``value`` if it is safe as one file-name component (``SAFE_NAME_RULE``), else StoreError naming it and
+    ``where`` (e.g. ``file:line``). Every id that becomes part of a path passes through here."""
+    if not isinstance(value, str):
+        raise StoreError(f"{where + ': ' if where else ''}id {value!r} is a {type(value).__name__}; ids must be "
+                         f"strings of {SAFE_NAME_RULE}")
+    if not SAFE_NAME.fullmatch(value):
+        raise StoreError(f"{where + ': ' if where else ''}id {value!r} is not allowed; ids become file names, so "
+                         f"use {SAFE_NAME_RULE}")
+    return value
+
+
+def safe_join(directory: Path, name: str, suffix: str = "") -> Path:
+    """``directory / (name + suffix)`` with ``name`` checked by ``check_name``: never a path outside it."""
+    return Path(directory) / (check_name(name) + suffix)
+
+
+# ---------------------------------------------------------------- fingerprints
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples -> lists, paths -> str, dataclasses -> dicts)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value, default=str))
+
+
+def config_fingerprint(parts: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything that determines an output, flat: ``{"images.guidance_scale": 5.0, "seed": 0, ...}``.
+
+    ``parts`` maps a name to a config section (a dataclass), a dict, or a plain value (a model identity, an input
+    file's sha256); sections and dicts are flattened into dotted keys. Store the result beside the output (it is
+    JSON) and compare it with ``check_fingerprint`` before reusing that output."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key in sorted(value):
+                walk(f"{prefix}.{key}", value[key])
+        else:
+            flat[prefix] = value
+
+    for name, value in parts.items():
+        walk(name, _plain(value))
+    return flat
+
+
+def fingerprint_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (or exists on one side only), sorted."""
+    missing = object()
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key, missing), current.get(key, missing)
+        if old != new:
+            show = lambda v: "(unset)" if v is missing else json.dumps(v)
+            out.append(f"{key}: {show(old)} -> {show(new)}")
+    return out
+
+
+def check_fingerprint(stored: Mapping[str, Any] | None, current: Mapping[str, Any], what: str, fix: str) -> None:
+    """Raise FingerprintMismatch when ``stored`` (None: nothing recorded, accepted) differs from ``current``:
+    ``"{what} was made with other settings (images.guidance_scale: 5.0 -> 1.0); {fix}"``."""
+    if stored is None:
+        return
+    diff = fingerprint_diff(stored, current)
+    if diff:
+        shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise FingerprintMismatch(f"{what} was made with other settings ({shown}); {fix}")
+
+
+def file_identity(path: str | Path, small: int = 1 << 20) -> dict[str, Any]:
+    """What identifies a file or a model directory cheaply: sha256 of every file up to ``small`` bytes, name and
+    size of larger ones (weights); ``{"name": path}`` for something that is not on disk (a hub id, ``builtin:``)."""
+    path = Path(path)
+    if path.is_file():
+        return {"sha256": sha256_file(path)}
+    if not path.is_dir():
+        return {"name": str(path)}
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        files[file.relative_to(path).as_posix()] = sha256_file(file) if size <= small else f"{size} bytes"
+    return {"files": files}
