@@ -3,21 +3,19 @@
 Each stage runs over this process's shard of its input (every ``world``-th record, by position in the merged,
 id-sorted input), in fixed chunks; a finished chunk is a file, so a re-run skips it. When every rank is done,
 rank 0 merges the chunks (sorted by id) and the others wait at a barrier. With ``torchrun --nproc_per_node=N`` the
-process group comes from the environment (gloo on CPU, nccl on CUDA); alone, world = 1 and nothing is initialised.
+process group comes from the environment (``ospo_fast.distributed``: nccl only when every rank has a CUDA device of
+its own, else gloo); alone, world = 1 and nothing is initialised.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from ospo_fast.config import OSPOConfig, save_config
+from ospo_fast.distributed import Dist, init_distributed
 from ospo_fast.runstore import RunStore
 from ospo_fast.stages import prompts as S1
 from ospo_fast.stages import steps
@@ -25,31 +23,6 @@ from ospo_fast.stages.context import StageContext
 from ospo_fast.stages.select import best_vs_worst, select_best
 
 STAGES = ("prompts", "perturb", "densify", "images", "questions", "vqa", "select")
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed() -> Dist:
-    """Join the torchrun process group when launched by torchrun; a single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return Dist(rank=torch.distributed.get_rank(), world=world, local_rank=local)
 
 
 ChunkFn = Callable[[list[dict]], tuple[list[dict], list[dict]]]
@@ -61,10 +34,9 @@ class Pipeline:
     def __init__(self, config: OSPOConfig, out_dir: str | Path, dist: Dist | None = None,
                  redo: str | None = None, progress: bool = True):
         self.config = config
-        self.dist = dist or Dist()
+        self.dist = dist or init_distributed(config.model.device)
         self.store = RunStore(out_dir, self.dist.rank, self.dist.world)
-        device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.ctx = StageContext(config, device=device)
+        self.ctx = StageContext(config, device=str(self.dist.device))
         self.progress = progress and self.dist.rank == 0
         if redo is not None and redo not in STAGES:
             raise ValueError(f"redo={redo!r} is not a stage; stages: {list(STAGES)}")
@@ -223,4 +195,4 @@ def to_pair(record: dict) -> dict:
 
 def run_synthesis(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -> list[dict]:
     """Stages 1-4 for ``config`` into ``out_dir`` (resumable; torchrun-aware)."""
-    return Pipeline(config, out_dir, init_distributed(), redo=redo).run()
+    return Pipeline(config, out_dir, init_distributed(config.model.device), redo=redo).run()

@@ -17,8 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 from ospo_fast.config import OSPOConfig, save_config
+from ospo_fast.distributed import init_distributed
 from ospo_fast.models.loader import is_random_init
-from ospo_fast.pipeline import Pipeline, init_distributed
+from ospo_fast.pipeline import Pipeline
 from ospo_fast.report import write_report
 from ospo_fast.store import atomic_write_json, read_jsonl
 
@@ -100,7 +101,7 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
     from ospo_fast.train import train
 
     out = Path(out_dir)
-    dist = init_distributed()
+    dist = init_distributed(config.model.device)
     summary: dict = {"random_init": is_random_init(config.model.path), "model": config.model.path,
                      "iterations": [], "alignment": {}}
     if dist.rank == 0:

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tests.gpu import DEVICES
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
@@ -20,3 +22,9 @@ def tiny_bundle():
     from ospo_fast.models import load_janus
 
     return load_janus("builtin:tiny", device="cpu")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Run the test once on "cpu" and, where a CUDA device exists, once on "cuda"."""
+    return torch.device(request.param)

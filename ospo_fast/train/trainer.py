@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ospo_fast.config import LossConfig, OSPOConfig, TrainConfig, save_config
+from ospo_fast.distributed import init_distributed
 from ospo_fast.train import checkpoint as ckpt
 from ospo_fast.train.data import BatchPlan, PairBatch, PairSet, collate, load_pair_set
 from ospo_fast.train.lora import apply_lora, merge_lora, set_trainable
@@ -105,40 +105,6 @@ def lr_factor(step: int, total: int, warmup_ratio: float, lr: float, min_lr: flo
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-@dataclass
-class _Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def _init_distributed(device_pref: str) -> tuple[_Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not dist.is_initialized():
-        from ospo_fast.models.loader import pick_device
-
-        return _Dist(), pick_device(device_pref)
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    use_cuda = device_pref.startswith("cuda") or (device_pref == "auto" and torch.cuda.is_available())
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        owns = True
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    return _Dist(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank, owns_group=owns), device
-
-
 def total_steps(config: TrainConfig, num_pairs: int, global_batch: int) -> int:
     if config.epochs > 0:
         return min(config.max_steps, math.ceil(config.epochs * num_pairs / global_batch))
@@ -154,7 +120,8 @@ class Trainer:
         self.config = config
         self.tc = config.train
         self.out_dir = out_dir
-        self.dist, self.device = _init_distributed(config.model.device)
+        self.dist = init_distributed(config.model.device)
+        self.device = self.dist.device
         if self.tc.distributed == "fsdp" and self.tc.lora:
             raise ValueError("train.distributed=fsdp is for full fine-tuning; with train.lora=true use ddp or auto")
         self.mode = self.tc.distributed if self.tc.distributed != "auto" else ("ddp" if self.tc.lora else "fsdp")
@@ -435,5 +402,4 @@ def train(config: OSPOConfig, pairs_path: str | Path, out_dir: str | Path, resum
     try:
         return trainer.run(resume)
     finally:
-        if trainer.dist.owns_group:
-            dist.destroy_process_group()
+        trainer.dist.close()
