@@ -425,3 +425,135 @@ def test_cli_train_and_merge_lora(tmp_path, capsys):
     a = load_janus(str(out / "merged"), device="cpu").model.model.language_model.layers[0].self_attn.q_proj.weight
     b = load_janus(str(tmp_path / "merged2"), device="cpu").model.model.language_model.layers[0].self_attn.q_proj
     torch.testing.assert_close(b.weight, a)
+
+
+# -- checkpoint integrity: a damaged newest checkpoint is skipped, never loaded -----------------------------------
+def _integrity_config() -> OSPOConfig:
+    return tiny_config(max_steps=4, save_every=1, per_device_batch=1, lora_dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """An uninterrupted 4-step run, and the same run killed in step 4 (checkpoints at steps 1, 2, 3)."""
+    from ospo_fast.train import train, trainer
+
+    root = tmp_path_factory.mktemp("integrity")
+    pairs = write_pairs(root / "pairs.jsonl", 3, seed=2)
+    full = train(_integrity_config(), pairs, root / "full")
+    original, calls = trainer.forward_loss, {"n": 0}
+
+    def crashing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise _Crash("simulated kill in step 4")
+        return original(model, batch)
+
+    trainer.forward_loss = crashing
+    try:
+        with pytest.raises(_Crash):
+            train(_integrity_config(), pairs, root / "killed")
+    finally:
+        trainer.forward_loss = original
+    return pairs, full, root / "killed"
+
+
+def _copy_run(killed: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(killed, tmp_path / "run"))
+
+
+def _flip_bytes(path: Path) -> None:
+    """Overwrite 64 bytes past the safetensors header (its 8-byte length + JSON stay intact)."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:start + 64] = bytes([0x7F] * 64)  # float32 0x7f7f7f7f ~ 3.4e38
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _same_curve(a_path: Path, b_path: Path) -> None:
+    a, b = read_metrics(a_path), read_metrics(b_path)
+    assert [m["step"] for m in b] == [m["step"] for m in a] == [1, 2, 3, 4]
+    for key in ("loss", "margin", "grad_norm", "lr"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in b]), torch.tensor([m[key] for m in a]),
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoints_list_the_sha256_of_every_file(interrupted):
+    import hashlib
+
+    from ospo_fast.train.checkpoint import CHECKSUM_FILE, list_checkpoints
+
+    _, full, killed = interrupted
+    assert [p.name for p in list_checkpoints(killed)] == ["step-000001", "step-000002", "step-000003"]
+    directory = full.checkpoint_dir
+    listed = json.loads((directory / CHECKSUM_FILE).read_text())["sha256"]
+    files = sorted(p.name for p in directory.iterdir() if p.name != CHECKSUM_FILE)
+    assert sorted(listed) == files and "adapter_model.safetensors" in files and "trainer_state.json" in files
+    for name, digest in listed.items():
+        assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("damage,file", [
+    (_flip_bytes, "adapter_model.safetensors"),  # garbage weights that would load without an error
+    (_truncate, "adapter_model.safetensors"),
+    (_truncate, "trainer_state.json"),
+    (lambda p: p.unlink(), "checksums.json"),
+], ids=["flipped-adapter", "truncated-adapter", "truncated-state", "no-checksums"])
+def test_damaged_newest_checkpoint_is_skipped(interrupted, tmp_path, capsys, damage, file):
+    from ospo_fast.train import train
+
+    pairs, full, killed = interrupted
+    run = _copy_run(killed, tmp_path)
+    damage(run / "checkpoints" / "step-000003" / file)
+    resumed = train(_integrity_config(), pairs, run)
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {run / 'checkpoints' / 'step-000003'}: {file}" in err
+    assert "resuming from step-000002" in err
+    _same_curve(full.metrics_path, resumed.metrics_path)
+    for name, weight in adapter_weights(full.checkpoint_dir).items():
+        torch.testing.assert_close(adapter_weights(resumed.checkpoint_dir)[name], weight, atol=1e-6, rtol=1e-5)
+
+
+def test_every_checkpoint_damaged_is_an_error_naming_each(interrupted, tmp_path):
+    from ospo_fast.train import train
+    from ospo_fast.train.checkpoint import CheckpointError
+
+    pairs, _, killed = interrupted
+    run = _copy_run(killed, tmp_path)
+    for step in (1, 2, 3):
+        _flip_bytes(run / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*step-000003: adapter_model.safetensors does "
+                                              r"not match .*step-000001: adapter_model.safetensors"):
+        train(_integrity_config(), pairs, run)
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_message(interrupted, tmp_path, capsys):
+    from ospo_fast.train import train
+
+    pairs, full, killed = interrupted
+    run = _copy_run(killed, tmp_path)
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as handle:
+        handle.write('{"step": 4, "loss": 0.6')  # an append cut off by a kill
+    resumed = train(_integrity_config(), pairs, run)
+    assert "metrics.jsonl:4 is an incomplete last line" in capsys.readouterr().err
+    _same_curve(full.metrics_path, resumed.metrics_path)
+
+
+@pytest.mark.parametrize("text,line", [
+    ('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n', 2),  # damaged mid-file
+    ('{"step": 1}\n{"step": 2, "lo\n', 2),  # a damaged line that was terminated: not a torn append
+    ('{"step": 1}\n[1, 2]\n', 2),
+])
+def test_damaged_metrics_lines_are_errors(tmp_path, text, line):
+    from ospo_fast.train.checkpoint import read_metrics as read
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"metrics.jsonl:{line} is not"):
+        read(path)

@@ -1,15 +1,22 @@
 """Training checkpoints: ``out_dir/checkpoints/step-NNNNNN/`` holds the weights in safetensors (the LoRA adapter
-in peft's format, or the whole model via ``save_pretrained``), ``optimizer.pt`` and ``scheduler.pt``, one RNG file
-per rank and ``trainer_state.json`` (step = data position, counters). A checkpoint is written to a ``.tmp``
-directory and renamed when complete, so a directory named ``step-N`` is always whole.
+in peft's format, or the whole model via ``save_pretrained``), the optimizer and scheduler state, one RNG file per
+rank, ``trainer_state.json`` (step = data position, counters) and ``checksums.json`` (the sha256 of every other
+file). Under FSDP the model and optimizer state for resuming are saved sharded with ``torch.distributed.checkpoint``
+in ``distcp/`` (each rank writes and reads its own shard; nothing is gathered), else in ``optimizer.pt``.
+A checkpoint is written to a ``.tmp`` directory and renamed when complete, so a directory named ``step-N`` is
+always whole; ``checksums.json`` then tells a whole checkpoint from one damaged since (flipped bytes, a truncated
+file): resume walks back from the newest checkpoint to the newest intact one and says which it skipped and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,8 @@ import torch
 from ospo_fast.store import atomic_write_json
 
 STATE_FILE = "trainer_state.json"
+CHECKSUM_FILE = "checksums.json"
+SHARDED_DIR = "distcp"  # torch.distributed.checkpoint shards of model + optimizer (FSDP)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -90,3 +99,113 @@ def write_state(directory: Path, state: dict[str, Any]) -> None:
 
 def read_state(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / STATE_FILE).read_text())
+
+
+# -- integrity -------------------------------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """No intact checkpoint to resume from; the message names each damaged file and what to do."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_files(directory: Path) -> list[str]:
+    """Every file under ``directory`` (relative POSIX paths, sorted) but ``checksums.json``."""
+    directory = Path(directory)
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.name != CHECKSUM_FILE)
+
+
+def write_checksums(directory: Path, digests: dict[str, str]) -> None:
+    atomic_write_json(Path(directory) / CHECKSUM_FILE, {"sha256": digests})
+
+
+def listed_checksums(directory: Path) -> dict[str, str] | None:
+    """The sha256 per file that ``checksums.json`` lists, or None when it is missing or unreadable."""
+    try:
+        listed = json.loads((Path(directory) / CHECKSUM_FILE).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return listed if isinstance(listed, dict) else None
+
+
+def check_files(directory: Path, listed: dict[str, str], names: list[str]) -> str | None:
+    """None when every file in ``names`` exists and matches ``listed``; else the first problem, naming the file."""
+    for name in names:
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != listed[name]:
+            return f"{name} does not match its sha256 in {CHECKSUM_FILE} (damaged or truncated)"
+    return None
+
+
+def damage(directory: Path) -> str | None:
+    """None when the checkpoint in ``directory`` is intact, else why not (one short phrase naming the file)."""
+    listed = listed_checksums(directory)
+    if listed is None:
+        return f"{CHECKSUM_FILE} is missing or unreadable"
+    return check_files(directory, listed, sorted(listed))
+
+
+def latest_intact(out_dir: Path, checker=damage, say: bool = True) -> Path | None:
+    """The newest checkpoint that ``checker`` finds intact (None when there is no checkpoint at all). Each damaged
+    newer one is skipped with one line on stderr naming the file; when every checkpoint is damaged, raises
+    ``CheckpointError`` listing them."""
+    found = list_checkpoints(out_dir)
+    skipped = []
+    for directory in reversed(found):
+        problem = checker(directory)
+        if problem is None:
+            if skipped and say:
+                print(f"ospo-fast: resuming from {directory.name}, the newest intact checkpoint", file=sys.stderr)
+            return directory
+        skipped.append(f"{directory.name}: {problem}")
+        if say:
+            print(f"ospo-fast: skipping checkpoint {directory}: {problem}", file=sys.stderr)
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {Path(out_dir) / 'checkpoints'} ({'; '.join(skipped)}); "
+                              "delete that directory to train from the start, or restore the files")
+    return None
+
+
+# -- metrics.jsonl ---------------------------------------------------------------------------------------------------
+def append_line(path: Path, line: str) -> None:
+    """Append one JSON line in a single ``write`` and fsync it, so that a kill leaves at most an unterminated
+    last line (which ``read_metrics`` detects)."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    with open(path, "ab") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(path: Path, say: bool = True) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``. An unterminated last line that is not JSON is the trace of a kill in the
+    middle of an append: it is dropped, with one line on stderr. Any other line that is not a JSON object raises a
+    ValueError naming the file and line."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")  # the last item is "" when the file ends in a newline
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # unterminated last line: a torn append
+                if say:
+                    print(f"ospo-fast: {path}:{number} is an incomplete last line (a write cut off by a kill); "
+                          "dropped", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{number} is not JSON ({err.msg}): the file is damaged; restore it or delete "
+                             "it (the metrics of finished steps are then lost)") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number} is not a JSON object; restore or delete the file")
+        records.append(record)
+    return records

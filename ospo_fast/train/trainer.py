@@ -185,12 +185,18 @@ class Trainer:
         return contextlib.nullcontext()
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _state_options(self):
+    @property
+    def sharded(self) -> bool:
+        """FSDP over several ranks: model + optimizer state are saved and loaded as DCP shards."""
+        return self.mode == "fsdp" and self.dist.world > 1
+
+    def _full_options(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         return StateDictOptions(full_state_dict=True, cpu_offload=self.dist.world > 1)
 
     def save(self) -> Path:
+        """Write ``checkpoints/step-N`` (all ranks call this); returns its directory."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         final = ckpt.checkpoint_dir(self.out_dir, self.step)
@@ -199,10 +205,14 @@ class Trainer:
             tmp = ckpt.temp_dir_for(final)
         self.dist.barrier()
         ckpt.save_rng(tmp, self.dist.rank)
-        optim_state = get_optimizer_state_dict(self.core, self.optimizer, options=self._state_options())
+        optim_state = None
+        if self.sharded:
+            self._save_sharded(tmp / ckpt.SHARDED_DIR)
+        else:
+            optim_state = get_optimizer_state_dict(self.core, self.optimizer, options=self._full_options())
         model_state = None
-        if self.peft is None:
-            model_state = get_model_state_dict(self.core, options=self._state_options())
+        if self.peft is None:  # the whole model as save_pretrained files: what merge/eval/export load
+            model_state = get_model_state_dict(self.core, options=self._full_options())
         if self.dist.main:
             if self.peft is not None:
                 self.peft.save_pretrained(str(tmp))  # adapter_model.safetensors + adapter_config.json
@@ -210,17 +220,61 @@ class Trainer:
                 state = {k.removeprefix("janus."): v for k, v in model_state.items()}
                 self.bundle.model.save_pretrained(str(tmp), state_dict=state)
                 self.bundle.processor.save_pretrained(str(tmp))
-            torch.save(optim_state, tmp / "optimizer.pt")
+            if optim_state is not None:
+                torch.save(optim_state, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             ckpt.write_state(tmp, {"step": self.step, "optimizer_steps": self.optimizer_steps,
                                    "skipped_nonfinite": self.skipped, "nonfinite_in_row": self.nonfinite_in_row,
                                    "total_steps": self.total, "world": self.dist.world,
-                                   "global_batch": self.plan.global_batch, "lora": self.tc.lora})
+                                   "global_batch": self.plan.global_batch, "lora": self.tc.lora,
+                                   "sharded": self.sharded})
         self.dist.barrier()
+        digests = self._hash_share(tmp, ckpt.checkpoint_files(tmp) if self.dist.main else None)
         if self.dist.main:
+            ckpt.write_checksums(tmp, digests)
             ckpt.publish(tmp, final)
         self.dist.barrier()
         return final
+
+    def _save_sharded(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.core, self.optimizer)  # this rank's DTensor shards
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+
+    def _load_sharded(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.core, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(directory))  # each rank reads its own shards in place
+        set_state_dict(self.core, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def _hash_share(self, directory: Path, names: list[str] | None) -> dict[str, str]:
+        """sha256 of ``names`` (given on rank 0) with the hashing split over the ranks; the full map on rank 0."""
+        if self.dist.world <= 1:
+            return {name: ckpt.sha256_file(directory / name) for name in names}
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
+        mine = {name: ckpt.sha256_file(directory / name) for name in names[self.dist.rank::self.dist.world]}
+        gathered = [None] * self.dist.world
+        dist.all_gather_object(gathered, mine)
+        return {k: v for part in gathered for k, v in part.items()}
+
+    def _damage(self, directory: Path) -> str | None:
+        """``ckpt.damage`` with the files split over the ranks; every rank gets the same answer."""
+        if self.dist.world <= 1:
+            return ckpt.damage(directory)
+        listed = ckpt.listed_checksums(directory)
+        names = sorted(listed) if listed is not None else []
+        problem = f"{ckpt.CHECKSUM_FILE} is missing or unreadable" if listed is None else \
+            ckpt.check_files(directory, listed, names[self.dist.rank::self.dist.world])
+        gathered = [None] * self.dist.world
+        dist.all_gather_object(gathered, problem)
+        return next((p for p in gathered if p is not None), None)
 
     def load(self, directory: Path) -> None:
         from safetensors.torch import load_file
@@ -235,7 +289,13 @@ class Trainer:
             raise ValueError(f"checkpoint {directory} was written with global batch {state['global_batch']} and "
                              f"lora={state['lora']}; this run has {self.plan.global_batch} and lora={self.tc.lora}. "
                              "Resume with the same config or start a new out_dir")
-        if self.peft is not None:
+        if state.get("sharded", False) != self.sharded:
+            raise ValueError(f"checkpoint {directory} was written by {state['world']} process(es) "
+                             f"(sharded={state.get('sharded', False)}); this run has {self.dist.world}. Resume "
+                             "with the same number of processes")
+        if self.sharded:
+            self._load_sharded(directory / ckpt.SHARDED_DIR)
+        elif self.peft is not None:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.peft, load_file(str(directory / "adapter_model.safetensors")))
@@ -244,9 +304,10 @@ class Trainer:
             for file in sorted(directory.glob("model*.safetensors")):
                 weights.update({f"janus.{k}": v for k, v in load_file(str(file)).items()})
             set_model_state_dict(self.core, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-        optim_state = torch.load(directory / "optimizer.pt", weights_only=False)
-        set_optimizer_state_dict(self.core, self.optimizer, optim_state,
-                                 options=StateDictOptions(full_state_dict=True))
+        if not self.sharded:
+            optim_state = torch.load(directory / "optimizer.pt", weights_only=False)
+            set_optimizer_state_dict(self.core, self.optimizer, optim_state,
+                                     options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
         ckpt.load_rng(directory, self.dist.rank)
         self.step = state["step"]
@@ -255,11 +316,12 @@ class Trainer:
         self.nonfinite_in_row = state["nonfinite_in_row"]
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines past the resumed step (they belong to work that is being redone)."""
-        from ospo_fast.store import atomic_write_jsonl, read_jsonl
+        """Drop metric lines past the resumed step (they belong to work that is being redone) and a torn last line
+        left by a kill."""
+        from ospo_fast.store import atomic_write_jsonl
 
         if self.dist.main and self.metrics_path.is_file():
-            kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+            kept = [r for r in ckpt.read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
             atomic_write_jsonl(self.metrics_path, kept)
 
     # -- one optimizer step ------------------------------------------------------------------------------------
@@ -324,7 +386,7 @@ class Trainer:
         self.dist.barrier()
         config_path = save_config(self.config, self.out_dir / "config.yaml") if self.dist.main else \
             self.out_dir / "config.yaml"
-        latest = ckpt.latest_checkpoint(self.out_dir) if resume else None
+        latest = ckpt.latest_intact(self.out_dir, self._damage, say=self.dist.main) if resume else None
         if latest is not None:
             self.load(latest)
         self._truncate_metrics()
@@ -378,8 +440,7 @@ class Trainer:
 
     def _log(self, metrics: dict, writer) -> None:
         if self.step % self.tc.log_every == 0 or metrics["skipped"] or self.step == self.total:
-            with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(metrics) + "\n")
+            ckpt.append_line(self.metrics_path, json.dumps(metrics))
         if writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, float):
