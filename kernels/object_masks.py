@@ -11,6 +11,7 @@ compiled for sm_80 and sm_90 in CI by ``kernels/aot.py`` (registers, spills, sha
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -38,14 +39,15 @@ def _object_masks_otsu_kernel(x_ptr, norm_ptr, thr_ptr, mask_ptr, P, otsu_scale,
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = offs < P
-    x = tl.load(x_ptr + row * P + offs, mask=inside, other=0.0).to(tl.float32)  # (BLOCK,)
+    # float64 throughout the normalisation: a finite float32 map spanning -3e38..3e38 overflows float32's span
+    x = tl.load(x_ptr + row * P + offs, mask=inside, other=0.0).to(tl.float64)  # (BLOCK,)
     lo = tl.min(tl.where(inside, x, float("inf")), axis=0)
     hi = tl.max(tl.where(inside, x, float("-inf")), axis=0)
     n_bad = tl.sum(tl.where(inside & ((x != x) | (tl.abs(x) == float("inf"))), 1, 0), axis=0)
     span = hi - lo
     constant = span <= 0.0
     safe_span = tl.where(constant, 1.0, span)
-    norm = tl.where(constant, 0.0, tl.math.div_rn(x - lo, safe_span))  # IEEE division, as the reference
+    norm = tl.where(constant, 0.0, (x - lo) / safe_span)  # float64 `/` is IEEE division (div.rn.f64 on a GPU)
     bins = tl.maximum(tl.minimum(tl.floor(norm * NBINS).to(tl.int32), NBINS - 1), 0)  # NaN maps stay in range
     counts = tl.histogram(bins, NBINS, mask=inside).to(tl.int64)  # (NBINS,)
 
@@ -63,26 +65,28 @@ def _object_masks_otsu_kernel(x_ptr, norm_ptr, thr_ptr, mask_ptr, P, otsu_scale,
     variance = (w1 * w2).to(tl.float64) * (d * d)
     variance = tl.where(idx < NBINS - 1, variance, -1.0)
     best = tl.argmax(variance, axis=0, tie_break_left=True)
-    center = (best * 2 + 1).to(tl.float32) * (1.0 / (2 * NBINS))  # exact binary fraction (2i + 1) / 512
-    threshold = tl.where(constant, 0.0, center * otsu_scale)
+    center = (best * 2 + 1).to(tl.float64) * (1.0 / (2 * NBINS))  # exact binary fraction (2i + 1) / 512
+    threshold = tl.where(constant, 0.0, center * otsu_scale)  # float64: exact
     threshold = tl.where(n_bad > 0, float("nan"), threshold)  # the caller reports non-finite maps
 
-    tl.store(norm_ptr + row * P + offs, norm, mask=inside)
+    tl.store(norm_ptr + row * P + offs, norm.to(tl.float32), mask=inside)
     tl.store(mask_ptr + row * P + offs, (norm > threshold).to(tl.int8), mask=inside)
-    tl.store(thr_ptr + row, threshold)
+    tl.store(thr_ptr + row, threshold.to(tl.float32))
 
 
 def object_masks_otsu_triton(maps: torch.Tensor, otsu_scale: float) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor]:
-    """(N, P) float -> normalised (N, P) float32, thresholds (N,) float32, masks (N, P) bool."""
+    """(N, P) float -> normalised (N, P) float32, thresholds (N,) float32, masks (N, P) bool (float64 stays float64
+    on the way in; the normalisation is float64 in the kernel)."""
     if maps.dim() != 2:
         raise ValueError(f"object_masks_otsu_triton expects (N, P), got shape {tuple(maps.shape)}")
-    x = maps.to(torch.float32).contiguous()
+    x = (maps if maps.dtype == torch.float64 else maps.to(torch.float32)).contiguous()
     n, p = x.shape
-    norm = torch.empty_like(x)
+    norm = torch.empty(n, p, dtype=torch.float32, device=x.device)
     thresholds = torch.empty(n, dtype=torch.float32, device=x.device)
     masks = torch.empty(n, p, dtype=torch.int8, device=x.device)
     if n == 0:
         return norm, thresholds, masks.bool()
-    _object_masks_otsu_kernel[(n,)](x, norm, thresholds, masks, p, float(otsu_scale), NBINS=NBINS)
+    scale = float(np.float32(otsu_scale))  # a float32 value, as the kernel's scalar is on a GPU and in the interpreter
+    _object_masks_otsu_kernel[(n,)](x, norm, thresholds, masks, p, scale, NBINS=NBINS)
     return norm, thresholds, masks.view(torch.bool)

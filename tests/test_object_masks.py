@@ -45,19 +45,31 @@ def _maps(kind: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 
 def _skimage_masks(norm: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Oracle on normalised (B, O, G1, G2) float32 maps: thresholds (B, O), masks (B, O, G1, G2)."""
-    thr = np.zeros(norm.shape[:2], dtype=np.float32)
+    """Oracle on (B, O, G1, G2) maps normalised in float64: thresholds (B, O) float64 (skimage's Otsu x the scale
+    as float32, as the op defines it), masks (B, O, G1, G2) bool."""
+    thr = np.zeros(norm.shape[:2], dtype=np.float64)
     for b in range(norm.shape[0]):
         for o in range(norm.shape[1]):
-            thr[b, o] = threshold_otsu(norm[b, o], nbins=256) * np.float32(scale)
+            thr[b, o] = threshold_otsu(norm[b, o], nbins=256) * float(np.float32(scale))
     return thr, norm > thr[:, :, None, None]
 
 
 def _numpy_minmax(x: np.ndarray) -> np.ndarray:
+    """(B, O, G1, G2) any float -> the same maps min-max normalised in float64 (constant maps -> zeros)."""
+    x = x.astype(np.float64)
     flat = x.reshape(*x.shape[:2], -1)
     lo, hi = flat.min(-1)[..., None, None], flat.max(-1)[..., None, None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(hi > lo, (x - lo) / (hi - lo), np.float32(0)).astype(np.float32)
+        return np.where(hi > lo, (x - lo) / (hi - lo), 0.0)
+
+
+def _assert_equals_skimage(out, maps: torch.Tensor, scale: float = 0.8) -> None:
+    norm = _numpy_minmax(maps.double().numpy())
+    np.testing.assert_array_equal(out.maps.numpy(), norm.astype(np.float32))
+    thr, masks = _skimage_masks(norm, scale)
+    np.testing.assert_array_equal(out.thresholds.numpy(), thr.astype(np.float32))
+    np.testing.assert_array_equal(out.masks.numpy(), masks)
+    np.testing.assert_array_equal(out.union.numpy(), masks.any(axis=1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -67,26 +79,33 @@ def _numpy_minmax(x: np.ndarray) -> np.ndarray:
 ])
 def test_thresholds_and_masks_equal_skimage(backend, kind, shape):
     maps = _maps(kind, shape)
+    _assert_equals_skimage(object_masks(maps, backend=backend), maps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 3e38), (torch.float32, torch.finfo(torch.float32).max),
+                                       (torch.float64, 1e300)])
+def test_range_beyond_float32_equals_skimage(backend, dtype, big):
+    """A finite map whose max - min overflows float32 (float32 normalisation gave NaN cells and an empty mask with no
+    error) normalises like skimage's float64 one; float64 maps beyond float32's range stay float64."""
+    g = torch.Generator().manual_seed(4)
+    maps = (torch.rand(2, 3, 24, 24, generator=g, dtype=torch.float64) * 2 - 1).to(dtype) * big  # (B, O, G, G)
+    maps[0, 0, 0, 0], maps[0, 0, 0, 1] = -big, big  # the full range in one map
+    maps[1, 1] = torch.where(maps[1, 1] > 0, 1.0, -1.0).to(dtype) * big  # two values only: Otsu splits them
     out = object_masks(maps, backend=backend)
-    norm = out.maps.numpy()
-    np.testing.assert_array_equal(norm, _numpy_minmax(maps.numpy()))
-    thr, masks = _skimage_masks(norm, 0.8)
-    np.testing.assert_array_equal(out.thresholds.numpy(), thr)
-    np.testing.assert_array_equal(out.masks.numpy(), masks)
-    np.testing.assert_array_equal(out.union.numpy(), masks.any(axis=1))
+    assert not torch.isnan(out.maps).any() and bool(out.masks[1, 1].any())
+    _assert_equals_skimage(out, maps)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 0.0), (torch.bfloat16, 4 * 2**-8), (torch.float16, 4 * 2**-11)])
 def test_low_precision_inputs(backend, dtype, atol):
     """Low-precision maps are upcast; the normalised map stays within the input's rounding of the fp32 one and
-    the thresholds and masks are skimage's on the normalised map the op returns."""
+    the thresholds and masks are skimage's on the upcast map normalised in float64."""
     maps = _maps("bimodal", (3, 5, 24, 24), seed=1)
     out = object_masks(maps.to(dtype), backend=backend)
     torch.testing.assert_close(out.maps, object_masks_ref(maps).maps, atol=atol, rtol=0)
-    thr, masks = _skimage_masks(out.maps.numpy(), 0.8)
-    np.testing.assert_array_equal(out.thresholds.numpy(), thr)
-    np.testing.assert_array_equal(out.masks.numpy(), masks)
+    _assert_equals_skimage(out, maps.to(dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

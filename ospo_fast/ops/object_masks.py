@@ -8,11 +8,17 @@ object's word (already averaged over the selected layers, heads and sub-tokens).
 3. ORs the binary masks of all objects of the prompt (the union);
 4. smooths the union with a 5x5 Gaussian (sigma 1) and min-max normalises it per image: the SimPO weights m_t.
 
-Exactness against skimage: on a min-max normalised float32 map the 256 histogram edges ``linspace(0, 1, 257)``
-are exact binary fractions, so a value's bin is ``min(floor(256 x), 255)`` exactly, and the bin centres are
-``(2i + 1) / 512``. Class weights and sums are then exact in float64, so the between-class variance is computed
-with the same float64 operations as skimage (``w1 * w2 * (m1 - m2) ** 2``) and ``argmax`` takes the first maximum
-as numpy does: every backend picks skimage's threshold bit for bit.
+Normalisation is done in float64 in every backend: ``(x - min) / (max - min)`` of a finite float32 map is then
+finite even where ``max - min`` overflows float32 (a map spanning -3e38..3e38 would give NaN cells in float32). The
+returned ``maps`` are that float64 map rounded to float32; bins and masks use the float64 values.
+
+Exactness against skimage (``threshold_otsu`` on the map normalised in float64): the 256 histogram edges
+``linspace(0, 1, 257)`` are exact binary fractions, so a value's bin is ``min(floor(256 x), 255)`` exactly, and the
+bin centres are ``(2i + 1) / 512``. Class weights and sums are then exact in float64, so the between-class variance
+is computed with the same float64 operations as skimage (``w1 * w2 * (m1 - m2) ** 2``) and ``argmax`` takes the
+first maximum as numpy does: every backend picks skimage's threshold bit for bit. The scale is used as a float32
+number (the Triton kernel's scalar type): threshold = centre x float32(otsu_scale), exact in float64, and a cell is
+in the mask when its float64 value exceeds it; ``thresholds`` are returned rounded to float32.
 
 Defined edge cases:
 - a constant map normalises to zeros, its threshold is 0 and its mask is empty (skimage returns the constant
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ospo_fast._backend import pick_backend
@@ -43,7 +50,7 @@ class ObjectMasks:
     """Result of ``object_masks``. Shapes: B images, O objects, G x G grid.
 
     maps: (B, O, G, G) float32, min-max normalised; thresholds: (B, O) float32, Otsu x otsu_scale;
-    masks: (B, O, G, G) bool, map > threshold; union: (B, G, G) bool, OR over valid objects;
+    masks: (B, O, G, G) bool, float64 map > threshold; union: (B, G, G) bool, OR over valid objects;
     soft: (B, G, G) float32 in [0, 1], Gaussian-smoothed union min-max normalised per image (m_t).
     """
 
@@ -133,7 +140,7 @@ def aggregate_columns(columns: torch.Tensor, valid: torch.Tensor | None = None) 
 
 
 def otsu_from_normalised_ref(norm: torch.Tensor, constant: torch.Tensor, otsu_scale: float) -> torch.Tensor:
-    """(N, P) normalised float32 maps, (N,) bool constant flags -> (N,) float32 thresholds (Otsu x otsu_scale).
+    """(N, P) normalised float64 maps, (N,) bool constant flags -> (N,) float64 thresholds (Otsu x otsu_scale).
 
     Bit-exact with skimage's threshold_otsu(nbins=256) on maps spanning exactly [0, 1] (see the module docstring).
     """
@@ -151,29 +158,38 @@ def otsu_from_normalised_ref(norm: torch.Tensor, constant: torch.Tensor, otsu_sc
     m2 = (total_s - s1)[:, :-1] / w2_next.clamp(min=1)
     variance = (w1[:, :-1] * w2_next).double() * (m1 - m2) ** 2  # (N, 255), skimage's variance12
     idx = variance.argmax(dim=1)  # first maximum, as numpy
-    threshold = centers.float()[idx] * otsu_scale
+    threshold = centers[idx] * scale_as_float32(otsu_scale)  # exact: 9-bit centre x 24-bit scale
     return torch.where(constant, torch.zeros_like(threshold), threshold)
 
 
+def scale_as_float32(otsu_scale: float) -> float:
+    """``otsu_scale`` rounded to float32 (as the Triton kernel receives it), as a Python float."""
+    return float(np.float32(otsu_scale))
+
+
 def _prepare(maps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """(B, O, G, G) any float, (B, O) bool or None (all valid) -> (B*O, G*G) float32, padded objects zeroed."""
-    x = maps.to(torch.float32)
+    """(B, O, G, G) any float, (B, O) bool or None (all valid) -> (B*O, G*G) float32 (float64 stays float64),
+    padded objects zeroed."""
+    x = maps if maps.dtype == torch.float64 else maps.to(torch.float32)
     if valid is not None:
         x = torch.where(valid[:, :, None, None], x, 0.0)
     return x.flatten(2).flatten(0, 1)
 
 
 def _per_map_ref(flat: torch.Tensor, otsu_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, P) float32 -> normalised (N, P) float32, thresholds (N,) float32, masks (N, P) bool."""
-    lo = flat.amin(dim=1, keepdim=True)  # amin / amax propagate NaN
-    hi = flat.amax(dim=1, keepdim=True)
-    span = hi - lo
+    """(N, P) float32/float64 -> normalised (N, P) float32, thresholds (N,) float32, masks (N, P) bool.
+
+    Normalised in float64 so that a finite map whose range overflows float32 still normalises."""
+    x = flat.double()  # (N, P)
+    lo = x.amin(dim=1, keepdim=True)  # amin / amax propagate NaN
+    hi = x.amax(dim=1, keepdim=True)
+    span = hi - lo  # finite for any finite float32 map
     constant = span[:, 0] <= 0
-    norm = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1.0), 0.0)
-    thresholds = otsu_from_normalised_ref(norm, constant, otsu_scale)
+    norm = torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)  # (N, P) float64 in [0, 1]
+    thresholds = otsu_from_normalised_ref(norm, constant, otsu_scale)  # (N,) float64
     bad = ~(torch.isfinite(lo) & torch.isfinite(hi))[:, 0]  # a non-finite map gets a NaN threshold
     thresholds = torch.where(bad, float("nan"), thresholds)
-    return norm, thresholds, norm > thresholds[:, None]
+    return norm.float(), thresholds.float(), norm > thresholds[:, None]
 
 
 def _per_map(flat: torch.Tensor, otsu_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,7 +266,7 @@ def object_masks(maps: torch.Tensor, config: MaskConfig | None = None, backend: 
                  object_valid: torch.Tensor | None = None) -> ObjectMasks:
     """Object masks of B images with O objects each (SPEC stage 3).
 
-    maps: (B, O, G, G) float (any float dtype; computed in float32); object_valid: (B, O) bool, False for padded
+    maps: (B, O, G, G) float (any float dtype; normalised in float64); object_valid: (B, O) bool, False for padded
     objects; backend: "auto" | "ref" | "cpp" | "triton" (default ``config.backend`` when config is given and
     backend is "auto"). Returns ObjectMasks (see its docstring). Raises ValueError on NaN/inf in a valid map.
     """
