@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ospo_fast._backend import cpp_available, triton_available
+from ospo_fast._backend import cpp_available
 from ospo_fast.config import LossConfig
 from ospo_fast.ops.simpo_loss import (
     fused_obj_simpo_loss,
@@ -20,33 +20,28 @@ from ospo_fast.ops.simpo_loss import (
     token_logprobs,
     token_logprobs_ref,
 )
-from tests.gpu import requires_cuda
+from tests.gpu import TRITON, backend_device, requires_cuda
 
 FIELDS = ("loss", "simpo_loss", "sft_loss", "chosen_reward", "rejected_reward", "margin")
-
-
-def _triton_runs_here() -> bool:
-    return triton_available() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 BACKENDS = [
     "ref",
     pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="ospo_fast._C not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(
-        not _triton_runs_here(), reason="needs triton and CUDA or TRITON_INTERPRET=1")),
+    TRITON,  # CUDA tensors on a GPU, CPU tensors under TRITON_INTERPRET=1 (tests.gpu.backend_device)
 ]
 # (pairs, tokens, hidden, vocab): odd shapes; vocab 131 is not a multiple of any block, 8200 spans 3 Triton blocks
 SHAPES = [(3, 47, 24, 131), (1, 5, 16, 8200)]
 
 
-def _inputs(pairs, tokens, dim, vocab, seed=0):
+def _inputs(pairs, tokens, dim, vocab, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(2 * pairs, tokens, dim, generator=gen)
     weight = torch.randn(vocab, dim, generator=gen) / math.sqrt(dim) * 3
     bias = torch.randn(vocab, generator=gen) * 0.5
     targets = torch.randint(0, vocab, (2 * pairs, tokens), generator=gen)
     masks = torch.rand(2 * pairs, tokens, generator=gen)
-    return hidden, weight, bias, targets, masks
+    return tuple(t.to(device) for t in (hidden, weight, bias, targets, masks))
 
 
 def _run(fn, leaves):
@@ -117,7 +112,7 @@ def _hand_batch():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hand_worked_weighted_mean(backend):
-    logits, targets, masks = _hand_batch()
+    logits, targets, masks = (t.to(backend_device(backend)) for t in _hand_batch())
     ln2 = math.log(2)
     r_w = (2 * -ln2 + 1 * -2 * ln2) / 3  # = -4 ln2 / 3 = -0.924196
     r_l = (1 * -3 * ln2 + 2 * -ln2) / 3  # = -5 ln2 / 3 = -1.155245
@@ -177,7 +172,7 @@ def _compare(ours, ref, gold, grads, ref_grads, gold_grads, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plain_matches_reference(backend, shape, dtype):
-    hidden, weight, bias, targets, masks = _inputs(*shape)
+    hidden, weight, bias, targets, masks = _inputs(*shape, device=backend_device(backend))
     logits = F.linear(hidden, weight, bias).to(dtype)  # (2P, T, V)
     config = LossConfig(label_smoothing=0.05)
     ours, grads = _run(lambda z: obj_simpo_loss(z, targets, masks, config, backend=backend), [logits])
@@ -191,7 +186,7 @@ def test_plain_matches_reference(backend, shape, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_matches_reference(backend, shape, dtype):
     hidden, weight, bias, targets, masks = (t.to(dtype) if t.is_floating_point() and i < 3 else t
-                                            for i, t in enumerate(_inputs(*shape)))
+                                            for i, t in enumerate(_inputs(*shape, device=backend_device(backend))))
     config = LossConfig(normalization="length", beta=0.5)
     chunk = 40  # several chunks, the last one ragged
 
@@ -209,7 +204,7 @@ def test_fused_matches_reference(backend, shape, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_without_bias(backend):
-    hidden, weight, _, targets, masks = _inputs(2, 13, 8, 50)
+    hidden, weight, _, targets, masks = _inputs(2, 13, 8, 50, device=backend_device(backend))
     config = LossConfig()
     ours, grads = _run(lambda h, w: fused_obj_simpo_loss(h, w, None, targets, masks, config, backend=backend,
                                                            chunk_tokens=7), [hidden, weight])
@@ -221,8 +216,8 @@ def test_fused_without_bias(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_any_leading_shape(backend):
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(2, 3, 5, 29, generator=gen)
-    targets = torch.randint(0, 29, (2, 3, 5), generator=gen)
+    logits = torch.randn(2, 3, 5, 29, generator=gen).to(backend_device(backend))
+    targets = torch.randint(0, 29, (2, 3, 5), generator=gen).to(logits.device)
     expected = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
     assert torch.allclose(token_logprobs(logits, targets, backend).double(), expected, atol=1e-6)
     assert torch.allclose(token_logprobs_ref(logits, targets).double(), expected, atol=1e-6)
@@ -292,3 +287,142 @@ def test_bad_inputs_raise_clear_errors():
         fused_obj_simpo_loss(torch.zeros(2, 2, 3), torch.zeros(4, 3), None, targets, masks, config, chunk_tokens=0)
     with pytest.raises(ValueError, match="backend"):
         obj_simpo_loss(logits, targets, masks, config, backend="cuda")
+
+
+# --- autocast: bf16 activations, float32 head (train.bf16 with float32 weights) -------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_under_autocast_with_fp32_weights(backend, shape):
+    """A training step's head under torch.autocast("cpu", bf16), the branch CUDA autocast takes: float32 weights,
+    a Linear + GELU before the fused loss hands it bf16 activations and the float32 head weight and bias. Loss and
+    every float32 leaf's gradient are within 2x the materialising reference's own error under the same autocast,
+    both measured against float32 without autocast."""
+    hidden, weight, bias, targets, masks = _inputs(*shape)
+    proj = torch.randn(shape[2], shape[2], generator=torch.Generator().manual_seed(7)) / math.sqrt(shape[2])
+    config = LossConfig(label_smoothing=0.05)
+
+    def step(loss_fn, autocast):
+        def run(x, p, w, b):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                projected = F.gelu(F.linear(x, p))  # (2P, T, D): bf16 under autocast, as the head's proj_out + GELU
+                assert projected.dtype == (torch.bfloat16 if autocast else torch.float32)
+                return loss_fn(projected, w, b)
+        return run
+
+    def fused(h, w, b):
+        return fused_obj_simpo_loss(h, w, b, targets, masks, config, backend=backend, chunk_tokens=40)
+
+    def ref_fn(h, w, b):
+        return fused_obj_simpo_loss_ref(h, w, b, targets, masks, config)
+
+    leaves = [hidden, proj, weight, bias]
+    ours, grads = _run(step(fused, True), leaves)
+    ref, ref_grads = _run(step(ref_fn, True), leaves)
+    gold, gold_grads = _run(step(ref_fn, False), leaves)
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert _max_err(ref.loss, gold.loss) > 0  # the reference really ran in bf16
+    _compare(ours, ref, gold, grads, ref_grads, gold_grads, torch.bfloat16)
+
+
+# --- the backward computes only what autograd asks for -----------------------------------------------------------
+
+def _op_counts(fn) -> dict[str, int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_skips_weight_and_bias_gradients(backend):
+    """A frozen head (the LoRA default): the backward runs no dW GEMM (addmm_) and no db reduction, returns
+    empty tensors for them, and still gives the reference's d(hidden). A trainable head runs one addmm_ per chunk."""
+    hidden, weight, bias, targets, masks = _inputs(2, 13, 8, 50)
+    config = LossConfig()
+    chunk, n_chunks = 7, math.ceil(2 * 2 * 13 / 7)
+
+    def backward(w_grad: bool):
+        h = hidden.clone().requires_grad_()
+        w, b = weight.clone().requires_grad_(w_grad), bias.clone().requires_grad_(w_grad)
+        out = fused_obj_simpo_loss(h, w, b, targets, masks, config, backend=backend, chunk_tokens=chunk)
+        counts = _op_counts(lambda: (out.loss + 0.3 * out.sft_loss).backward())  # _run's objective
+        return h.grad, w.grad, counts
+
+    d_hidden, d_weight, frozen = backward(False)
+    assert d_weight is None and frozen.get("aten::addmm_", 0) == 0
+    assert frozen.get("aten::mm", 0) == n_chunks  # d(hidden) only
+    _, _, trainable = backward(True)
+    assert trainable.get("aten::addmm_", 0) == n_chunks
+    ref, ref_grads = _run(lambda h: fused_obj_simpo_loss_ref(h, weight, bias, targets, masks, config), [hidden])
+    assert _max_err(d_hidden, ref_grads[0]) <= 2e-5 * ref_grads[0].abs().max().item()
+
+    flat, lse = hidden.reshape(-1, 8), torch.zeros(52)
+    d_h, d_w, d_b = torch.ops.ospo_fast.simpo_fused_token_logprobs_backward(
+        torch.ones(52), flat, weight, bias, targets.reshape(-1), lse, chunk, "ref", [True, False, False])
+    assert d_h.shape == flat.shape and d_w.numel() == 0 and d_b.numel() == 0
+
+
+def test_low_precision_weight_gradient_accumulates_in_float32():
+    """bf16 head, many chunks: dW is the float32 sum of exact bf16 products, rounded to bf16 once, so it is as close
+    to the float64 gradient of the same bf16 d(logits) as one bf16 rounding allows (a per-chunk bf16 product would
+    round once per chunk)."""
+    hidden, weight, bias, targets, masks = (t.to(torch.bfloat16) if t.is_floating_point() and i < 3 else t
+                                            for i, t in enumerate(_inputs(3, 47, 24, 131)))
+    flat, flat_targets = hidden.reshape(-1, 24), targets.reshape(-1)
+    grad = torch.randn(flat.shape[0], generator=torch.Generator().manual_seed(2))
+    logits = F.linear(flat, weight, bias)
+    _, lse = torch.ops.ospo_fast.simpo_token_logprobs(logits, flat_targets, "ref")
+    dlogits = torch.ops.ospo_fast.simpo_token_logprobs_backward(grad, logits, flat_targets, lse, "ref")  # (N, V)
+    exact = dlogits.double().t() @ flat.double()  # (V, D)
+    _, d_w, _ = torch.ops.ospo_fast.simpo_fused_token_logprobs_backward(
+        grad, flat, weight, bias, flat_targets, lse, 5, "ref", [False, True, False])
+    assert d_w.dtype == torch.bfloat16
+    one_rounding = (exact.to(torch.bfloat16).double() - exact).abs().max().item()
+    assert (d_w.double() - exact).abs().max().item() <= one_rounding * 1.01 + 1e-6
+
+
+# --- chunk size per device ----------------------------------------------------------------------------------------
+
+def test_chunk_tokens_per_device():
+    """CPU: 512 tokens. CUDA: a power of two in [1024, 8192] whose (C, V) chunk fits 1/32 of the device memory, so
+    the 16 x 576 x 2 tokens of a Janus-Pro batch take few chunks on an 80 GB GPU and more on a small one."""
+    from ospo_fast.ops.simpo_loss import chunk_tokens_for, default_chunk_tokens
+
+    assert default_chunk_tokens(torch.device("cpu"), 16384, 2048, torch.float32) == 512
+    assert chunk_tokens_for("cpu", 16384, 2048, 2, 0) == 512
+    gib = 2**30
+    sizes = [chunk_tokens_for("cuda", 16384, 2048, 2, m * gib) for m in (2, 8, 24, 80)]
+    assert all(s & (s - 1) == 0 and 1024 <= s <= 8192 for s in sizes) and sizes == sorted(sizes)
+    assert sizes[0] == 1024 and sizes[-1] == 8192
+    for size, mem in zip(sizes, (2, 8, 24, 80)):
+        assert size == 1024 or size * (16384 + 2 * 2048) * 2 <= mem * gib / 32
+
+
+# --- no host synchronisation in a training step's loss --------------------------------------------------------------
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_loss_step_has_no_host_sync(backend, monkeypatch):
+    """Forward + backward of the fused loss with check_values=False (as the trainer calls it) reads nothing back to
+    the host: no .item()/bool()/int() (aten::_local_scalar_dense) and no .tolist(). With the checks on (the
+    default for direct callers) the range checks do read back, which shows the probe sees syncs."""
+    hidden, weight, bias, targets, masks = _inputs(2, 13, 8, 50)
+    config = LossConfig()
+    tolist_calls = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolist_calls.append(t.shape) or original(t))
+
+    def step(check_values):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = fused_obj_simpo_loss(*leaves, targets, masks, config, backend=backend, chunk_tokens=7,
+                                   check_values=check_values)
+        out.loss.backward()
+
+    counts = _op_counts(lambda: step(False))
+    assert {k: counts[k] for k in SYNC_OPS if k in counts} == {} and tolist_calls == []
+    checked = _op_counts(lambda: step(True))
+    assert checked.get("aten::_local_scalar_dense", 0) >= 4  # targets min/max, mask min/max

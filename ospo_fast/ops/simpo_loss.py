@@ -24,14 +24,21 @@ subtracted), ``accuracy`` the fraction of pairs with r(y_w) > r(y_l). Those four
 Entry points:
 - ``obj_simpo_loss(logits, ...)``: from materialised (2P, T, V) logits.
 - ``fused_obj_simpo_loss(hidden, weight, bias, ...)``: from the head's last hidden states; the (2P*T, V) logits are
-  never materialised: tokens are processed ``chunk_tokens`` at a time (the kernels walk the vocabulary in blocks
-  with an online log-sum-exp); the backward recomputes each chunk's logits, turns them in place into d(logits)
-  and accumulates dH = dlogits @ W, dW += dlogits^T @ H, db += sum dlogits.
+  never materialised: tokens are processed ``chunk_tokens`` at a time (``default_chunk_tokens``: 512 on a CPU,
+  larger on a GPU; the kernels walk the vocabulary in blocks with an online log-sum-exp); the backward recomputes
+  each chunk's logits, turns them in place into d(logits) and accumulates dH = dlogits @ W and, only where autograd
+  asks for them (a frozen head, the LoRA default, skips both), dW += dlogits^T @ H and db += sum dlogits, added
+  straight into float32 accumulators (no (V, D) temporary per chunk).
+- Under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype before the fused op, as autocast
+  casts F.linear's inputs on the naive path (and as Liger-Kernel's fused linear losses do): a float32 head weight
+  with bf16 activations computes bf16 logits, and the weight's gradient flows back through the cast in float32.
 - ``token_logprobs(logits, targets)``: per-token log-probs, shared by both.
 Backends: "ref" (plain PyTorch), "cpp" (``csrc/simpo_loss.cpp``, CPU), "triton" (``kernels/simpo_loss.py``).
 The compiled paths are ``torch.library`` custom ops (``ospo_fast::simpo_token_logprobs``,
 ``ospo_fast::simpo_fused_token_logprobs``) with fake impls and registered autograd, so they trace under
-``torch.compile``.
+``torch.compile``. Value checks (targets in [0, V), mask weights in [0, 1]) read tensors back to the host; they run
+when ``check_values=True`` (the default of the public functions). The trainer validates its pairs once at load time
+(``ospo_fast.train.data``) and passes ``check_values=False``, so a training step never synchronises on them.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ import torch.nn.functional as F
 from ospo_fast._backend import pick_backend
 from ospo_fast.config import LossConfig
 
-DEFAULT_CHUNK_TOKENS = 512  # 512 x 16,384 logits: 32 MiB in fp32, 16 MiB in bf16
+CPU_CHUNK_TOKENS = 512  # 512 x 16,384 logits: 32 MiB in fp32, 16 MiB in bf16 (fits a CPU's caches and threads)
+GPU_CHUNK_TOKENS = (1024, 8192)  # a GPU's range: big enough for full-occupancy GEMMs, at most 1/32 of its memory
 
 
 @dataclass
@@ -189,32 +197,40 @@ def _(hidden, weight, bias, targets, chunk_tokens, backend):
 
 @torch.library.custom_op("ospo_fast::simpo_fused_token_logprobs_backward", mutates_args=())
 def _fused_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       targets: torch.Tensor, lse: torch.Tensor, chunk_tokens: int,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad (N,) f32 -> (dH (N, D), dW (V, D), db (V,)); dW and db accumulate in float32 over chunks."""
+                       targets: torch.Tensor, lse: torch.Tensor, chunk_tokens: int, backend: str,
+                       needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad (N,) f32 -> (dH (N, D), dW (V, D), db (V,)) in the inputs' dtypes; ``needs`` = [dH, dW, db] says which
+    are computed; one not needed comes back as an empty (0,) tensor and costs nothing (a frozen head skips both
+    dW's GEMM and db's reduction). dW and db accumulate in float32 over chunks, each chunk's product added straight
+    into the accumulator (``addmm_``; low-precision chunks are multiplied in float32, exact products of bf16)."""
+    need_h, need_w, need_b = needs
     bwd = _kernels(backend)[1]
-    d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    d_bias = torch.zeros(weight.shape[:1], dtype=torch.float32, device=weight.device)
+    d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else hidden.new_empty(0)
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    d_bias = torch.zeros(weight.shape[:1], dtype=torch.float32, device=weight.device) if need_b else None
     grad = grad.float().contiguous()
     for s, e in _chunks(hidden.shape[0], chunk_tokens):
         h = hidden[s:e]  # (C, D)
         logits = F.linear(h, weight, bias)  # (C, V), recomputed
         dlogits = bwd(grad[s:e], logits, targets[s:e], lse[s:e], out=logits)  # (C, V), in place over the logits
-        torch.mm(dlogits, weight, out=d_hidden[s:e])  # (C, D)
-        if d_weight.dtype == dlogits.dtype:
-            d_weight.addmm_(dlogits.t(), h)  # (V, D)
-        else:  # low precision: one rounding per chunk, sum kept in float32
-            d_weight.add_(torch.mm(dlogits.t(), h))
-        d_bias.add_(dlogits.sum(0, dtype=torch.float32))
-    return d_hidden, d_weight.to(weight.dtype), d_bias.to(bias.dtype if bias is not None else weight.dtype)
+        if need_h:
+            torch.mm(dlogits, weight, out=d_hidden[s:e])  # (C, D)
+        if d_weight is not None:
+            d_weight.addmm_(dlogits.t().float(), h.float())  # (V, D) += (V, C) @ (C, D); .float() is a no-op in fp32
+        if d_bias is not None:
+            d_bias.add_(dlogits.sum(0, dtype=torch.float32))
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return (d_hidden, d_weight.to(weight.dtype) if d_weight is not None else weight.new_empty(0),
+            d_bias.to(bias_dtype) if d_bias is not None else weight.new_empty(0, dtype=bias_dtype))
 
 
 @_fused_backward_op.register_fake
-def _(grad, hidden, weight, bias, targets, lse, chunk_tokens, backend):
-    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape[:1], dtype=bias.dtype if bias is not None else weight.dtype))
+def _(grad, hidden, weight, bias, targets, lse, chunk_tokens, backend, needs):
+    need_h, need_w, need_b = needs
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty(0),
+            weight.new_empty(weight.shape[:1] if need_b else (0,), dtype=bias_dtype))
 
 
 def _fused_setup(ctx, inputs, output) -> None:
@@ -226,9 +242,14 @@ def _fused_setup(ctx, inputs, output) -> None:
 
 def _fused_backward(ctx, grad_logp, grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = bool(need_b and ctx.has_bias)
+    if not (need_h or need_w or need_b):
+        return None, None, None, None, None, None
     d_hidden, d_weight, d_bias = _fused_backward_op(grad_logp, hidden, weight, bias, targets, lse,
-                                                    ctx.chunk_tokens, ctx.backend)
-    return d_hidden, d_weight, (d_bias if ctx.has_bias else None), None, None, None
+                                                    ctx.chunk_tokens, ctx.backend, [need_h, need_w, need_b])
+    return (d_hidden if need_h else None, d_weight if need_w else None, d_bias if need_b else None,
+            None, None, None)
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -246,11 +267,13 @@ def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, backend: str = "auto",
+                   check_values: bool = True) -> torch.Tensor:
     """Per-token log-probabilities: logits (..., V), targets (...) long -> (...) float32, differentiable.
 
-    ``backend``: "auto" (Triton on CUDA, C++ on CPU where built, else reference), "ref", "cpp", "triton"."""
-    _check_targets(logits, targets)
+    ``backend``: "auto" (Triton on CUDA, C++ on CPU where built, else reference), "ref", "cpp", "triton".
+    ``check_values``: check targets lie in [0, V) (reads min/max back to the host: a sync on a GPU)."""
+    _check_targets(logits, targets, check_values)
     resolved = _resolve_backend(backend, logits.device)
     if resolved == "ref":
         return token_logprobs_ref(logits, targets)
@@ -259,17 +282,60 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, backend: str = "
     return logp.view(targets.shape)
 
 
+def default_chunk_tokens(device: torch.device, vocab: int, dim: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk of the fused head: ``chunk_tokens_for`` on this device (its total memory on a GPU)."""
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    return chunk_tokens_for(device.type, vocab, dim, torch.empty((), dtype=dtype).element_size(), memory)
+
+
+def chunk_tokens_for(device_type: str, vocab: int, dim: int, itemsize: int, device_memory: int) -> int:
+    """How many tokens the fused head processes at once; the chunk's logits, (C, V) in the head's dtype, are the
+    only large buffer of the forward and of the backward (turned in place into d(logits)).
+
+    CPU: ``CPU_CHUNK_TOKENS`` = 512 (a 512 x 16,384 fp32 chunk is 32 MiB; bigger chunks only miss the caches).
+    CUDA: the largest power of two whose (C, V) chunk plus its (C, D) slices fit 1/32 of the device's memory,
+    clamped to ``GPU_CHUNK_TOKENS`` = [1024, 8192] (Janus-Pro, V 16,384 bf16: 8192 tokens = 256 MiB, i.e. one or
+    two chunks for 16 pairs x 576 tokens on an 80 GB GPU; at least 1024 rows keeps each GEMM large)."""
+    if device_type != "cuda":
+        return CPU_CHUNK_TOKENS
+    low, high = GPU_CHUNK_TOKENS
+    per_token = (vocab + 2 * dim) * itemsize
+    fit = max(1, device_memory // 32 // per_token)
+    return max(low, min(high, 1 << (fit.bit_length() - 1)))
+
+
+@torch.compiler.assume_constant_result
+def _chunk_tokens(chunk_tokens: int | None, device: torch.device, vocab: int, dim: int, dtype: torch.dtype) -> int:
+    return chunk_tokens if chunk_tokens is not None else default_chunk_tokens(device, vocab, dim, dtype)
+
+
+def _autocast_head(hidden: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inside ``torch.autocast`` on hidden's device: cast hidden, weight and bias to the autocast dtype (what
+    autocast does to F.linear's inputs on the naive path; Liger-Kernel's fused linear losses do the same), so the
+    chunked logits are computed in that dtype and gradients flow back through the casts to float32 leaves."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
 def fused_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, backend: str = "auto",
-                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                         targets: torch.Tensor, backend: str = "auto", chunk_tokens: int | None = None,
+                         check_values: bool = True) -> torch.Tensor:
     """log softmax(hidden @ weight^T + bias)[target] without materialising the logits.
 
-    hidden (..., D), weight (V, D), bias (V,) | None, targets (...) long -> (...) float32; differentiable in
-    hidden, weight and bias. At most ``chunk_tokens`` x V logits are alive at once (forward and backward)."""
-    _check_head(hidden, weight, bias, targets, chunk_tokens)
+    hidden (..., D), weight (V, D), bias (V,) | None, one dtype (or any mix under ``torch.autocast``: then all
+    three are cast to the autocast dtype), targets (...) long -> (...) float32; differentiable in hidden, weight
+    and bias. At most ``chunk_tokens`` x V logits are alive at once (forward and backward); None: the device's
+    ``default_chunk_tokens``. ``check_values``: check targets lie in [0, V) (a host sync)."""
+    hidden, weight, bias = _autocast_head(hidden, weight, bias)
+    _check_head(hidden, weight, bias, targets, chunk_tokens, check_values)
     resolved = _resolve_backend(backend, hidden.device)
+    chunk = _chunk_tokens(chunk_tokens, hidden.device, weight.shape[0], weight.shape[1], weight.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
-    logp, _ = _fused_op(flat, weight, bias, targets.reshape(-1), chunk_tokens, resolved)
+    logp, _ = _fused_op(flat, weight, bias, targets.reshape(-1), chunk, resolved)
     return logp.view(targets.shape)
 
 
@@ -314,13 +380,14 @@ def obj_simpo_loss_ref(logits: torch.Tensor, targets: torch.Tensor, mask_weights
 
 
 def obj_simpo_loss(logits: torch.Tensor, targets: torch.Tensor, mask_weights: torch.Tensor, config: LossConfig,
-                   backend: str = "auto") -> PreferenceLossOutput:
+                   backend: str = "auto", check_values: bool = True) -> PreferenceLossOutput:
     """L_ObjSimPO + sft_weight * L_SFT from logits (2P, T, V) any float dtype, targets (2P, T) long in [0, V),
     mask_weights (2P, T) float in [0, 1]; rows 0..P-1 chosen, P..2P-1 rejected (same prompt order).
 
-    ``backend``: this argument unless "auto", else ``config.backend``; "auto" picks per device."""
-    _check_batch(logits.shape[:2], targets, mask_weights, config)
-    logp = token_logprobs(logits, targets, _backend_choice(backend, config))  # (2P, T)
+    ``backend``: this argument unless "auto", else ``config.backend``; "auto" picks per device.
+    ``check_values``: check the ranges of targets and mask_weights (host syncs; off where data was validated)."""
+    _check_batch(logits.shape[:2], targets, mask_weights, config, check_values)
+    logp = token_logprobs(logits, targets, _backend_choice(backend, config), check_values)  # (2P, T)
     return preference_loss_from_logprobs(logp, mask_weights, config)
 
 
@@ -333,14 +400,18 @@ def fused_obj_simpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 
 def fused_obj_simpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, mask_weights: torch.Tensor, config: LossConfig,
-                         backend: str = "auto", chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PreferenceLossOutput:
+                         backend: str = "auto", chunk_tokens: int | None = None,
+                         check_values: bool = True) -> PreferenceLossOutput:
     """The loss of ``obj_simpo_loss`` with the head's last Linear fused in: hidden (2P, T, D) (the input of
-    Linear(d' -> V)), weight (V, D), bias (V,) | None, same dtype; targets (2P, T); mask_weights (2P, T).
+    Linear(d' -> V)), weight (V, D), bias (V,) | None, same dtype (or mixed under ``torch.autocast``: computed in
+    the autocast dtype); targets (2P, T); mask_weights (2P, T).
 
-    Never materialises the (2P*T, V) logits: ``chunk_tokens`` x V at a time. Gradients flow to hidden, weight
-    and bias (dW and db accumulate in float32)."""
-    _check_batch(hidden.shape[:2], targets, mask_weights, config)
-    logp = fused_token_logprobs(hidden, weight, bias, targets, _backend_choice(backend, config), chunk_tokens)
+    Never materialises the (2P*T, V) logits: ``chunk_tokens`` x V at a time (None: ``default_chunk_tokens``).
+    Gradients flow to whichever of hidden, weight and bias require them (dW and db accumulate in float32).
+    ``check_values``: as in ``obj_simpo_loss``."""
+    _check_batch(hidden.shape[:2], targets, mask_weights, config, check_values)
+    logp = fused_token_logprobs(hidden, weight, bias, targets, _backend_choice(backend, config), chunk_tokens,
+                                check_values)
     return preference_loss_from_logprobs(logp, mask_weights, config)
 
 
@@ -358,7 +429,7 @@ def _backend_choice(backend: str, config: LossConfig) -> str:
     return config.backend if backend == "auto" else backend
 
 
-def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
+def _check_targets(logits: torch.Tensor, targets: torch.Tensor, check_values: bool = True) -> None:
     if targets.dtype != torch.long:
         raise ValueError(f"targets must be int64 (torch.long), got {targets.dtype}; use targets.long()")
     if tuple(logits.shape[:-1]) != tuple(targets.shape):
@@ -366,7 +437,8 @@ def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
                          f"vocabulary axis")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    _check_target_range(targets, logits.shape[-1])
+    if check_values:
+        _check_target_range(targets, logits.shape[-1])
 
 
 def _check_target_range(targets: torch.Tensor, vocab: int) -> None:
@@ -379,7 +451,7 @@ def _check_target_range(targets: torch.Tensor, vocab: int) -> None:
 
 
 def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                chunk_tokens: int) -> None:
+                chunk_tokens: int | None, check_values: bool) -> None:
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"weight must be (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
@@ -388,18 +460,19 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
     if len(dtypes) != 1:
         raise ValueError(f"hidden, weight and bias must share one dtype, got {sorted(map(str, dtypes))}; cast "
-                         f"hidden to the head's dtype")
+                         f"hidden to the head's dtype or call inside torch.autocast")
     if tuple(hidden.shape[:-1]) != tuple(targets.shape):
         raise ValueError(f"hidden {tuple(hidden.shape)} must be targets' shape {tuple(targets.shape)} plus D")
     if targets.dtype != torch.long:
         raise ValueError(f"targets must be int64 (torch.long), got {targets.dtype}; use targets.long()")
-    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
-    _check_target_range(targets, weight.shape[0])
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None (the device's default), got {chunk_tokens!r}")
+    if check_values:
+        _check_target_range(targets, weight.shape[0])
 
 
 def _check_batch(lead_shape: torch.Size, targets: torch.Tensor, mask_weights: torch.Tensor,
-                 config: LossConfig) -> None:
+                 config: LossConfig, check_values: bool = True) -> None:
     if len(lead_shape) != 2 or lead_shape[0] < 2 or lead_shape[0] % 2:
         raise ValueError(f"expected (2P, T, ...) with P >= 1 pairs (chosen rows first, then rejected), got "
                          f"leading shape {tuple(lead_shape)}")
@@ -410,12 +483,19 @@ def _check_batch(lead_shape: torch.Size, targets: torch.Tensor, mask_weights: to
         raise ValueError(f"LossConfig.label_smoothing={config.label_smoothing} must be in [0, 0.5)")
     if config.normalization not in ("weighted_mean", "length"):
         raise ValueError(f"LossConfig.normalization={config.normalization!r}: use 'weighted_mean' or 'length'")
+    if check_values:
+        check_mask_weights(mask_weights, config.mask_smoothing)
+
+
+def check_mask_weights(mask_weights: torch.Tensor, mask_smoothing: str) -> None:
+    """Raise unless mask_weights lie in [0, 1] (and are 0/1 for ``mask_smoothing='binary'``). Reads the tensor
+    back to the host: call once per data set (``ospo_fast.train.data`` does), not per step."""
     if mask_weights.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = float(mask_weights.min()), float(mask_weights.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"mask_weights must lie in [0, 1], got min {lo:.4g} max {hi:.4g}; min-max normalise the "
                          f"smoothed mask per image")
-    if config.mask_smoothing == "binary" and not bool(((mask_weights == 0) | (mask_weights == 1)).all()):
+    if mask_smoothing == "binary" and not bool(((mask_weights == 0) | (mask_weights == 1)).all()):
         raise ValueError("mask_smoothing='binary' but mask_weights has values other than 0 and 1; pass the "
                          "thresholded mask or set mask_smoothing='gaussian'")
