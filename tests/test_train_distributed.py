@@ -1,5 +1,6 @@
 """Two gloo processes (DDP with LoRA, FSDP2 with full fine-tuning) give the same run as one process with the same
-global batch."""
+global batch; a two-process FSDP2 run killed mid-run resumes from its sharded (torch.distributed.checkpoint)
+checkpoint to the same loss curve and weights as the uninterrupted two-process run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -35,6 +37,40 @@ def _worker(rank: int, world: int, ports: list[int], root: str) -> None:
         result = train(_config(mode, per_device=2), Path(root, "pairs.jsonl"), out)
         if rank == 0:
             (out / "result.json").write_text(json.dumps({"checkpoint": str(result.checkpoint_dir)}))
+    _kill_then_resume(rank, world, ports[len(MODES):], Path(root))
+
+
+class _Kill(RuntimeError):
+    pass
+
+
+def _kill_then_resume(rank: int, world: int, ports: list[int], root: Path) -> None:
+    """FSDP2, checkpoints every step; both ranks die at the first micro-batch of the last step, then resume."""
+    from ospo_fast.train import train, trainer
+
+    config = _config("fsdp", per_device=2)
+    config.train.save_every = 1
+    original, calls = trainer.forward_loss, {"n": 0}
+
+    def killed(model, batch):
+        calls["n"] += 1
+        if calls["n"] == config.train.grad_accum * (STEPS - 1) + 1:
+            raise _Kill(f"simulated kill in step {STEPS}")
+        return original(model, batch)
+
+    out = root / "fsdp" / "resumed"
+    for port, forward in zip(ports, (killed, original)):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world))
+        trainer.forward_loss = forward
+        try:
+            result = train(config, root / "pairs.jsonl", out)
+        except _Kill:
+            continue
+        finally:
+            trainer.forward_loss = original
+        if rank == 0:
+            (out / "result.json").write_text(json.dumps({"checkpoint": str(result.checkpoint_dir)}))
 
 
 def _free_port() -> int:
@@ -51,6 +87,7 @@ def _weights(result_dir: Path, lora: bool) -> dict[str, torch.Tensor]:
     return {k: v for k, v in weights.items() if lora or ".language_model.layers." in k}
 
 
+@pytest.mark.slow  # one spawn of two gloo ranks, four tiny trainings each: about 100 s on 2 loaded cores
 def test_two_processes_equal_one(tmp_path):
     """One spawn of two gloo ranks runs both modes; each is compared with a one-process run of 4 pairs/step."""
     from ospo_fast.train import train
@@ -62,9 +99,31 @@ def test_two_processes_equal_one(tmp_path):
         singles = {mode: train(_config(mode, per_device=4), pairs, tmp_path / mode / "one") for mode in MODES}
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, [_free_port(), _free_port()], str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, [_free_port() for _ in range(len(MODES) + 2)], str(tmp_path)), nprocs=2, join=True)
     for mode in MODES:
         _compare(singles[mode], tmp_path / mode / "two", lora=mode == "ddp")
+    _compare_resumed(tmp_path / "fsdp")
+
+
+def _compare_resumed(root: Path) -> None:
+    """The killed run left sharded checkpoints at steps 1..STEPS-1; resumed, it equals the uninterrupted run."""
+    from ospo_fast.train.checkpoint import SHARDED_DIR, list_checkpoints
+
+    resumed = root / "resumed"
+    assert [p.name for p in list_checkpoints(resumed)] == [f"step-{s:06d}" for s in range(1, STEPS + 1)]
+    shards = resumed / "checkpoints" / f"step-{STEPS - 1:06d}" / SHARDED_DIR
+    assert sorted(p.name for p in shards.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (shards.parent / "optimizer.pt").exists()  # no gathered optimizer state
+    a, b = read_metrics(root / "two" / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [m["step"] for m in b] == [m["step"] for m in a] == list(range(1, STEPS + 1))
+    for key in ("loss", "margin", "grad_norm", "lr"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in b]), torch.tensor([m[key] for m in a]),
+                                   atol=1e-6, rtol=1e-5)
+    wa = _weights(Path(json.loads((root / "two" / "result.json").read_text())["checkpoint"]), lora=False)
+    wb = _weights(Path(json.loads((resumed / "result.json").read_text())["checkpoint"]), lora=False)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-6, rtol=1e-5)
 
 
 def _compare(single, two_dir: Path, lora: bool) -> None:
