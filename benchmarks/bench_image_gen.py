@@ -56,7 +56,7 @@ def _to_uint8(bundle, decoded: torch.Tensor) -> torch.Tensor:
 def reference_loop(bundle, prompts: list[str], config: ImageConfig) -> torch.Tensor:
     """Janus reference-script style: rows [c0, u0, c1, u1, ...], DynamicCache grown per token, multinomial."""
     model, tok = bundle.model, bundle.tokenizer
-    ids, mask = image_prompt_inputs(bundle, prompts)
+    ids, mask = image_prompt_inputs(bundle.processor, prompts)
     boi = tok.convert_tokens_to_ids(bundle.processor.image_start_token)
     uncond = unconditional_ids(ids, tok.bos_token_id, boi, tok.pad_token_id)
     rows = torch.stack([ids, uncond], dim=1).flatten(0, 1).to(bundle.device)  # (2B, T) interleaved
@@ -81,7 +81,7 @@ def reference_loop(bundle, prompts: list[str], config: ImageConfig) -> torch.Ten
 
 @torch.no_grad()
 def transformers_generate(bundle, prompts: list[str], config: ImageConfig) -> torch.Tensor:
-    ids, mask = image_prompt_inputs(bundle, prompts)
+    ids, mask = image_prompt_inputs(bundle.processor, prompts)
     tokens = bundle.model.generate(ids.to(bundle.device), attention_mask=mask.to(bundle.device),
                                    generation_mode="image", do_sample=True, temperature=config.temperature,
                                    guidance_scale=config.guidance_scale)

@@ -88,7 +88,8 @@ class ImageConfig:
     top_k: int = 0  # 0: off (plain multinomial sampling, as the reference)
     top_p: float = 1.0
     batch_size: int = 16
-    compile: bool = True  # CUDA graphs / torch.compile for the decode step on CUDA; ignored on CPU
+    # torch.compile of the decode step: "auto" on CUDA only (CUDA graphs), true also on CPU (inductor), false never
+    compile: Literal["auto", True, False] = "auto"
 
 
 @dataclass

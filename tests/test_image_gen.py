@@ -48,7 +48,7 @@ def sampled_batch(bundle):
 
 
 def test_prompts_are_left_padded_and_unconditional_rows_keep_bos_and_boi(bundle):
-    ids, mask = image_prompt_inputs(bundle, PROMPTS)
+    ids, mask = image_prompt_inputs(bundle.processor, PROMPTS)
     lengths = mask.sum(1)
     assert len(set(lengths.tolist())) == 3 and bool((mask[:, -1] == 1).all())  # mixed lengths, left padding
     tok = bundle.tokenizer
@@ -62,7 +62,7 @@ def test_prompts_are_left_padded_and_unconditional_rows_keep_bos_and_boi(bundle)
 
 
 def test_greedy_tokens_equal_transformers_generate_on_mixed_prompt_lengths(bundle, greedy_batch):
-    ids, mask = image_prompt_inputs(bundle, PROMPTS)
+    ids, mask = image_prompt_inputs(bundle.processor, PROMPTS)
     expected = bundle.model.generate(ids, attention_mask=mask, generation_mode="image", do_sample=False,
                                      guidance_scale=GREEDY.guidance_scale)
     assert greedy_batch.tokens.shape == (3, bundle.num_image_tokens)
@@ -87,7 +87,7 @@ def _eager_reference_maps(bundle, prompts, tokens, objects, layers):
     output_attentions=True (the reference code's way): (B, O, N)."""
     from ospo_fast.engine.object_attention import object_token_positions
 
-    ids, mask = image_prompt_inputs(bundle, prompts)
+    ids, mask = image_prompt_inputs(bundle.processor, prompts)
     positions = object_token_positions(bundle.tokenizer, ids, objects)
     model = bundle.model
     embeds = torch.cat([model.get_input_embeddings()(ids), model.prepare_embeddings_for_image_generation(tokens)], 1)

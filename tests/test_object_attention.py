@@ -86,12 +86,12 @@ def test_step_by_step_capture_with_cache_and_cfg(tiny_bundle, inputs, eager_maps
     with torch.no_grad(), capture.recording(tiny_bundle.model):
         capture.set_cells(-t)
         lm(inputs_embeds=embeds[:, :t], attention_mask=mask[:, :t], position_ids=pos_ids[:, :t],
-           past_key_values=cache, use_cache=True)
+           past_key_values=cache, use_cache=True, object_capture=capture)
         steps = [(j, j + 1) for j in range(STEPS)] + [(STEPS, n)]
         for a, z in steps:
             capture.set_cells(a)
             lm(inputs_embeds=embeds[:, t + a: t + z], attention_mask=mask[:, : t + z],
-               position_ids=pos_ids[:, t + a: t + z], past_key_values=cache, use_cache=True)
+               position_ids=pos_ids[:, t + a: t + z], past_key_values=cache, use_cache=True, object_capture=capture)
     assert capture.captured_cells().all()
     _assert_same_masks(capture.maps().view(3, 3, 8, 8), eager_maps, objects_valid(OBJECTS))
 
@@ -105,7 +105,8 @@ def test_chunked_logsumexp_is_exact(tiny_bundle, inputs, eager_maps):
         capture.set_cells(-t)
         tiny_bundle.model.model.language_model(inputs_embeds=batch["inputs_embeds"],
                                                attention_mask=batch["attention_mask"],
-                                               position_ids=batch["position_ids"], use_cache=False)
+                                               position_ids=batch["position_ids"], use_cache=False,
+                                               object_capture=capture)
     torch.testing.assert_close(capture.maps().view(3, 3, 8, 8), eager_maps, atol=1e-6, rtol=1e-5)
 
 
@@ -118,11 +119,15 @@ def test_recording_restores_attention_on_error_and_guards_misuse(tiny_bundle, in
         raise RuntimeError("boom")
     assert lm.config._attn_implementation == "sdpa"
     short = {k: v[:, :-1] for k, v in batch.items() if k != "input_ids"}
-    with torch.no_grad(), pytest.raises(RuntimeError, match="set_cells"), capture.recording(tiny_bundle.model):
+    with torch.no_grad(), capture.recording(tiny_bundle.model):
+        with pytest.raises(RuntimeError, match="already recording"), capture.recording(tiny_bundle.model):
+            pass
         capture.set_cells(0)
-        lm(**short, use_cache=False)
-        lm(**short, use_cache=False)  # same cells again without set_cells
+        lm(**short, use_cache=False, object_capture=capture)
+        lm(**short, use_cache=False, object_capture=capture)  # same cells again without set_cells
     assert lm.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="set_cells"):
+        capture.maps()
     assert torch.isnan(ObjectAttentionCapture(positions, [3], num_cells=4).maps()).all()  # nothing captured
 
 

@@ -1,28 +1,43 @@
 """Batched, KV-cached, classifier-free-guided Janus image generation over transformers' own Janus model.
 
-One preallocated ``StaticCache`` holds 2B rows: B conditional rows, then B unconditional rows built as Janus builds
+One preallocated ``StaticCache`` holds 2R rows: R conditional rows, then R unconditional rows built as Janus builds
 them (BOS and ``<begin_of_image>`` kept, every other prompt token replaced by the pad token, same attention mask).
 Prompts of different lengths are left-padded; pads are masked out and position ids count real tokens only, so a
 row computes what it would compute alone. Each row samples with its own counter-based noise
-(``engine.sampling``), so an image depends only on (prompt, seed, settings). The decode step (language model for
-one token, generation head, guidance, sampling, next-token embedding) runs under ``torch.compile`` with CUDA
-graphs on CUDA when ``config.compile``; plainly on CPU. Temperature 0 is greedy decoding.
+(``engine.sampling``), so an image depends only on (prompt, seed, settings). Temperature 0 is greedy decoding.
+
+The prompt is prefilled eagerly; then every decode step (language model for one token, generation head,
+guidance, sampling, next-token embedding, and with ``objects`` the attention capture) is one fixed-shape function
+of device tensors: the step counter lives on the device and is advanced inside the step, the sampled token is
+written into a preallocated (R, N + 1) buffer, so the Python loop passes nothing per token. With
+``images.compile`` ("auto": CUDA only; true: every device; false: never) that step is compiled once with
+``torch.compile(fullgraph=True)`` (CUDA graphs, ``mode="reduce-overhead"``, on CUDA; plain inductor on CPU),
+following gpt-fast: every batch has ``images.batch_size`` rows (the ragged last batch is padded with copies of
+its last prompt, dropped afterwards), prompts are left-padded to a multiple of ``PROMPT_BUCKET`` tokens (the
+longest of the call), object lists to multiples of ``OBJECT_BUCKET``. One call therefore compiles one graph per
+mask context, a process at most one per (rows, prompt bucket, object bucket, sampling); a graph break or a
+recompile inside a batch raises instead of running eagerly.
 
 With ``objects``, the attention that each image-token query of the conditional rows pays to the object words is
 captured during these same decode steps (``engine.object_attention``); cell j is the query whose input is image
-token j, so one extra step runs after the last token.
+token j, so one extra step runs after the last token (its draw is discarded).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import StaticCache
 
 from ospo_fast.config import ImageConfig
+from ospo_fast.engine.prompts import image_prompt_inputs, position_ids_from_mask
 from ospo_fast.engine.sampling import sample_next
+
+PROMPT_BUCKET = 64  # compiled: prompts are left-padded to a multiple of this many tokens
+OBJECT_BUCKET = 4  # compiled: objects per prompt and sub-tokens per object are padded to multiples of this
+MAX_GRAPHS = 32  # compiled: graphs of the decode step per process before it refuses to compile another
 
 
 @dataclass
@@ -43,24 +58,23 @@ class _Sampling:
     top_p: float
 
 
-def image_prompt_inputs(bundle, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat template + ``<begin_of_image>``, left-padded: input_ids (B, T) and attention_mask (B, T) on CPU."""
-    processor = bundle.processor
-    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}]}],
-                                           add_generation_prompt=True, tokenize=False) for p in prompts]
-    enc = processor(text=texts, generation_mode="image", padding=True, padding_side="left", return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+@dataclass(frozen=True)
+class _Shape:
+    """Everything the decode step's graph depends on. objects/subtokens 0: no capture."""
+
+    rows: int
+    prompt_len: int
+    num_tokens: int
+    sampling: _Sampling
+    objects: int = 0
+    subtokens: int = 0
+    layers: tuple[int, ...] = ()
 
 
 def unconditional_ids(input_ids: torch.Tensor, bos_id: int, boi_id: int, pad_id: int) -> torch.Tensor:
     """Janus's unconditional prompt: every token other than BOS and ``<begin_of_image>`` becomes pad. (B, T)."""
     keep = (input_ids == bos_id) | (input_ids == boi_id)
     return input_ids.masked_fill(~keep, pad_id)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting real tokens only; pads get 0. (B, T) int64."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def pixels_from_decoded(decoded: torch.Tensor, image_mean, image_std) -> torch.Tensor:
@@ -82,6 +96,33 @@ def decode_pixels(bundle, tokens: torch.Tensor, batch_size: int = 16) -> torch.T
     return torch.cat(out)
 
 
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """``images.compile``: "auto" compiles the decode step on CUDA only, True on every device, False never."""
+    if setting not in ("auto", True, False):
+        raise ValueError(f"images.compile={setting!r} must be 'auto', true or false")
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compile_mode(device_type: str) -> str | None:
+    """torch.compile mode per device: CUDA graphs on CUDA; inductor's default elsewhere (CPU has no graphs)."""
+    return "reduce-overhead" if device_type == "cuda" else None
+
+
+def _decode_step(decoder: _Decoder) -> None:
+    decoder.step()
+
+
+_COMPILED_STEPS: dict[str, Callable[[_Decoder], None]] = {}
+
+
+def compiled_step(device_type: str) -> Callable[[_Decoder], None]:
+    """The one compiled decode step per device type (``fullgraph=True``: a graph break raises)."""
+    if device_type not in _COMPILED_STEPS:
+        _COMPILED_STEPS[device_type] = torch.compile(_decode_step, fullgraph=True, dynamic=False,
+                                                     mode=compile_mode(device_type))
+    return _COMPILED_STEPS[device_type]
+
+
 def _check_args(bundle, prompts, seeds, config: ImageConfig, objects) -> None:
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
@@ -92,68 +133,140 @@ def _check_args(bundle, prompts, seeds, config: ImageConfig, objects) -> None:
     if config.guidance_scale < 0 or config.temperature < 0:
         raise ValueError(f"guidance_scale={config.guidance_scale} and temperature={config.temperature} must be >= 0 "
                          "(temperature 0 is greedy)")
+    if config.batch_size < 1:
+        raise ValueError(f"images.batch_size={config.batch_size} must be >= 1")
     if bundle.model.generation_config.pad_token_id is None and bundle.tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; Janus's unconditional rows need one (set pad_token)")
 
 
 class _Decoder:
-    """The decode step over one static cache: embed the last tokens, run the language model for one position,
-    apply the generation head, guidance and sampling. All tensors keep their shapes, so it can be graphed."""
+    """Decode state of one shape: a static cache of 2R rows and prompt_len + N + 1 slots, and device tensors
+    tokens (R, N + 1), index (0-d: the image token the next step feeds), first_position (2R, 1), seeds (R,),
+    mask (2R, L), plus an object-attention capture whose cells follow ``index``. All keep their addresses
+    (marked static for CUDA graphs) and shapes across batches, so the step compiles once and replays."""
 
-    def __init__(self, model, cache: StaticCache, sampling: _Sampling):
-        self.model, self.cache, self.sampling = model, cache, sampling
+    def __init__(self, model, shape: _Shape, device: torch.device):
+        self.model, self.shape = model, shape
+        r, cache_len = shape.rows, shape.prompt_len + shape.num_tokens + 1
+        self.cache = StaticCache(config=model.config.text_config, max_cache_len=cache_len)
+        self.tokens = torch.zeros(r, shape.num_tokens + 1, dtype=torch.int64, device=device)  # col N: discarded
+        self.index = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_position = torch.zeros(2 * r, 1, dtype=torch.int64, device=device)
+        self.seeds = torch.zeros(r, dtype=torch.int64, device=device)
+        self.mask = torch.ones(2 * r, cache_len, dtype=torch.int64, device=device)  # (2R, L)
+        self.capture = None
+        if shape.objects:
+            from ospo_fast.engine.object_attention import ObjectAttentionCapture
 
-    def logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """embeds (2B, T, H), position_ids (2B, T), mask (2B, L) -> guided float32 logits (B, V), last position."""
-        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                              past_key_values=self.cache, use_cache=True)
-        scores = self.model.model.generation_head(out.last_hidden_state[:, -1, :]).float()  # (2B, V)
+            positions = torch.full((r, shape.objects, shape.subtokens), -1, dtype=torch.int64, device=device)
+            self.capture = ObjectAttentionCapture(positions, list(shape.layers), shape.num_tokens)
+            self.capture.set_cells(self.index)  # the query fed image token `index` is cell `index`
+        for t in [self.tokens, self.index, self.first_position, self.seeds, self.mask] + (
+                self.capture.tensors() if self.capture is not None else []):
+            torch._dynamo.mark_static_address(t)
+
+    def start(self, ids2: torch.Tensor, mask2: torch.Tensor, seeds: torch.Tensor,
+              key_positions: torch.Tensor | None) -> None:
+        """Prefill (eager) one batch: ids2 and mask2 (2R, T) on the device, seeds (R,), key_positions (R, O, S)
+        or None; samples token 0 and points ``index`` at it."""
+        self.cache.reset()
+        self.mask[:, :ids2.shape[1]].copy_(mask2)
+        self.seeds.copy_(seeds)
+        if self.capture is not None:
+            self.capture.load(key_positions)
+        positions = position_ids_from_mask(mask2)  # (2R, T)
+        embeds = self.model.get_input_embeddings()(ids2)  # (2R, T, H); its queries are text: no capture
+        self.tokens[:, 0] = self.sample(self.logits(embeds, positions, None), 0)
+        self.first_position.copy_(positions[:, -1:] + 1)
+        self.index.zero_()
+
+    def logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, capture) -> torch.Tensor:
+        """embeds (2R, T, H), position_ids (2R, T) -> guided float32 logits (R, V) at the last position."""
+        extra = {} if capture is None else {"object_capture": capture}
+        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=self.mask,
+                                              position_ids=position_ids, past_key_values=self.cache, use_cache=True,
+                                              **extra)
+        scores = self.model.model.generation_head(out.last_hidden_state[:, -1, :]).float()  # (2R, V)
         cond, uncond = scores.chunk(2)
-        return self.sampling.guidance_scale * (cond - uncond) + uncond  # (B, V), as Janus / transformers' CFG
+        return self.shape.sampling.guidance_scale * (cond - uncond) + uncond  # (R, V), as Janus's CFG
 
-    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, seeds: torch.Tensor,
-             step: torch.Tensor) -> torch.Tensor:
-        """tokens (B,) last image tokens; position_ids (2B, 1); mask (2B, L); step 0-d int64 -> next tokens (B,)."""
-        embeds = self.model.prepare_embeddings_for_image_generation(tokens.repeat(2)[:, None])  # (2B, 1, H)
-        return self.sample(self.logits(embeds, position_ids, mask), seeds, step)
+    def sample(self, logits: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
+        s = self.shape.sampling
+        return sample_next(logits, self.seeds, step, s.temperature, s.top_k, s.top_p)
 
-    def sample(self, logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
-        s = self.sampling
-        return sample_next(logits, seeds, step, s.temperature, s.top_k, s.top_p)
+    def step(self) -> None:
+        """Feed image token ``index`` of every row, write token ``index + 1``, advance ``index``: device-only."""
+        index = self.index.view(1)
+        last = self.tokens.index_select(1, index)  # (R, 1)
+        embeds = self.model.prepare_embeddings_for_image_generation(last.repeat(2, 1))  # (2R, 1, H)
+        logits = self.logits(embeds, self.first_position + self.index, self.capture)  # (R, V)
+        self.tokens.index_copy_(1, index + 1, self.sample(logits, self.index + 1)[:, None])
+        self.index.add_(1)
 
 
-class _CompiledDecoders:
-    """Compiled decoders with their static caches, kept across calls: CUDA graphs replay only when the cache
-    tensors keep their addresses, so a (model, rows, cache length, sampling) shape reuses one cache (reset)."""
+class _DecoderPool:
+    """Compiled decoders kept across calls: CUDA graphs replay only while the state tensors keep their addresses,
+    so a (model, shape, device) reuses one decoder; least recently used first out beyond ``limit``."""
 
     def __init__(self, limit: int = 4):
         self.limit = limit
-        self._pool: dict[tuple, tuple[_Decoder, object]] = {}
+        self._pool: dict[tuple, _Decoder] = {}
 
-    def get(self, model, rows: int, cache_len: int, sampling: _Sampling):
-        key = (id(model), rows, cache_len, sampling)
-        if key in self._pool:
-            decoder, step_fn = self._pool[key]
-            decoder.cache.reset()
-            return decoder, step_fn
-        if len(self._pool) >= self.limit:
+    def get(self, model, shape: _Shape, device: torch.device) -> _Decoder:
+        key = (id(model), shape, str(device))
+        decoder = self._pool.pop(key, None)
+        if decoder is None or decoder.model is not model:
+            decoder = _Decoder(model, shape, device)
+        while len(self._pool) >= self.limit:
             self._pool.pop(next(iter(self._pool)))
-        decoder = _Decoder(model, StaticCache(config=model.config.text_config, max_cache_len=cache_len), sampling)
-        step_fn = torch.compile(decoder.step, mode="reduce-overhead", dynamic=False)
-        self._pool[key] = (decoder, step_fn)
-        return decoder, step_fn
+        self._pool[key] = decoder
+        return decoder
 
 
-_COMPILED = _CompiledDecoders()
+_POOL = _DecoderPool()
 
 
-def _pad_to_multiple(input_ids: torch.Tensor, mask: torch.Tensor, multiple: int, pad_id: int):
-    """Left-pad (B, T) to a multiple of ``multiple`` columns (fewer distinct cache shapes to compile)."""
-    extra = -input_ids.shape[1] % multiple
-    if extra == 0:
-        return input_ids, mask
-    return (torch.nn.functional.pad(input_ids, (extra, 0), value=pad_id),
-            torch.nn.functional.pad(mask, (extra, 0), value=0))
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _left_pad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """(B, T) -> (B, width), padded on the left with ``value``."""
+    return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(b, ...) -> (rows, ...) by repeating the last row (dummy rows of a ragged last batch)."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
+
+
+def _special_ids(bundle) -> tuple[int, int, int]:
+    """(pad, bos, <begin_of_image>) token ids; pad and bos from the generation config where set."""
+    gen_config, tokenizer = bundle.model.generation_config, bundle.tokenizer
+    pad_id = gen_config.pad_token_id if gen_config.pad_token_id is not None else tokenizer.pad_token_id
+    bos_id = gen_config.bos_token_id if gen_config.bos_token_id is not None else tokenizer.bos_token_id
+    return pad_id, bos_id, tokenizer.convert_tokens_to_ids(bundle.processor.image_start_token)
+
+
+def _tokenise(bundle, prompts: list[str], objects: list[list[str]] | None, compiled: bool):
+    """All prompts of a call, left-padded together (compiled: to a multiple of PROMPT_BUCKET): ids, mask (P, T);
+    object key positions (P, O, S) or None (compiled: O and S padded to multiples of OBJECT_BUCKET)."""
+    ids, mask = image_prompt_inputs(bundle.processor, prompts)
+    if compiled:
+        width = _round_up(ids.shape[1], PROMPT_BUCKET)
+        ids, mask = _left_pad(ids, width, _special_ids(bundle)[0]), _left_pad(mask, width, 0)
+    if objects is None:
+        return ids, mask, None
+    from ospo_fast.engine.object_attention import object_token_positions
+
+    positions = object_token_positions(bundle.tokenizer, ids, objects)  # (P, O, S)
+    if compiled:
+        o, s = (_round_up(n, OBJECT_BUCKET) for n in positions.shape[1:])
+        positions = torch.nn.functional.pad(positions, (0, s - positions.shape[2], 0, o - positions.shape[1]),
+                                            value=-1)
+    return ids, mask, positions
 
 
 @torch.no_grad()
@@ -162,97 +275,83 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     """Generate one image per (prompt, seed) with classifier-free guidance, ``config.batch_size`` at a time.
 
     prompts: B texts; seeds: B ints (the image depends only on prompt, seed and settings); config: guidance
-    scale, temperature (0: greedy), top_k (0: off), top_p (1.0: off), compile (CUDA graphs on CUDA; not while
-    capturing maps). objects: per prompt, the object words whose attention maps to capture (layers
+    scale, temperature (0: greedy), top_k (0: off), top_p (1.0: off), compile ("auto" | true | false, see the
+    module docstring). objects: per prompt, the object words whose attention maps to capture (layers
     ``mask_layers``, default ``select_layers(num_layers)``: all but the first and last 5).
     Returns ImageBatch(tokens (B, N), pixels (B, H, W, 3) uint8, object_maps (B, O, G, G) or None; O is the
     longest object list, shorter lists padded with zero maps).
     """
     _check_args(bundle, prompts, seeds, config, objects)
-    if config.batch_size < 1:
-        raise ValueError(f"images.batch_size={config.batch_size} must be >= 1")
-    parts = []
-    for start in range(0, len(prompts), config.batch_size):
-        end = start + config.batch_size
-        parts.append(_generate_batch(bundle, prompts[start:end], seeds[start:end], config,
-                                     None if objects is None else objects[start:end], mask_layers))
-    if len(parts) == 1:
-        return parts[0]
-    maps = None
+    device, model = bundle.device, bundle.model
+    compiled = compile_enabled(config.compile, device)
+    ids, mask, key_positions = _tokenise(bundle, prompts, objects, compiled)
+    layers: tuple[int, ...] = ()
     if objects is not None:
-        width = max(p.object_maps.shape[1] for p in parts)
-        maps = torch.cat([torch.nn.functional.pad(p.object_maps, (0, 0, 0, 0, 0, width - p.object_maps.shape[1]))
-                          for p in parts])
-    return ImageBatch(tokens=torch.cat([p.tokens for p in parts]), pixels=torch.cat([p.pixels for p in parts]),
-                      object_maps=maps)
-
-
-def _generate_batch(bundle, prompts: list[str], seeds: list[int], config: ImageConfig,
-                    objects: list[list[str]] | None, mask_layers: list[int] | None) -> ImageBatch:
-    """One batch of ``generate_images``: prefill 2B rows, decode N tokens (+1 capture step), VQ-decode."""
-    model, tokenizer = bundle.model, bundle.tokenizer
-    device = bundle.device
-    gen_config = model.generation_config
-    pad_id = gen_config.pad_token_id if gen_config.pad_token_id is not None else tokenizer.pad_token_id
-    bos_id = gen_config.bos_token_id if gen_config.bos_token_id is not None else tokenizer.bos_token_id
-    boi_id = tokenizer.convert_tokens_to_ids(bundle.processor.image_start_token)
-    num_tokens = bundle.num_image_tokens
-    compiled = config.compile and device.type == "cuda" and objects is None
-
-    input_ids, mask = image_prompt_inputs(bundle, prompts)
-    if compiled:
-        input_ids, mask = _pad_to_multiple(input_ids, mask, 64, pad_id)
-    batch, prompt_len = input_ids.shape
-    ids2 = torch.cat([input_ids, unconditional_ids(input_ids, bos_id, boi_id, pad_id)]).to(device)  # (2B, T)
-    mask2 = mask.repeat(2, 1).to(device)  # (2B, T)
-    capture = _make_capture(bundle, input_ids, objects, mask_layers) if objects is not None else None
-    cache_len = prompt_len + num_tokens + (1 if capture is not None else 0)
-    full_mask = torch.cat([mask2, mask2.new_ones(2 * batch, cache_len - prompt_len)], dim=1)  # (2B, L)
-    sampling = _Sampling(config.guidance_scale, config.temperature, config.top_k, config.top_p)
-    if compiled:
-        decoder, step_fn = _COMPILED.get(model, 2 * batch, cache_len, sampling)
-    else:
-        decoder = _Decoder(model, StaticCache(config=model.config.text_config, max_cache_len=cache_len), sampling)
-        step_fn = decoder.step
-    seeds_t = torch.as_tensor(seeds, dtype=torch.int64, device=device)
-    positions = position_ids_from_mask(mask2)  # (2B, T)
-    next_pos = positions[:, -1:] + 1  # (2B, 1)
-    tokens = torch.empty(batch, num_tokens, dtype=torch.int64, device=device)
-
-    with capture.recording(model) if capture is not None else contextlib.nullcontext():
-        _set_cells(capture, -prompt_len)
-        embeds = model.get_input_embeddings()(ids2)  # (2B, T, H)
-        tokens[:, 0] = decoder.sample(decoder.logits(embeds, positions, full_mask), seeds_t, 0)
-        for i in range(1, num_tokens):
-            _set_cells(capture, i - 1)
-            step = torch.tensor(i, dtype=torch.int64, device=device)
-            tokens[:, i] = step_fn(tokens[:, i - 1].clone(), next_pos + (i - 1), full_mask, seeds_t, step)
-        if capture is not None:  # one more query: the one whose input is the last image token
-            _set_cells(capture, num_tokens - 1)
-            embeds = model.prepare_embeddings_for_image_generation(tokens[:, -1].repeat(2)[:, None])
-            model.model.language_model(inputs_embeds=embeds, attention_mask=full_mask,
-                                       position_ids=next_pos + num_tokens - 1, past_key_values=decoder.cache,
-                                       use_cache=True)
-
-    object_maps = None
-    if capture is not None:
-        grid = bundle.grid
-        object_maps = capture.maps().reshape(batch, -1, grid, grid).cpu()  # (B, O, G, G)
-    pixels = decode_pixels(bundle, tokens, config.batch_size)
-    return ImageBatch(tokens=tokens.cpu(), pixels=pixels, object_maps=object_maps)
-
-
-def _make_capture(bundle, input_ids: torch.Tensor, objects: list[list[str]], mask_layers: list[int] | None):
-    from ospo_fast.engine.object_attention import ObjectAttentionCapture, object_token_positions
-
-    if mask_layers is None:
         from ospo_fast.ops.object_masks import select_layers
 
-        mask_layers = select_layers(bundle.num_layers)
-    positions = object_token_positions(bundle.tokenizer, input_ids, objects).to(bundle.device)  # (B, O, S)
-    return ObjectAttentionCapture(positions, list(mask_layers), bundle.num_image_tokens)
+        layers = tuple(sorted(set(mask_layers if mask_layers is not None else select_layers(bundle.num_layers))))
+    sampling = _Sampling(config.guidance_scale, config.temperature, config.top_k, config.top_p)
+    captured = (0, 0) if key_positions is None else tuple(key_positions.shape[1:])
+    tokens, maps = [], []
+    for start in range(0, len(prompts), config.batch_size):
+        end = min(start + config.batch_size, len(prompts))
+        rows = config.batch_size if compiled else end - start  # compiled: fixed rows, the last batch padded
+        shape = _Shape(rows, ids.shape[1], bundle.num_image_tokens, sampling, *captured, layers)
+        decoder = _POOL.get(model, shape, device) if compiled else _Decoder(model, shape, device)
+        batch_tokens, batch_maps = _decode_batch(bundle, decoder, ids[start:end], mask[start:end],
+                                                 seeds[start:end],
+                                                 None if key_positions is None else key_positions[start:end],
+                                                 compiled)
+        tokens.append(batch_tokens)
+        maps.append(batch_maps)
+    tokens = torch.cat(tokens)
+    object_maps = None
+    if objects is not None:
+        width = max(1, max(len(words) for words in objects))  # compiled: drop the bucket's padding objects
+        object_maps = torch.cat(maps)[:, :width].reshape(len(prompts), width, bundle.grid, bundle.grid)
+    pixels = decode_pixels(bundle, tokens, config.batch_size)
+    return ImageBatch(tokens=tokens, pixels=pixels, object_maps=object_maps)
 
 
-def _set_cells(capture, start: int) -> None:
-    if capture is not None:
-        capture.set_cells(start)
+def _decode_batch(bundle, decoder: _Decoder, ids: torch.Tensor, mask: torch.Tensor, seeds: list[int],
+                  key_positions: torch.Tensor | None, compiled: bool):
+    """One batch: ids/mask (b, T) with b <= rows, padded to the decoder's rows; prefill, then N - 1 decode steps
+    (+1 capture step). Returns tokens (b, N) int64 and maps (b, O, N) float32 or None, on CPU."""
+    device, rows, num_tokens = bundle.device, decoder.shape.rows, decoder.shape.num_tokens
+    n = ids.shape[0]
+    pad_id, bos_id, boi_id = _special_ids(bundle)
+    ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
+    ids2 = torch.cat([ids, unconditional_ids(ids, bos_id, boi_id, pad_id)]).to(device)  # (2R, T)
+    mask2 = mask.repeat(2, 1).to(device)  # (2R, T)
+    seeds_t = _pad_rows(torch.as_tensor(seeds, dtype=torch.int64), rows).to(device)  # (R,)
+    capture = decoder.capture
+    if capture is None:
+        decoder.start(ids2, mask2, seeds_t, None)
+        _run_steps(decoder, num_tokens - 1, compiled)
+        return decoder.tokens[:n, :num_tokens].cpu(), None
+    with capture.recording(bundle.model):
+        decoder.start(ids2, mask2, seeds_t, _pad_rows(key_positions, rows))
+        _run_steps(decoder, num_tokens, compiled)  # one more query: the one whose input is the last image token
+    return decoder.tokens[:n, :num_tokens].cpu(), capture.maps()[:n].cpu()
+
+
+def _run_steps(decoder: _Decoder, steps: int, compiled: bool) -> None:
+    """``steps`` decode steps. Compiled: the first may compile (a new shape); the rest must replay that graph, so
+    a guard that fails mid-batch raises (torch.compiler stance ``fail_on_recompile``) instead of recompiling."""
+    if not compiled:
+        for _ in range(steps):
+            decoder.step()
+        return
+    if steps < 1:
+        return
+    step_fn = compiled_step(decoder.index.device.type)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+            step_fn(decoder)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                for _ in range(steps - 1):
+                    step_fn(decoder)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+        raise RuntimeError(f"the image decode step was compiled for {MAX_GRAPHS} shapes in this process (rows, "
+                           "prompt bucket, objects, sampling); keep images.batch_size and the sampling settings "
+                           "fixed, or set images.compile=false") from error

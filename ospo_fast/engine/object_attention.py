@@ -14,7 +14,9 @@ SDPA sees it. Captured values are averaged over heads, selected layers and sub-t
 
 Public API:
 - ``ObjectAttentionCapture(key_positions, layers, num_cells)`` with ``recording(model)``, ``set_cells(start)``,
-  ``maps()``: used by the generation engine step by step, or by a single teacher-forced forward;
+  ``maps()``: forwards inside ``recording`` capture when called with ``object_capture=capture``; used by the
+  compiled decode step (cells from its device step counter) or by a single teacher-forced forward;
+- ``capture_chunk_elements(device)``: the score-block size per device (CPU: cache-sized; CUDA: from free memory);
 - ``object_token_positions(tokenizer, input_ids, objects)``: object words -> sub-token key positions;
 - ``teacher_forced_object_maps(bundle, prompts, image_tokens, objects, skip_layers)``: one batched forward of
   [chat prompt + <begin_of_image>] + image tokens -> (B, O, G, G) maps;
@@ -32,20 +34,39 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ospo_fast.engine.prompts import image_prompt_inputs, position_ids_from_mask
 from ospo_fast.ops.object_masks import select_layers
 
 ATTENTION_NAME = "ospo_object_capture"
-_ACTIVE: dict[int, ObjectAttentionCapture] = {}  # id(language-model config) -> the capture recording it
+CPU_CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 scores: stays in a CPU core's caches
+MAX_CHUNK_ELEMENTS = 1 << 28  # 1 GiB of float32 scores
+
+
+def capture_chunk_elements(device: torch.device | str, free_bytes: int | None = None) -> int:
+    """How many attention scores (queries x keys x heads x rows) the capture holds at once on ``device``.
+
+    CPU: ``CPU_CHUNK_ELEMENTS`` (cache-sized blocks are fastest there). CUDA: a sixteenth of the free memory
+    (``free_bytes``, default ``torch.cuda.mem_get_info``), counted as three float32 copies of the score block
+    (scores, exp, gather), between ``CPU_CHUNK_ELEMENTS`` and ``MAX_CHUNK_ELEMENTS``: at Janus-Pro shapes on an
+    80 GB GPU one chunk holds a few hundred queries, so a teacher-forced pass is a few chunks per layer, not
+    a hundred.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_CHUNK_ELEMENTS
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return int(min(MAX_CHUNK_ELEMENTS, max(CPU_CHUNK_ELEMENTS, free_bytes // 16 // (3 * 4))))
 
 
 def _capturing_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         **kwargs) -> tuple[torch.Tensor, None]:
-    """SDPA attention that also hands (query, key, mask) of the selected layers to the active capture."""
-    capture = _ACTIVE.get(id(module.config))
-    if capture is not None:
+                         object_capture: ObjectAttentionCapture | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA attention that also hands (query, key, mask) of the selected layers to ``object_capture``, the
+    capture passed to the language model's forward as a keyword (transformers hands forward kwargs to attention)."""
+    if object_capture is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        capture._record(module.layer_idx, query, key, attention_mask, scale)
+        object_capture._record(module.layer_idx, query, key, attention_mask, scale)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 
@@ -69,43 +90,59 @@ def _language_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class ObjectAttentionCapture:
-    """Accumulates object-attention maps over forwards.
+    """Accumulates object-attention maps over forwards, as fixed-shape tensor work (no Python state per forward,
+    so it runs inside a compiled, CUDA-graphed decode step).
 
     key_positions: (B, O, S) long, KV-sequence positions (cache slots) of each object's sub-tokens, -1 = padding;
-    layers: decoder layer indices to average; num_cells: cells per image (G*G). Only the first B batch rows of a
-    forward are captured (with CFG the unconditional rows follow them). ``set_cells(start)`` says that the queries of
-    the next forward are cells start, start+1, ...; cells outside [0, num_cells) are ignored. Call it before every
-    forward: recording a layer twice for one ``set_cells`` raises. ``chunk_elements`` bounds the score block
-    (queries x keys x heads x rows) held at once.
+    layers: decoder layer indices to average; num_cells: cells per image (G*G). A forward records only when it is
+    given ``object_capture=capture`` inside ``capture.recording(model)``; only its first B rows are captured (with
+    CFG the unconditional rows follow them). ``set_cells(start)`` says that the queries of the next forwards are
+    cells start, start+1, ...; start is an int, or a 0-d int64 tensor on the device that the caller advances in
+    place (the compiled decode step's own counter). Cells outside [0, num_cells) are ignored. Accumulators are
+    float32 (B, O, num_cells) sums and (num_cells,) per-cell layer counts, updated with ``index_add_``.
+    ``chunk_elements`` bounds the score block (queries x keys x heads x rows) held at once; default
+    ``capture_chunk_elements(device of key_positions)``.
     """
 
     def __init__(self, key_positions: torch.Tensor, layers: list[int], num_cells: int,
-                 chunk_elements: int = 1 << 21) -> None:
+                 chunk_elements: int | None = None) -> None:
         if key_positions.dim() != 3:
             raise ValueError(f"key_positions must be (B, O, S), got shape {tuple(key_positions.shape)}")
         if not layers:
             raise ValueError("layers is empty; use ospo_fast.ops.object_masks.select_layers(num_layers)")
         if num_cells < 1:
             raise ValueError(f"num_cells={num_cells} must be >= 1 (grid * grid)")
-        self.key_positions = key_positions.long()
         self.layers = sorted(set(int(i) for i in layers))
         self.num_cells = int(num_cells)
-        self.chunk_elements = int(chunk_elements)
+        device = key_positions.device
+        self.chunk_elements = int(chunk_elements or capture_chunk_elements(device))
         b, o, s = key_positions.shape
-        valid = self.key_positions >= 0
-        self._max_position = int(self.key_positions.max()) if self.key_positions.numel() else -1
-        self._weights = valid.float() / valid.sum(-1, keepdim=True).clamp(min=1)  # (B, O, S) sub-token mean
-        self._gather = self.key_positions.clamp(min=0).view(b, 1, 1, o * s)  # (B, 1, 1, O*S)
-        # Accumulators live on the device of the first recorded forward: no host sync while decoding.
-        self._sums = torch.zeros(b, o, self.num_cells, dtype=torch.float64)
-        self._counts = torch.zeros(self.num_cells, dtype=torch.int64)
-        self._start: int | None = None
-        self._seen: set[int] = set()
+        self.key_positions = torch.full((b, o, s), -1, dtype=torch.long, device=device)
+        self._weights = torch.zeros(b, o, s, device=device)  # (B, O, S) sub-token mean
+        self._gather = torch.zeros(b, 1, 1, o * s, dtype=torch.long, device=device)  # (B, 1, 1, O*S)
+        self._sums = torch.zeros(b, o, self.num_cells, device=device)  # (B, O, N) float32
+        self._counts = torch.zeros(self.num_cells, device=device)  # (N,) layers recorded per cell
+        self._start: int | torch.Tensor | None = None
+        self.load(key_positions)
 
-    def _to(self, device: torch.device) -> None:
-        if self._sums.device != device:
-            self._weights, self._gather = self._weights.to(device), self._gather.to(device)
-            self._sums, self._counts = self._sums.to(device), self._counts.to(device)
+    def load(self, key_positions: torch.Tensor) -> None:
+        """Start over with new key positions of the same shape, in place (tensor addresses are kept, so a
+        CUDA graph recorded over this capture replays for the next batch)."""
+        if key_positions.shape != self.key_positions.shape:
+            raise ValueError(f"key_positions has shape {tuple(key_positions.shape)}, this capture was built for "
+                             f"{tuple(self.key_positions.shape)}; build a new capture")
+        self._max_position = int(key_positions.max()) if key_positions.numel() else -1
+        positions = key_positions.to(self.key_positions.device, torch.long)
+        valid = positions >= 0
+        self.key_positions.copy_(positions)
+        self._weights.copy_(valid.float() / valid.sum(-1, keepdim=True).clamp(min=1))
+        self._gather.copy_(positions.clamp(min=0).view(self._gather.shape))
+        self._sums.zero_()
+        self._counts.zero_()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The state tensors (to mark as static addresses for CUDA graphs)."""
+        return [self.key_positions, self._weights, self._gather, self._sums, self._counts]
 
     @property
     def batch_size(self) -> int:
@@ -113,25 +150,23 @@ class ObjectAttentionCapture:
 
     @contextlib.contextmanager
     def recording(self, model: torch.nn.Module) -> Iterator[ObjectAttentionCapture]:
-        """Make ``model``'s language model use the capturing attention; restores the original on exit."""
+        """Make ``model``'s language model use the capturing attention; restores the original on exit. Forwards
+        inside capture only when passed ``object_capture=self``."""
         lm = _language_model(model)
-        config = lm.config
-        if id(config) in _ACTIVE:
-            raise RuntimeError("this model is already recording with another ObjectAttentionCapture; nest none")
-        original = config._attn_implementation
+        original = lm.config._attn_implementation
+        if original == ATTENTION_NAME:
+            raise RuntimeError("this model is already recording with an ObjectAttentionCapture; nest none")
         _register()
         lm.set_attn_implementation(ATTENTION_NAME)
-        _ACTIVE[id(config)] = self
         try:
             yield self
         finally:
-            _ACTIVE.pop(id(config), None)
             lm.set_attn_implementation(original)
 
-    def set_cells(self, start: int | None) -> None:
-        """Queries of the next forward are cells start, start+1, ...; None stops capturing."""
-        self._start = None if start is None else int(start)
-        self._seen = set()
+    def set_cells(self, start: int | torch.Tensor | None) -> None:
+        """Queries of the next forward are cells start, start+1, ...; None stops capturing. A 0-d tensor is kept
+        by reference: advancing it in place moves the cells of later forwards."""
+        self._start = start if start is None or isinstance(start, torch.Tensor) else int(start)
 
     def captured_cells(self) -> torch.Tensor:
         """(num_cells,) bool: cells that received at least one layer's attention."""
@@ -139,42 +174,52 @@ class ObjectAttentionCapture:
 
     def maps(self) -> torch.Tensor:
         """(B, O, num_cells) float32 on the recording device: mean over the selected layers, heads and sub-tokens.
-        Cells never captured are NaN (object_masks then raises naming the image): a missed step cannot pass silently."""
-        counts = self._counts.to(self._sums.dtype)
-        out = torch.where(counts > 0, self._sums / counts.clamp(min=1), float("nan"))
-        return out.float()
+        Cells never captured are NaN (object_masks then raises naming the image): a missed step cannot pass
+        silently; a cell recorded more than once per layer (a forward repeated without ``set_cells``) raises."""
+        if bool((self._counts > len(self.layers)).any()):
+            cell = int((self._counts > len(self.layers)).nonzero()[0])
+            raise RuntimeError(f"cell {cell} was recorded {int(self._counts[cell])} times by {len(self.layers)} "
+                               "layers; call capture.set_cells(start) before every forward")
+        return torch.where(self._counts > 0, self._sums / self._counts.clamp(min=1), float("nan"))
 
     # -- recording ------------------------------------------------------------------------------------------------
     def _record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                 scaling: float) -> None:
         if self._start is None or layer not in self.layers:
             return
-        if layer in self._seen:
-            raise RuntimeError(f"layer {layer} was recorded twice for set_cells({self._start}); call "
-                               "capture.set_cells(start) before every forward")
-        self._seen.add(layer)
-        tq = query.shape[2]
-        q0, q1 = max(0, -self._start), min(tq, self.num_cells - self._start)
-        if q0 >= q1:
-            return
-        b = self.batch_size
+        b, tq = self.batch_size, query.shape[2]
         if query.shape[0] < b:
             raise ValueError(f"the forward has {query.shape[0]} rows but the capture expects at least {b} images")
-        self._to(query.device)
-        columns = self._object_columns(query[:b], key[:b], mask, scaling, q0, q1)  # (B, O, q1 - q0)
-        cells = slice(self._start + q0, self._start + q1)
-        self._sums[:, :, cells] += columns.to(torch.float64)
-        self._counts[cells] += 1
+        if isinstance(self._start, int):  # cells known on the host: compute only the queries that are cells
+            q0, q1 = max(0, -self._start), min(tq, self.num_cells - self._start)
+            if q0 >= q1:
+                return
+            self._check_keys(key.shape[2])
+            columns = self._object_columns(query[:b], key[:b], mask, scaling, q0, q1)  # (B, O, q1 - q0)
+            cells = slice(self._start + q0, self._start + q1)
+            self._sums[:, :, cells] += columns
+            self._counts[cells] += 1
+            return
+        # cells from a device counter (compiled decode): every query, those outside the grid weighted 0
+        columns = self._object_columns(query[:b], key[:b], mask, scaling, 0, tq)  # (B, O, Tq)
+        cells = self._start + torch.arange(tq, device=query.device)  # (Tq,)
+        inside = ((cells >= 0) & (cells < self.num_cells)).float()  # (Tq,)
+        index = cells.clamp(0, self.num_cells - 1)
+        self._sums.index_add_(2, index, columns * inside)
+        self._counts.index_add_(0, index, inside)
 
-    def _object_columns(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                        q0: int, q1: int) -> torch.Tensor:
-        """Queries q0:q1 of (B, H, Tq, D) against keys (B, Hkv, Tk, D) -> (B, O, q1 - q0) head/sub-token means."""
-        b, h, tq, d = query.shape
-        hkv, tk = key.shape[1], key.shape[2]
-        groups = h // hkv
+    def _check_keys(self, tk: int) -> None:
         if self._max_position >= tk:
             raise ValueError(f"key position {self._max_position} is beyond the {tk} keys of this forward; "
                              "key_positions must index the KV sequence (cache slots)")
+
+    def _object_columns(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                        q0: int, q1: int) -> torch.Tensor:
+        """Queries q0:q1 of (B, H, Tq, D) against keys (B, Hkv, Tk, D) -> (B, O, q1 - q0) float32 head/sub-token
+        means."""
+        b, h, tq, d = query.shape
+        hkv, tk = key.shape[1], key.shape[2]
+        groups = h // hkv
         o, s = self.key_positions.shape[1:]
         gather_idx, weights = self._gather, self._weights  # (B, 1, 1, O*S), (B, O, S)
         k = key.float()
@@ -262,28 +307,20 @@ def objects_valid(objects: list[list[str]]) -> torch.Tensor:
 
 
 # -- teacher-forced maps -------------------------------------------------------------------------------------------
-def generation_prompt_inputs(processor, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Chat-templated image-generation prompts ending in <begin_of_image>, left-padded: input_ids, attention_mask."""
-    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}]}],
-                                           add_generation_prompt=True) for p in prompts]
-    enc = processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
 def teacher_forced_inputs(bundle, prompts: list[str], image_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """Embeddings of [prompt + <begin_of_image>] + image tokens: inputs_embeds (B, T+N, D), attention_mask,
     position_ids (left padding aware), and input_ids (B, T) of the text part."""
     model = bundle.model
     device = bundle.device
-    text = generation_prompt_inputs(bundle.processor, prompts)
-    ids, attn = text["input_ids"].to(device), text["attention_mask"].to(device)
+    ids, attn = image_prompt_inputs(bundle.processor, prompts)
+    ids, attn = ids.to(device), attn.to(device)
     lm = model.model.language_model
     image_tokens = image_tokens.to(device)
     embeds = torch.cat([lm.get_input_embeddings()(ids),
                         model.prepare_embeddings_for_image_generation(image_tokens)], dim=1)  # (B, T+N, D)
     attn = torch.cat([attn, torch.ones_like(image_tokens)], dim=1)  # (B, T+N)
-    position_ids = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)
-    return {"inputs_embeds": embeds, "attention_mask": attn, "position_ids": position_ids, "input_ids": ids}
+    return {"inputs_embeds": embeds, "attention_mask": attn, "position_ids": position_ids_from_mask(attn),
+            "input_ids": ids}
 
 
 @torch.no_grad()
@@ -302,14 +339,15 @@ def teacher_forced_object_maps(bundle, prompts: list[str], image_tokens: torch.T
     if grid * grid != n:
         raise ValueError(f"image_tokens has {n} tokens per image, not a square grid")
     inputs = teacher_forced_inputs(bundle, prompts, image_tokens)
-    positions = object_token_positions(bundle.tokenizer, inputs["input_ids"], objects)
+    positions = object_token_positions(bundle.tokenizer, inputs["input_ids"].cpu(), objects).to(bundle.device)
     t = inputs["input_ids"].shape[1]
     capture = ObjectAttentionCapture(positions, select_layers(bundle.num_layers, skip_layers), num_cells=n)
     with capture.recording(bundle.model):
         capture.set_cells(-t)  # query t + j has image token j as input
         bundle.model.model.language_model(inputs_embeds=inputs["inputs_embeds"],
                                           attention_mask=inputs["attention_mask"],
-                                          position_ids=inputs["position_ids"], use_cache=False)
+                                          position_ids=inputs["position_ids"], use_cache=False,
+                                          object_capture=capture)
     return capture.maps().view(len(prompts), -1, grid, grid)
 
 

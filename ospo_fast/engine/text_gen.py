@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, StaticCache
 
-from ospo_fast.engine.image_gen import position_ids_from_mask
+from ospo_fast.engine.prompts import position_ids_from_mask
 from ospo_fast.engine.sampling import sample_next
 
 
