@@ -87,15 +87,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_gen(args: argparse.Namespace) -> int:
-    from ospo_fast.evalgen import eval_gen
+    from ospo_fast.evalgen import check_out, generate, model_identity, plan, where_to_point
     from ospo_fast.models import load_janus
 
     config = _load(args)
     path = args.model or config.model.path
+    todo = plan(args.format, args.prompts, args.out, samples=args.samples, seed=config.seed, images=config.images,
+                model=model_identity(path))
+    check_out(todo)  # inputs first: a bad prompt file or a mismatched --out never waits for a model to load
     bundle = load_janus(path, dtype=config.model.dtype, device=config.model.device,
                         attn_implementation=config.model.attn_implementation)
-    made = eval_gen(bundle, args.format, args.prompts, args.out, config.images, samples=args.samples, seed=config.seed)
-    print(f"{made} images written under {args.out}")
+    made = generate(bundle, todo, config.images)
+    print(f"{made} images written under {args.out} ({len(todo.jobs) - made} were there already); "
+          f"{where_to_point(todo)}")
     return 0
 
 
@@ -170,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="GenEval metadata .jsonl, a prompt-per-line .txt, or a DPG dir")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="checkpoint to use instead of model.path (e.g. a merged one)")
-    p.add_argument("--samples", type=int, default=4, help="images per prompt (GenEval: 4; CompBench: 10)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="images per prompt (default: the official script's, GenEval 4, T2I-CompBench 10, DPG 4)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_gen)
 
@@ -200,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     from ospo_fast.evalgen import PromptFileError
     from ospo_fast.models.loader import ModelLoadError
     from ospo_fast.run import NoPairsError
+    from ospo_fast.store import StoreError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, PromptFileError, NoPairsError) as err:
+    except (ConfigError, ModelLoadError, PromptFileError, NoPairsError, StoreError) as err:
         print(f"ospo-fast: error: {err}", file=sys.stderr)
         return 2
 
