@@ -2,13 +2,18 @@
 ``report``. Warm-up runs are excluded, the median of repeats is taken, peak memory is recorded (CUDA: allocator
 peak; CPU: peak of tensors allocated by the case, traced through the CPU allocator profiler), a baseline is
 measured in the same run and the ratio printed, and every result is appended as a JSON line (device, commit,
-date) to ``benchmarks/results.jsonl``.
+date) to ``benchmarks/results.jsonl``. Results that are not timings (e.g. the AOT kernel resources) go through
+``append_rows``.
+
+Under pytest (``pytest benchmarks/ --benchmark-only``, see ``benchmarks/conftest.py``) every reported case also
+becomes a pytest-benchmark entry: ``LISTENERS`` are told of each table, with the same figures.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -19,7 +24,8 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+# JSON lines go here; OSPO_FAST_BENCH_RESULTS points them elsewhere (tests, a GPU check's own log)
+RESULTS = Path(os.environ.get("OSPO_FAST_BENCH_RESULTS", Path(__file__).resolve().parent / "results.jsonl"))
 
 
 @dataclass
@@ -31,6 +37,12 @@ class Measurement:
     peak_mib: float | None
     repeats: int
     extra: dict = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)  # seconds of each timed repeat (empty where not kept)
+
+
+# Called as listener(bench, results, table, rows) after each table: results are the Measurements (empty for
+# append_rows), table the printed text, rows the JSON lines written. benchmarks/conftest.py adds one per test.
+LISTENERS: list[Callable[[str, list[Measurement], str, list[dict]], None]] = []
 
 
 def device_name(device: torch.device | str = "cpu") -> str:
@@ -91,26 +103,68 @@ def measure(name: str, fn: Callable[[], object], device: torch.device | str = "c
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:
             peak = cpu_peak_mib(fn)
-    return Measurement(name=name, median_s=statistics.median(times), peak_mib=peak, repeats=repeats, extra=extra)
+    return Measurement(name=name, median_s=statistics.median(times), peak_mib=peak, repeats=repeats, extra=extra,
+                       times=times)
+
+
+def stamp(bench: str, device: torch.device | str = "cpu", config: dict | None = None) -> dict:
+    """The fields every JSON line carries: bench, device, commit, UTC date, config."""
+    return {"bench": bench, "device": device_name(device), "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": config or {}}
+
+
+def _append(rows: list[dict]) -> None:
+    with open(RESULTS, "a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def _notify(bench: str, results: list[Measurement], table: str, rows: list[dict]) -> None:
+    for listener in LISTENERS:
+        listener(bench, results, table, rows)
+
+
+def append_rows(bench: str, rows: list[dict], table: str, device: torch.device | str = "cpu",
+                config: dict | None = None) -> None:
+    """Print ``table`` and append ``rows`` (dicts of figures that are not timings) as stamped JSON lines."""
+    print(f"\n== {bench} on {device_name(device)}\n{table}")
+    stamped = [dict(stamp(bench, device, config), **row) for row in rows]
+    _append(stamped)
+    _notify(bench, [], table, stamped)
+
+
+def format_report(bench: str, results: list[Measurement], baseline: str, device: torch.device | str = "cpu",
+                  config: dict | None = None) -> str:
+    """The printed table: median time, speed-up and memory ratio against ``baseline`` (a name in ``results``)."""
+    base = _baseline(results, baseline)
+    lines = [f"== {bench} on {device_name(device)} (baseline: {baseline})"]
+    if config:
+        lines.append("   " + ", ".join(f"{k}={v}" for k, v in config.items()))
+    lines.append(f"   {'case':<34}{'median ms':>12}{'speed-up':>10}{'peak MiB':>11}{'mem ratio':>11}")
+    for r in results:
+        speedup = base.median_s / r.median_s if r.median_s > 0 else float("inf")
+        mem = f"{r.peak_mib:.1f}" if r.peak_mib is not None else "-"
+        mem_ratio = (f"{r.peak_mib / base.peak_mib:.3f}" if r.peak_mib is not None and base.peak_mib else "-")
+        lines.append(f"   {r.name:<34}{r.median_s * 1e3:>12.2f}{speedup:>9.2f}x{mem:>11}{mem_ratio:>11}")
+    return "\n".join(lines)
+
+
+def _baseline(results: list[Measurement], baseline: str) -> Measurement:
+    base = next((r for r in results if r.name == baseline), None)
+    if base is None:
+        raise ValueError(f"baseline {baseline!r} is not among the cases {[r.name for r in results]}")
+    return base
 
 
 def report(bench: str, results: list[Measurement], baseline: str, device: torch.device | str = "cpu",
            config: dict | None = None) -> None:
     """Print a table with ratios against ``baseline`` (a name in ``results``) and append JSON lines."""
-    base = next(r for r in results if r.name == baseline)
-    print(f"\n== {bench} on {device_name(device)} (baseline: {baseline})")
-    if config:
-        print("   " + ", ".join(f"{k}={v}" for k, v in config.items()))
-    print(f"   {'case':<34}{'median ms':>12}{'speed-up':>10}{'peak MiB':>11}{'mem ratio':>11}")
-    for r in results:
-        speedup = base.median_s / r.median_s if r.median_s > 0 else float("inf")
-        mem = f"{r.peak_mib:.1f}" if r.peak_mib is not None else "-"
-        mem_ratio = (f"{r.peak_mib / base.peak_mib:.3f}" if r.peak_mib is not None and base.peak_mib else "-")
-        print(f"   {r.name:<34}{r.median_s * 1e3:>12.2f}{speedup:>9.2f}x{mem:>11}{mem_ratio:>11}")
-    stamp = {"bench": bench, "device": device_name(device), "commit": git_commit(),
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "baseline": baseline, "config": config or {}}
-    with open(RESULTS, "a", encoding="utf-8") as handle:
-        for r in results:
-            row = dict(stamp, **asdict(r), speedup_vs_baseline=base.median_s / r.median_s if r.median_s else None)
-            handle.write(json.dumps(row) + "\n")
+    table = format_report(bench, results, baseline, device, config)
+    print("\n" + table)
+    base = _baseline(results, baseline)
+    head = dict(stamp(bench, device, config), baseline=baseline)
+    rows = [dict(head, **asdict(r), speedup_vs_baseline=base.median_s / r.median_s if r.median_s else None)
+            for r in results]
+    _append(rows)
+    _notify(bench, results, table, rows)

@@ -17,6 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 CPU = {
+    "bench_kernels_aot.py": [],
     "bench_object_masks.py": [],
     "bench_simpo_loss.py": ["--small"],
     "bench_image_gen.py": ["--prompts", "4"],
@@ -25,6 +26,7 @@ CPU = {
     "bench_pipeline.py": ["--prompts", "8"],
 }
 GPU = {
+    "bench_kernels_aot.py": [],
     "bench_object_masks.py": ["--device", "cuda", "--model", "janus-pro-1b-shape"],
     "bench_simpo_loss.py": ["--full", "--device", "cuda", "--dtype", "bfloat16"],
     "bench_image_gen.py": ["--model", "janus-pro-1b-shape", "--device", "cuda", "--dtype", "bfloat16",
