@@ -1,14 +1,20 @@
 """Configuration: one dataclass per stage, all defaults from SPEC.md (the authors' released code where the
 paper and code differ). ``OSPOConfig`` is the single source of truth; YAML presets and ``key=value`` CLI
-overrides change it; unknown keys and wrong types are errors; ``save_config`` writes the resolved config
-beside every output.
+overrides change it; unknown keys, wrong types and values outside a field's valid range are errors, all reported
+at once (``check_config``); ``save_config`` writes the resolved config beside every output.
+
+Each field is declared with ``setting(default, rule)``: its default and its valid values (a ``Rule``) in one
+place. ``Literal`` fields and bools take ``TYPED``: their annotation is the rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,34 +31,121 @@ CATEGORIES = {
 }
 
 
+class ConfigError(ValueError):
+    """A config key or value that does not fit; the message names it and what is valid."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The valid values of one config field, kept beside its default (``setting(default, rule)``).
+
+    ``valid``: what a valid value is, in words (printed in errors); ``test(value)`` -> True when it is valid."""
+
+    valid: str
+    test: Callable[[Any], bool]
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def at_least(lo: int | float) -> Rule:
+    """A number >= lo (counts: at_least(1))."""
+    return Rule(f">= {lo}", lambda v: _number(v) and v >= lo)
+
+
+def positive() -> Rule:
+    """A finite number > 0."""
+    return Rule("> 0 (and finite)", lambda v: _number(v) and v > 0)
+
+
+def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    """A number in the interval lo..hi; ``lo_open`` / ``hi_open`` exclude an end."""
+    text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return Rule(text, lambda v: _number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+
+
+def odd_at_least(lo: int) -> Rule:
+    return Rule(f"an odd integer >= {lo}", lambda v: _number(v) and v >= lo and v % 2 == 1)
+
+
+def non_empty() -> Rule:
+    return Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+
+
+def list_of(item: Rule | None = None, *, length: int | None = None, min_length: int = 0,
+            choices: tuple[str, ...] | None = None, unique: bool = False) -> Rule:
+    """A list whose items pass ``item`` (or are in ``choices``), of ``length`` items or at least ``min_length``."""
+    parts = [f"a list of {length}" if length is not None else "a list"]
+    if min_length and length is None:
+        parts.append(f"of at least {min_length}")
+    parts.append(f"items {item.valid}" if item else "items")
+    if choices is not None:
+        parts.append(f"from {list(choices)}")
+    if unique:
+        parts.append("without repeats")
+
+    def test(v: Any) -> bool:
+        if not isinstance(v, list) or len(v) < min_length or (length is not None and len(v) != length):
+            return False
+        if unique and len(set(v)) != len(v):
+            return False
+        return all((item is None or item.test(x)) and (choices is None or x in choices) for x in v)
+
+    return Rule(" ".join(parts), test)
+
+
+# A bool, or a Literal whose choices the type check already enforces (they stand in the annotation).
+TYPED = Rule("as its type says", lambda v: True)
+DEVICE = Rule("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)
+              is not None)
+COUNT = at_least(1)
+PROBABILITY = between(0, 1, lo_open=True)  # top_p
+TEMPERATURE = at_least(0)  # 0: greedy
+SUBCATEGORIES = tuple(s for subs in CATEGORIES.values() for s in subs)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+UNFREEZABLE = ("generation_embeddings", "generation_aligner", "generation_head", "aligner", "vision_model",
+               "vqmodel")  # modules of JanusModel that full fine-tuning may also train
+
+
+def setting(default: Any = dataclasses.MISSING, rule: Rule = TYPED, *,
+            factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its default (or ``factory`` for lists) and its valid values (``rule``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
 @dataclass
 class ModelConfig:
     """Which Janus checkpoint to load. ``path``: a local directory, a hub id, or ``builtin:NAME`` for a model
     built by ``ospo_fast.models.factory`` (``builtin:tiny``) or shipped in the package (``builtin:toy``)."""
 
-    path: str = "builtin:tiny"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    path: str = setting("builtin:tiny", non_empty())
+    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32")
+    device: str = setting("auto", DEVICE)  # "auto": cuda when available, else cpu
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa")
 
 
 @dataclass
 class PromptConfig:
     """Stage 1: base prompts by in-context learning (``source="model"``), a user file, or the rule sampler."""
 
-    source: Literal["model", "sampler", "file"] = "model"
-    file: str = ""  # a JSONL of {"prompt", "category", "structure"} records, for source="file"
-    vocabulary: Literal["general", "toy"] = "general"  # word lists of the sampler and the rule perturbations
-    num_prompts: int = 20000
-    batch_size: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    num_exemplars: int = 3
-    exemplar_refresh_every: int = 100  # batches
-    max_numeracy: int = 4  # numeracy prompts keep the numbers one..four
-    categories: list[str] = field(default_factory=lambda: [s for subs in CATEGORIES.values() for s in subs])
-    chunk_size: int = 64  # records per resumable chunk in every stage
+    source: Literal["model", "sampler", "file"] = setting("model")
+    # a JSONL of {"prompt", "category", "structure"} records, for source="file" (then required)
+    file: str = setting("", Rule("a path (required when prompts.source=file)", lambda v: isinstance(v, str)))
+    vocabulary: Literal["general", "toy"] = setting("general")  # word lists of the sampler and the rule perturbations
+    num_prompts: int = setting(20000, COUNT)
+    batch_size: int = setting(32, COUNT)
+    temperature: float = setting(1.0, TEMPERATURE)
+    top_p: float = setting(1.0, PROBABILITY)
+    max_new_tokens: int = setting(512, COUNT)
+    num_exemplars: int = setting(3, at_least(0))
+    exemplar_refresh_every: int = setting(100, COUNT)  # batches
+    max_numeracy: int = setting(4, between(1, 4))  # numeracy prompts keep the numbers one..four
+    categories: list[str] = setting(rule=list_of(min_length=1, choices=SUBCATEGORIES, unique=True),
+                                    factory=lambda: list(SUBCATEGORIES))
+    chunk_size: int = setting(64, COUNT)  # records per resumable chunk in every stage
 
 
 @dataclass
@@ -60,125 +153,126 @@ class PerturbConfig:
     """Stage 2a: N perturbed prompts per base prompt that change object-level detail only. ``best_of_n`` is the
     SILMM-style baseline instead: no perturbation, 2N images of x, best vs worst Self-VQA score."""
 
-    source: Literal["model", "rules", "best_of_n"] = "model"
-    num_perturbations: int = 3
-    temperature: float = 1.0
-    top_p: float = 0.9
-    max_new_tokens: int = 512
-    batch_size: int = 32
+    source: Literal["model", "rules", "best_of_n"] = setting("model")
+    num_perturbations: int = setting(3, COUNT)
+    temperature: float = setting(1.0, TEMPERATURE)
+    top_p: float = setting(0.9, PROBABILITY)
+    max_new_tokens: int = setting(512, COUNT)
+    batch_size: int = setting(32, COUNT)
 
 
 @dataclass
 class DensifyConfig:
     """Stage 2b: each (x, x~_n) pair is rewritten jointly into two long prompts sharing one scene."""
 
-    enabled: bool = True
-    temperature: float = 1.0
-    top_p: float = 0.9
-    max_new_tokens: int = 512
-    batch_size: int = 32
+    enabled: bool = setting(True)
+    temperature: float = setting(1.0, TEMPERATURE)
+    top_p: float = setting(0.9, PROBABILITY)
+    max_new_tokens: int = setting(512, COUNT)
+    batch_size: int = setting(32, COUNT)
 
 
 @dataclass
 class ImageConfig:
     """Stage 3: classifier-free-guided image generation (Janus)."""
 
-    guidance_scale: float = 5.0
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off (plain multinomial sampling, as the reference)
-    top_p: float = 1.0
-    batch_size: int = 16
+    guidance_scale: float = setting(5.0, at_least(0))  # 1: the conditional model alone
+    temperature: float = setting(1.0, TEMPERATURE)
+    top_k: int = setting(0, at_least(0))  # 0: off (plain multinomial sampling, as the reference)
+    top_p: float = setting(1.0, PROBABILITY)
+    batch_size: int = setting(16, COUNT)
     # torch.compile of the decode step: "auto" on CUDA only (CUDA graphs), true also on CPU (inductor), false never
-    compile: Literal["auto", True, False] = "auto"
+    compile: Literal["auto", True, False] = setting("auto")
 
 
 @dataclass
 class MaskConfig:
     """Stage 3: object masks from the model's own attention (image-token queries -> object-word keys)."""
 
-    skip_layers: int = 5  # drop the first and last k layers
-    otsu_scale: float = 0.8  # reference code multiplies Otsu's threshold by 0.8
-    context: Literal["base", "generation"] = "base"
-    gaussian_kernel: int = 5
-    gaussian_sigma: float = 1.0
-    backend: Literal["auto", "ref", "cpp", "triton"] = "auto"
+    skip_layers: int = setting(5, at_least(0))  # drop the first and last k layers (fewer on shallow models)
+    otsu_scale: float = setting(0.8, positive())  # reference code multiplies Otsu's threshold by 0.8
+    context: Literal["base", "generation"] = setting("base")
+    gaussian_kernel: int = setting(5, odd_at_least(1))
+    gaussian_sigma: float = setting(1.0, positive())
+    backend: Literal["auto", "ref", "cpp", "triton"] = setting("auto")
 
 
 @dataclass
 class QuestionConfig:
     """Stage 4: K atomic yes/no questions per base prompt."""
 
-    source: Literal["model", "rules"] = "model"
-    temperature: float = 1.2
-    top_p: float = 0.5
-    max_new_tokens: int = 256
-    max_questions: int = 8
-    batch_size: int = 32
+    source: Literal["model", "rules"] = setting("model")
+    temperature: float = setting(1.2, TEMPERATURE)
+    top_p: float = setting(0.5, PROBABILITY)
+    max_new_tokens: int = setting(256, COUNT)
+    max_questions: int = setting(8, COUNT)
+    batch_size: int = setting(32, COUNT)
 
 
 @dataclass
 class FilterConfig:
     """Stage 4: keep informative pairs. Drop if S(y_w) < tau or y_w got no yes; drop if every s_k(y_l) > 0."""
 
-    tau: float = 0.6
-    enabled: bool = True
-    vqa_batch_size: int = 16
+    tau: float = setting(0.6, between(0, 1))
+    enabled: bool = setting(True)
+    vqa_batch_size: int = setting(16, COUNT)
 
 
 @dataclass
 class LossConfig:
     """Stage 5: L = L_ObjSimPO + sft_weight * L_SFT (reference code defaults)."""
 
-    beta: float = 5.0
-    gamma_beta_ratio: float = 0.5
-    alpha: float = 1.0
-    sft_weight: float = 2.0
-    normalization: Literal["weighted_mean", "length"] = "weighted_mean"
-    mask_smoothing: Literal["gaussian", "binary"] = "gaussian"
-    label_smoothing: float = 0.0
-    fused: bool = True  # fuse the generation head's last Linear with the loss (no full logits)
-    backend: Literal["auto", "ref", "cpp", "triton"] = "auto"
+    beta: float = setting(5.0, positive())
+    gamma_beta_ratio: float = setting(0.5, at_least(0))
+    alpha: float = setting(1.0, at_least(0))
+    sft_weight: float = setting(2.0, at_least(0))
+    normalization: Literal["weighted_mean", "length"] = setting("weighted_mean")
+    mask_smoothing: Literal["gaussian", "binary"] = setting("gaussian")
+    label_smoothing: float = setting(0.0, between(0, 0.5, hi_open=True))
+    fused: bool = setting(True)  # fuse the generation head's last Linear with the loss (no full logits)
+    backend: Literal["auto", "ref", "cpp", "triton"] = setting("auto")
 
 
 @dataclass
 class TrainConfig:
     """Stage 5: optimisation (reference: LoRA r64/a128 on q,k,v,o,gate,up,down; AdamW 1e-5; cosine)."""
 
-    lora: bool = True
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    lr: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    min_lr: float = 1e-7
-    max_grad_norm: float = 1.0
-    per_device_batch: int = 16
-    grad_accum: int = 2
-    max_steps: int = 600
-    epochs: int = 0  # 0: run max_steps; >0: run this many passes over the pairs (max_steps then caps it)
-    bf16: bool = True  # autocast on CUDA only
-    gradient_checkpointing: bool = True
-    save_every: int = 100
-    log_every: int = 1
-    max_nonfinite_in_row: int = 10
-    tensorboard: bool = False
-    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP with LoRA, FSDP2 for full fine-tuning
-    token_source: Literal["tokens", "reencode"] = "tokens"  # reencode: VQ-encode the saved PNGs (reference code)
-    unfreeze: list[str] = field(default_factory=list)  # full fine-tuning only: e.g. [generation_head]
+    lora: bool = setting(True)
+    lora_r: int = setting(64, COUNT)
+    lora_alpha: int = setting(128, COUNT)
+    lora_dropout: float = setting(0.05, between(0, 1, hi_open=True))
+    lora_targets: list[str] = setting(rule=list_of(min_length=1, choices=LORA_TARGETS, unique=True),
+                                      factory=lambda: list(LORA_TARGETS))
+    lr: float = setting(1e-5, positive())
+    betas: list[float] = setting(rule=list_of(between(0, 1, hi_open=True), length=2), factory=lambda: [0.9, 0.95])
+    weight_decay: float = setting(0.0, at_least(0))
+    warmup_ratio: float = setting(0.05, between(0, 1))
+    min_lr: float = setting(1e-7, Rule(">= 0 and <= train.lr", lambda v: _number(v) and v >= 0))
+    max_grad_norm: float = setting(1.0, positive())
+    per_device_batch: int = setting(16, COUNT)
+    grad_accum: int = setting(2, COUNT)
+    max_steps: int = setting(600, COUNT)
+    epochs: int = setting(0, at_least(0))  # 0: run max_steps; >0: run this many passes (max_steps then caps it)
+    bf16: bool = setting(True)  # autocast on CUDA only
+    gradient_checkpointing: bool = setting(True)
+    save_every: int = setting(100, COUNT)
+    log_every: int = setting(1, COUNT)
+    max_nonfinite_in_row: int = setting(10, COUNT)
+    tensorboard: bool = setting(False)
+    distributed: Literal["auto", "ddp", "fsdp"] = setting("auto")  # auto: DDP with LoRA, FSDP2 for full fine-tuning
+    token_source: Literal["tokens", "reencode"] = setting("tokens")  # reencode: VQ-encode the saved PNGs (reference)
+    # full fine-tuning only (train.lora=false): e.g. [generation_head]
+    unfreeze: list[str] = setting(rule=list_of(choices=UNFREEZABLE, unique=True), factory=list)
 
 
 @dataclass
 class EvalConfig:
     """Judged alignment before and after training (toy world only: an exact judge exists there)."""
 
-    toy_heldout_prompts: int = 64  # 0: skip
-    batch_size: int = 32
+    toy_heldout_prompts: int = setting(64, at_least(0))  # 0: skip
+    batch_size: int = setting(32, COUNT)
     # Also judge at these CFG weights (images.guidance_scale is always judged); 1.0 = the conditional model alone
-    toy_extra_guidance: list[float] = field(default_factory=list)
+    toy_extra_guidance: list[float] = setting(rule=list_of(at_least(0)), factory=list)
 
 
 @dataclass
@@ -196,12 +290,52 @@ class OSPOConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
-    iterations: int = 1
+    seed: int = setting(0, between(0, 2**63 - 1))
+    iterations: int = setting(1, COUNT)
 
 
-class ConfigError(ValueError):
-    """A config key or value that does not fit; the message names it and what is valid."""
+# Rules that tie two fields together: (what is wrong, in words with the values) or None.
+def _cross_field_problems(c: OSPOConfig) -> list[str]:
+    problems = []
+    if c.prompts.source == "file" and not c.prompts.file.strip():
+        problems.append("prompts.file='' but prompts.source=file; give prompts.file=PATH.jsonl or another source")
+    if _number(c.train.min_lr) and _number(c.train.lr) and c.train.min_lr > c.train.lr:
+        problems.append(f"train.min_lr={c.train.min_lr!r} must be <= train.lr={c.train.lr!r}")
+    if c.train.lora and c.train.unfreeze:
+        problems.append(f"train.unfreeze={c.train.unfreeze!r} needs full fine-tuning; set train.lora=false or "
+                        "train.unfreeze=[]")
+    return problems
+
+
+def config_problems(config: OSPOConfig) -> list[str]:
+    """Every value of ``config`` that breaks its field's rule or a cross-field rule, one line each (empty: valid)."""
+    problems = []
+    for path, value, rule in _walk(config):
+        if not rule.test(value):
+            problems.append(f"{path}={value!r} must be {rule.valid}")
+    return problems + _cross_field_problems(config)
+
+
+def _walk(obj: Any, prefix: str = "") -> list[tuple[str, Any, Rule]]:
+    """(key path, value, rule) of every leaf field under ``obj``."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _walk(value, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", value, f.metadata["rule"]))
+    return out
+
+
+def check_config(config: OSPOConfig, problems: list[str] | None = None) -> OSPOConfig:
+    """Raise one ConfigError listing ``problems`` (e.g. unknown keys) and every invalid value; else return config."""
+    problems = list(problems or []) + config_problems(config)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the config:\n  " + "\n  ".join(problems))
+    return config
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -235,20 +369,27 @@ def _check_value(path: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+def _apply(obj: Any, updates: dict[str, Any], problems: list[str], prefix: str = "") -> None:
+    """Set ``updates`` on ``obj`` (a config dataclass), type-checked; every bad key or type is appended to
+    ``problems`` (so that all of them are reported together) and leaves that field unchanged."""
     types_ = _field_types(type(obj))
     for key, value in updates.items():
         path = f"{prefix}{key}"
         if key not in types_:
-            raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(types_)}")
+            problems.append(f"unknown config key {path!r}; valid keys here: {sorted(types_)}")
+            continue
         annotation = types_[key]
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
                 example = next(iter(_field_types(annotation)))
-                raise ConfigError(f"{path} is a section; give keys like {path}.{example}=...")
-            _apply(getattr(obj, key), value, prefix=f"{path}.")
-        else:
+                problems.append(f"{path} is a section; give keys like {path}.{example}=...")
+                continue
+            _apply(getattr(obj, key), value, problems, prefix=f"{path}.")
+            continue
+        try:
             setattr(obj, key, _check_value(path, value, annotation))
+        except ConfigError as err:
+            problems.append(str(err))
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -281,8 +422,12 @@ def preset_names() -> list[str]:
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> OSPOConfig:
-    """Defaults, then a preset (a name from ``presets/`` or a YAML path), then ``key=value`` overrides."""
+    """Defaults, then a preset (a name from ``presets/`` or a YAML path), then ``key=value`` overrides.
+
+    Every key, type and value is checked here, before anything runs: one ConfigError lists all problems, each as
+    ``key=value must be <valid range>``."""
     config = OSPOConfig()
+    problems: list[str] = []
     if preset:
         path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
@@ -291,10 +436,13 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"preset {path} must hold a mapping of sections, got {type(data).__name__}")
-        _apply(config, data)
+        _apply(config, data, problems)
     for text in overrides:
-        _apply(config, parse_override(text))
-    return config
+        try:
+            _apply(config, parse_override(text), problems)
+        except ConfigError as err:
+            problems.append(str(err))
+    return check_config(config, problems)
 
 
 def config_to_dict(config: OSPOConfig) -> dict[str, Any]:
@@ -302,9 +450,11 @@ def config_to_dict(config: OSPOConfig) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> OSPOConfig:
+    """The config saved by ``save_config`` (a nested dict), checked as ``load_config`` checks."""
     config = OSPOConfig()
-    _apply(config, data)
-    return config
+    problems: list[str] = []
+    _apply(config, data, problems)
+    return check_config(config, problems)
 
 
 def save_config(config: OSPOConfig, path: str | Path) -> Path:

@@ -61,3 +61,130 @@ def test_bad_overrides_name_the_value(override, words):
 def test_missing_preset():
     with pytest.raises(ConfigError, match="presets"):
         load_config("no-such-preset")
+
+
+# --- value rules: every field has one, all violations are reported together -------------------------------------
+
+QUOTED = [  # the cases of issue 17: each finished with 0 pairs, did nothing, or ended in a traceback from torch
+    ("prompts.num_prompts=-5", "prompts.num_prompts=-5 must be >= 1"),
+    ("filter.tau=1.5", "filter.tau=1.5 must be in [0, 1]"),
+    ("prompts.chunk_size=0", "prompts.chunk_size=0 must be >= 1"),
+    ("model.device=tpu", "model.device='tpu' must be auto, cpu, cuda or cuda:N"),
+    ("train.betas=[1]", "train.betas=[1.0] must be a list of 2 items in [0, 1)"),
+    ("iterations=0", "iterations=0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("override, message", QUOTED)
+def test_out_of_range_value_names_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert str(err.value) == message
+
+
+def test_all_violations_reported_at_once():
+    overrides = [o for o, _ in QUOTED] + ["train.nope=1", "train.max_steps=1.5", "prompts.source=file"]
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{len(overrides)} problems in the config:"
+    for _, message in QUOTED:
+        assert f"  {message}" in lines
+    text = str(err.value)
+    assert "unknown config key 'train.nope'" in text and "train.max_steps=1.5 must be an integer" in text
+    assert "prompts.source=file" in text and "prompts.file=PATH.jsonl" in text
+
+
+def _config_classes() -> list[type]:
+    """Every dataclass reachable from OSPOConfig (its sections), and OSPOConfig itself."""
+    import dataclasses
+
+    found, todo = [], [OSPOConfig]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += [f.default_factory for f in dataclasses.fields(cls)
+                 if dataclasses.is_dataclass(f.default_factory) and f.default_factory not in found]
+    return found
+
+
+def test_every_field_has_a_rule_and_its_default_passes_it():
+    """A new field declared with plain ``field()`` or a bare default fails here: use ``setting(default, rule)``."""
+    import dataclasses
+
+    import ospo_fast.config as cfg
+
+    classes = _config_classes()
+    module_classes = [c for c in vars(cfg).values()
+                      if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__name__.endswith("Config")]
+    assert set(module_classes) == set(classes), "a config dataclass is not a section of OSPOConfig"
+    for cls in classes:
+        instance = cls()
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory):
+                continue  # a section
+            rule = f.metadata.get("rule")
+            assert isinstance(rule, cfg.Rule), f"{cls.__name__}.{f.name} has no rule: declare it with setting()"
+            assert rule.test(getattr(instance, f.name)), f"{cls.__name__}.{f.name}'s default breaks its rule"
+
+
+@pytest.mark.parametrize("name", ["tiny", "toy", "janus-pro-1b", "janus-pro-7b"])
+def test_presets_are_valid(name):
+    from ospo_fast.config import config_problems
+
+    assert config_problems(load_config(name)) == []
+
+
+@pytest.mark.parametrize("override, ok", [
+    ("prompts.top_p=0", False), ("prompts.top_p=1", True), ("images.temperature=0", True),
+    ("images.temperature=-1", False), ("masks.gaussian_kernel=4", False), ("masks.gaussian_kernel=3", True),
+    ("masks.skip_layers=-1", False), ("masks.otsu_scale=0", False), ("train.lora_dropout=1", False),
+    ("train.lr=.nan", False), ("train.lr=.inf", False), ("train.betas=[0.9,0.95,0.99]", False),
+    ("train.betas=[0.9,1.0]", False), ("train.warmup_ratio=1", True), ("train.warmup_ratio=1.5", False),
+    ("train.min_lr=1e-3", False), ("prompts.categories=[color,nope]", False), ("prompts.categories=[]", False),
+    ("prompts.categories=[color,color]", False), ("train.lora_targets=[q_proj,wq]", False),
+    ("train.unfreeze=[generation_head]", False), ("train.lora=false", True),
+    ("model.device=cuda:1", True), ("model.device=cuda:x", False), ("model.path=", False),
+    ("loss.label_smoothing=0.5", False), ("loss.beta=0", False), ("eval.toy_extra_guidance=[1.0,-2]", False),
+    ("prompts.max_numeracy=5", False), ("seed=-1", False), ("filter.tau=0", True),
+])
+def test_range_edges(override, ok):
+    if ok:
+        load_config("tiny", [override])
+    else:
+        with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+            load_config("tiny", [override])
+
+
+def test_full_fine_tuning_may_unfreeze():
+    assert load_config("tiny", ["train.lora=false", "train.unfreeze=[generation_head]"]).train.unfreeze == [
+        "generation_head"]
+
+
+def test_saved_config_and_python_built_config_are_checked(tmp_path):
+    from ospo_fast.stages.context import StageContext
+
+    data = config_to_dict(load_config("tiny"))
+    data["filter"]["tau"] = 1.5
+    with pytest.raises(ConfigError, match=r"filter\.tau=1\.5 must be in \[0, 1\]"):
+        config_from_dict(data)
+    config = load_config("tiny")
+    config.prompts.chunk_size = 0  # set in Python, after load_config
+    with pytest.raises(ConfigError, match="prompts.chunk_size=0"):
+        StageContext(config)  # before any model loads
+
+
+def test_cli_reports_every_bad_value_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import ospo_fast.models
+    from ospo_fast.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(ospo_fast.models, "load_janus", no_model)
+    code = main(["run", "--preset", "tiny", "--out", str(tmp_path / "run"), "filter.tau=1.5",
+                 "prompts.num_prompts=-5", "model.device=tpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for message in ("filter.tau=1.5 must be in [0, 1]", "prompts.num_prompts=-5 must be >= 1", "model.device='tpu'"):
+        assert message in err

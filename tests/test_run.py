@@ -59,7 +59,7 @@ def test_summary_agrees_with_files(tiny_run):
 
 def test_no_pairs_is_a_clear_error(tmp_path, capsys):
     code = main(["run", "--preset", "tiny", "--out", str(tmp_path), "model.path=builtin:tiny-4",
-                 "prompts.num_prompts=1", "filter.tau=2.0",
+                 "prompts.num_prompts=1", "filter.tau=1.0",  # a random model's S is near 0 < 1
                  "perturb.num_perturbations=1",
                  "eval.toy_heldout_prompts=0"])
     assert code == 2 and "kept no pair" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ospo_fast.config import OSPOConfig
+from ospo_fast.config import OSPOConfig, check_config
 from ospo_fast.stages.structure import VOCABULARIES, Vocabulary
 
 
@@ -13,6 +13,9 @@ class StageContext:
     config: OSPOConfig
     device: str = "auto"
     _bundle: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_config(self.config)  # a config built in Python is checked as load_config checks, before any model loads
 
     @property
     def vocab(self) -> Vocabulary:

@@ -12,12 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ospo_fast.config import TrainConfig
+from ospo_fast.config import UNFREEZABLE, TrainConfig  # UNFREEZABLE: the modules train.unfreeze may name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-UNFREEZABLE = ("generation_embeddings", "generation_aligner", "generation_head", "aligner", "vision_model",
-               "vqmodel")
 
 
 def lora_target_regex(targets: list[str]) -> str:
