@@ -84,11 +84,39 @@ def resolve_model_path(path: str) -> str:
         raise ModelLoadError(f"unknown built-in model {path!r}; use builtin:toy, builtin:tiny, builtin:tiny-24, "
                              f"or builtin:<kind> with kind in {KINDS}")
     target = cache_dir() / f"{name}-v1"
-    if not (target / "config.json").is_file():
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        build_offline_model(kind, tmp, grid=grid)
-        tmp.replace(target) if not target.exists() else None
+    if not (target / "config.json").is_file():  # published whole (below), so config.json means complete
+        build_cached(target, lambda tmp: build_offline_model(kind, tmp, grid=grid))
     return str(target)
+
+
+def build_cached(target: Path, build) -> Path:
+    """Build a cache directory once, whatever the number of processes asking at the same time (torchrun ranks).
+
+    Under an exclusive ``fcntl.flock`` on ``<target>.lock``: if another process published ``target`` meanwhile,
+    use it; else remove what killed builds left (``.<name>.tmp*`` directories, a ``target`` without
+    ``config.json``), ``build(tmp)`` into a fresh temporary directory beside ``target`` and publish it with one
+    ``os.replace``. A failed build removes its temporary directory."""
+    import fcntl
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        if (target / "config.json").is_file():
+            return target
+        for stale in [*target.parent.glob(f".{target.name}.tmp*"), *target.parent.glob(f"{target.name}.tmp*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # this version's and the older naming's leftovers
+        if target.exists():
+            shutil.rmtree(target)  # incomplete: no config.json
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
 
 
 def _check_checkpoint_dir(directory: Path) -> None:
@@ -96,10 +124,27 @@ def _check_checkpoint_dir(directory: Path) -> None:
     if not config_file.is_file():
         raise ModelLoadError(f"{directory} is not a Janus checkpoint: it has no config.json. Point model.path at "
                              "a directory saved by save_pretrained (e.g. a local Janus-Pro-1B download)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    for json_file in sorted(directory.glob("*.json")):  # config.json and the processor's files: a damaged one
+        _read_json(json_file)  # would otherwise end in a raw JSONDecodeError inside from_pretrained
+    model_type = _read_json(config_file).get("model_type")
     if model_type != "janus":
         raise ModelLoadError(f"{directory} holds a {model_type!r} model, not a Janus one (config.json model_type "
                              "must be 'janus'); convert the checkpoint with transformers' Janus conversion script")
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a ModelLoadError naming the file and the fault if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise ModelLoadError(f"{path} is not valid JSON ({reason}{where}): the checkpoint is damaged or was cut off; "
+                             "copy it again or re-save it with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not an object: the checkpoint is damaged; "
+                             "copy it again or re-save it with save_pretrained")
+    return data
 
 
 def pick_device(device: str) -> torch.device:
