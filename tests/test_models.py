@@ -78,3 +78,19 @@ def test_directory_of_another_model(tmp_path):
 def test_bad_dtype():
     with pytest.raises(ModelLoadError, match="dtype"):
         load_janus("builtin:tiny", dtype="float8")
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("config.json", '{"model_type": "janus", ', ["config.json is not valid JSON", "line 1 column", "copy it again"]),
+    ("config.json", '["janus"]', ["config.json holds a JSON list", "copy it again"]),
+    ("processor_config.json", '{"num_image_tokens": 5', ["processor_config.json is not valid JSON", "line 1"]),
+])
+def test_damaged_json_names_the_file(tmp_path, name, text, words):
+    """A cut-off or damaged JSON file of a checkpoint is a one-line error naming it (was a raw JSONDecodeError)."""
+    (tmp_path / "config.json").write_text('{"model_type": "janus"}')
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ModelLoadError) as err:
+        load_janus(str(tmp_path))
+    assert str(tmp_path / name) in str(err.value)
+    for word in words:
+        assert word in str(err.value)
