@@ -21,11 +21,45 @@ from ospo_fast.stages import prompts as S1
 from ospo_fast.stages import steps
 from ospo_fast.stages.context import StageContext
 from ospo_fast.stages.select import best_vs_worst, select_best
+from ospo_fast.store import check_fingerprint, config_fingerprint, file_identity
 
 STAGES = ("prompts", "perturb", "densify", "images", "questions", "vqa", "select")
 
 
 ChunkFn = Callable[[list[dict]], tuple[list[dict], list[dict]]]
+
+# What determines a stage's output besides its input records (an earlier stage, checked on its own): config keys
+# or whole sections. Every stage but select also depends on the model (path identity, dtype, attention).
+STAGE_SETTINGS = {
+    "prompts": ("seed", "prompts"),
+    "perturb": ("seed", "prompts.vocabulary", "prompts.chunk_size", "perturb"),
+    "densify": ("seed", "prompts.chunk_size", "densify"),
+    "images": ("seed", "perturb.num_perturbations", "images", "masks"),
+    "questions": ("seed", "prompts.chunk_size", "questions"),
+    "vqa": ("filter.tau", "filter.vqa_batch_size"),
+    "select": ("filter", "perturb.source"),
+}
+MODEL_SETTINGS = ("model.dtype", "model.attn_implementation")
+
+
+def _setting(config: OSPOConfig, key: str):
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def stage_fingerprints(config: OSPOConfig) -> dict[str, dict]:
+    """Per stage, ``store.config_fingerprint`` of everything that determines its output: its settings, the model's
+    identity (``store.file_identity`` of model.path) and, for a prompts file, that file's sha256."""
+    model = {"model.identity": file_identity(config.model.path)} | {k: _setting(config, k) for k in MODEL_SETTINGS}
+    out = {}
+    for stage, keys in STAGE_SETTINGS.items():
+        parts = {key: _setting(config, key) for key in keys} | (model if stage != "select" else {})
+        if stage == "prompts" and config.prompts.source == "file":
+            parts["prompts.file_identity"] = file_identity(config.prompts.file)
+        out[stage] = config_fingerprint(parts)
+    return out
 
 
 class Pipeline:
@@ -40,19 +74,37 @@ class Pipeline:
         self.progress = progress and self.dist.rank == 0
         if redo is not None and redo not in STAGES:
             raise ValueError(f"redo={redo!r} is not a stage; stages: {list(STAGES)}")
+        self.fingerprints = stage_fingerprints(config)
         if self.dist.rank == 0:
+            if redo == STAGES[0]:
+                self.store.reset_manifest()  # everything is recomputed, even after a damaged manifest
             if redo:
                 for stage in STAGES[STAGES.index(redo):]:
                     self.store.clear_stage(stage)
-                (self.store.root / "pairs.jsonl").unlink(missing_ok=True)  # select's output: every redo reaches it
-            save_config(config, self.store.root / "config.yaml")
+                self.store.clear_final("pairs.jsonl")  # select's output: every redo reaches it
+            self._check_fingerprints()
+            save_config(config, self.store.root / "config.yaml")  # only once the outputs here agree with it
         self.dist.barrier()
+
+    def _check_fingerprints(self) -> None:
+        """Refuse to resume a stage that was started with other settings, naming the keys and the --redo."""
+        for stage in STAGES:
+            check_fingerprint(self.store.fingerprint(stage), self.fingerprints[stage],
+                              f"stage {stage!r} in {self.store.root}",
+                              f"resume with the settings in {self.store.root / 'config.yaml'}, or pass --redo {stage} "
+                              "to recompute it and every later stage")
+
+    def _start_stage(self, stage: str) -> None:
+        """Record the stage's fingerprint before its first chunk (rank 0; the other ranks only read it)."""
+        self.store.check_world(stage)
+        if self.dist.rank == 0 and self.store.fingerprint(stage) is None:
+            self.store.record_fingerprint(stage, self.fingerprints[stage])
 
     # -------------------------------------------------------------- the generic sharded, chunked stage
     def _run_stage(self, stage: str, items: list[dict], fn: ChunkFn, chunk_size: int) -> list[dict]:
         if self.store.stage_done(stage):
             return self.store.read_stage(stage)
-        self.store.check_world(stage)
+        self._start_stage(stage)
         start = time.perf_counter()
         mine = items[self.dist.rank::self.dist.world]
         chunks = [mine[i:i + chunk_size] for i in range(0, len(mine), chunk_size)]
@@ -91,7 +143,7 @@ class Pipeline:
         the quota in requests); duplicates across ranks are removed at the merge."""
         stage, cfg = "prompts", self.config.prompts
         if not self.store.stage_done(stage):
-            self.store.check_world(stage)
+            self._start_stage(stage)
             start = time.perf_counter()
             quota = -(-cfg.num_prompts // self.dist.world)
             max_chunks = max(1, -(-4 * quota // cfg.batch_size))
@@ -115,32 +167,10 @@ class Pipeline:
                 history += fresh
             self.dist.barrier()
             if self.dist.rank == 0:
-                merged = self.store.merge(stage, seconds=time.perf_counter() - start)
-                self._dedup_merged(stage, merged, cfg.num_prompts)
+                dedup = lambda records, rejects: _dedup_merged(stage, records, rejects, cfg.num_prompts)
+                self.store.merge(stage, seconds=time.perf_counter() - start, finalize=dedup)
             self.dist.barrier()
         return self.store.read_stage(stage)
-
-    def _dedup_merged(self, stage: str, merged: list[dict], limit: int) -> None:
-        from ospo_fast.store import atomic_write_jsonl
-
-        seen, keep, extra = set(), [], []
-        for record in merged:
-            key = record["prompt"].lower()
-            if key in seen or len(keep) >= limit:
-                extra.append({"id": record["id"], "stage": stage,
-                              "reason": "duplicate" if key in seen else "over_quota"})
-            else:
-                seen.add(key)
-                keep.append(record)
-        if extra:
-            atomic_write_jsonl(self.store.root / stage / "records.jsonl", keep)
-            rejects = self.store.read_rejects(stage) + extra
-            atomic_write_jsonl(self.store.root / stage / "rejects.jsonl", rejects)
-            entry = self.store.manifest()["stages"][stage]
-            entry["records"], entry["rejects"] = len(keep), len(rejects)
-            for r in extra:
-                entry["reject_reasons"][r["reason"]] = entry["reject_reasons"].get(r["reason"], 0) + 1
-            self.store.update_manifest(stage, entry)
 
     def run(self) -> list[dict]:
         """All of stages 1-4; returns the selected pairs (also written to ``pairs.jsonl``)."""
@@ -152,12 +182,14 @@ class Pipeline:
                                  max(1, self.config.images.batch_size // 2))
         questions = self._run_stage("questions", base, lambda c: steps.questions_chunk(self.ctx, c), chunk)
         asked = {q["id"]: q["questions"] for q in questions}
-        scored = self._run_stage("vqa", images, lambda c: steps.vqa_chunk(self.ctx, c, asked, self.store.root),
+        vqa = lambda c: steps.vqa_chunk(self.ctx, c, asked, self.store.load_image)
+        scored = self._run_stage("vqa", images, vqa,
                                  max(1, self.config.filter.vqa_batch_size // 2))
         return self._select(scored)
 
     def _select(self, scored: list[dict]) -> list[dict]:
-        if self.dist.rank == 0 and not (self.store.root / "pairs.jsonl").is_file():
+        if self.dist.rank == 0 and not self.store.final_done("pairs.jsonl"):
+            self._start_stage("select")
             start = time.perf_counter()
             by_prompt: dict[str, list[dict]] = defaultdict(list)
             for record in scored:
@@ -174,11 +206,24 @@ class Pipeline:
                     pairs.append(to_pair(best))
             self.store.write_chunk("select", 0, pairs, rejects)
             self.store.merge("select", seconds=time.perf_counter() - start)
-            self.store.write_final("pairs.jsonl", pairs)
+            self.store.write_final("pairs.jsonl", pairs)  # its manifest entry commits the selection
         self.dist.barrier()
-        from ospo_fast.store import read_jsonl
+        return self.store.read_final("pairs.jsonl")
 
-        return read_jsonl(self.store.root / "pairs.jsonl")
+
+def _dedup_merged(stage: str, merged: list[dict], rejects: list[dict], limit: int) -> tuple[list[dict], list[dict]]:
+    """Across ranks: drop repeated prompts (case-insensitive) and keep at most ``limit``; part of the merge, so the
+    stage is committed only in its final form."""
+    seen, keep, extra = set(), [], []
+    for record in merged:
+        key = record["prompt"].lower()
+        if key in seen or len(keep) >= limit:
+            extra.append({"id": record["id"], "stage": stage,
+                          "reason": "duplicate" if key in seen else "over_quota"})
+        else:
+            seen.add(key)
+            keep.append(record)
+    return keep, rejects + extra
 
 
 def to_pair(record: dict) -> dict:

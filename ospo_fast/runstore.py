@@ -1,41 +1,50 @@
 """The run directory and its record store. Stage code never touches files: it returns records, the store writes
-them atomically.
+them atomically and checks them when it reads them back.
 
 Layout (all paths inside records are relative to the run directory):
     config.yaml                       resolved config
-    manifest.json                     per stage: counts, reject reasons, seconds, checksums
-    <stage>/rank<r>-of-<w>/chunk-<i>.jsonl          records of one finished chunk (the commit point)
-    <stage>/rank<r>-of-<w>/chunk-<i>.rejects.jsonl  rejects of that chunk (written first)
+    manifest.json                     per stage: counts, reject reasons, seconds, checksums (the stage's commit
+                                      point), and the fingerprint of the settings the stage was made with
+    <stage>/rank<r>-of-<w>/chunk-<i>.jsonl          records of one chunk
+    <stage>/rank<r>-of-<w>/chunk-<i>.rejects.jsonl  rejects of that chunk
+    <stage>/rank<r>-of-<w>/chunk-<i>.done.json      checksums of both (written last: the chunk's commit point)
     <stage>/records.jsonl, <stage>/rejects.jsonl    the merged stage output, sorted by id
-    images/<id>.png                   images; their token ids live in the records
+    images/<id>-<side>.png            images; their sha256 and token ids live in the records
     pairs.jsonl                       the final preference pairs (what the trainer reads)
 A chunk is a fixed slice of this rank's records, so a re-run skips finished chunks and redoes only the one that
 was cut off. Merging sorts by record id, so the output does not depend on the number of processes.
+
+Every commit is one atomic write made after everything it vouches for: a chunk is done when its ``.done.json``
+exists, a stage when its manifest entry does, the pairs when ``manifest["outputs"]["pairs.jsonl"]`` does. Every
+read checks the sha256 it was committed with; damage is a ``StoreError`` naming the file and the fix.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ospo_fast.store import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl
+from ospo_fast.store import (
+    StoreError,
+    atomic_write_bytes,
+    atomic_write_json,
+    jsonl_bytes,
+    parse_jsonl,
+    safe_join,
+    sha256_bytes,
+    sha256_file,
+)
 
 IMAGE_KEY = "image"
+IMAGE_SHA_KEY = "image_sha256"
+Finalize = Callable[[list[dict], list[dict]], tuple[list[dict], list[dict]]]
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["RunStore", "StoreError", "png_bytes", "sha256_file"]
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -56,6 +65,20 @@ class RunStore:
         self.rank, self.world = rank, world
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def _write_checked(self, path: Path, data: bytes) -> str:
+        atomic_write_bytes(path, data)
+        return sha256_bytes(data)
+
+    def _read_checked(self, path: Path, sha256: str | None, commit: Path | str, fix: str) -> bytes:
+        """The bytes of ``path``, which ``commit`` (a marker, the manifest, a record) vouches for with ``sha256``."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as err:
+            raise StoreError(f"{path} is missing although {commit} lists it; {fix}") from err
+        if sha256 is not None and sha256_bytes(data) != sha256:
+            raise StoreError(f"{path} does not match its sha256 in {commit} (damaged after it was written); {fix}")
+        return data
+
     # -------------------------------------------------------------- chunks
     def _rank_dir(self, stage: str) -> Path:
         return self.root / stage / f"rank{self.rank:03d}-of-{self.world:03d}"
@@ -68,19 +91,40 @@ class RunStore:
             raise ValueError(f"stage {stage!r} in {self.root} was started with {int(other[0])} process(es), this run "
                              f"has {self.world}; resume with the same number of processes or pass --redo {stage}")
 
+    def _marker(self, stage: str, index: int) -> Path:
+        return self._rank_dir(stage) / f"chunk-{index:05d}.done.json"
+
     def chunk_done(self, stage: str, index: int) -> bool:
-        return (self._rank_dir(stage) / f"chunk-{index:05d}.jsonl").is_file()
+        return self._marker(stage, index).is_file()
+
+    def _read_marked(self, stage: str, marker: Path) -> tuple[list[dict], list[dict]]:
+        """(records, rejects) of the chunk committed by ``marker``, checked against its checksums."""
+        fix = f"delete {marker} to recompute that chunk, or pass --redo {stage}"
+        try:
+            sums = json.loads(marker.read_text())
+            files = {k: (marker.parent / sums[k]["file"], sums[k]["sha256"]) for k in ("records", "rejects")}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise StoreError(f"{marker} is damaged ({err}); {fix}") from err
+        out = []
+        for key in ("records", "rejects"):
+            path, sha = files[key]
+            out.append(parse_jsonl(self._read_checked(path, sha, marker, fix), path, fix))
+        return out[0], out[1]
 
     def read_chunk(self, stage: str, index: int) -> list[dict]:
-        return read_jsonl(self._rank_dir(stage) / f"chunk-{index:05d}.jsonl")
+        return self._read_marked(stage, self._marker(stage, index))[0]
 
     def write_chunk(self, stage: str, index: int, records: list[dict], rejects: list[dict]) -> None:
-        """Save images found in records (values under "image" that are arrays) as PNG, then the rejects, then the
-        records file, which marks the chunk finished."""
+        """Save images found in records (values under "image" that are arrays) as PNG, then the records and rejects,
+        then the marker with their checksums, which commits the chunk."""
         records = [self._externalise_images(r) for r in records]
         rank_dir = self._rank_dir(stage)
-        atomic_write_jsonl(rank_dir / f"chunk-{index:05d}.rejects.jsonl", rejects)
-        atomic_write_jsonl(rank_dir / f"chunk-{index:05d}.jsonl", records)
+        sums = {}
+        for key, rows in (("rejects", rejects), ("records", records)):
+            name = f"chunk-{index:05d}.{key}.jsonl" if key == "rejects" else f"chunk-{index:05d}.jsonl"
+            sums[key] = {"file": name, "sha256": self._write_checked(rank_dir / name, jsonl_bytes(rows)),
+                         "count": len(rows)}
+        atomic_write_json(self._marker(stage, index), sums)
 
     def _externalise_images(self, record: dict, name: str | None = None) -> dict:
         name = name or record.get("id", "image")
@@ -89,69 +133,135 @@ class RunStore:
             if isinstance(value, dict):
                 out[key] = self._externalise_images(value, f"{name}-{key}")
             elif key == IMAGE_KEY and isinstance(value, np.ndarray):
-                rel = Path("images") / f"{name}.png"
-                atomic_write_bytes(self.root / rel, png_bytes(value))
-                out[key] = rel.as_posix()
+                path = safe_join(self.root / "images", name, ".png")
+                out[key] = path.relative_to(self.root).as_posix()
+                out[IMAGE_SHA_KEY] = self._write_checked(path, png_bytes(value))
             else:
                 out[key] = value
         return out
 
+    def load_image(self, side: dict, fix: str = "pass --redo images") -> np.ndarray:
+        """The (H, W, 3) uint8 pixels of ``side["image"]``, checked against ``side["image_sha256"]`` when the
+        record carries it; a damaged or missing PNG is a StoreError naming it."""
+        from PIL import Image, UnidentifiedImageError
+
+        rel = Path(side[IMAGE_KEY])
+        path = self.root / rel
+        if rel.is_absolute() or ".." in rel.parts:
+            raise StoreError(f"image path {str(rel)!r} in a record of {self.root} points outside the run directory; "
+                             f"{fix}")
+        data = self._read_checked(path, side.get(IMAGE_SHA_KEY), "its record", fix)
+        try:
+            return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        except (OSError, UnidentifiedImageError) as err:
+            raise StoreError(f"{path} is not a readable PNG ({err}); {fix}") from err
+
     # -------------------------------------------------------------- merged stage outputs
     def stage_done(self, stage: str) -> bool:
-        return (self.root / stage / "records.jsonl").is_file()
+        return "sha256" in self.manifest()["stages"].get(stage, {})
 
-    def merge(self, stage: str, seconds: float = 0.0) -> list[dict]:
-        """Merge every rank's chunks (sorted by id), write records/rejects and the manifest entry."""
+    def merge(self, stage: str, seconds: float = 0.0, finalize: Finalize | None = None) -> list[dict]:
+        """Merge every rank's committed chunks (sorted by id), apply ``finalize(records, rejects)`` (e.g. a
+        dedup), write records/rejects, then the manifest entry that commits the stage."""
         stage_dir = self.root / stage
         records, rejects = [], []
-        for path in sorted(stage_dir.glob("rank*/chunk-*.jsonl")):
-            (rejects if path.name.endswith(".rejects.jsonl") else records).extend(read_jsonl(path))
+        for marker in sorted(stage_dir.glob("rank*/chunk-*.done.json")):
+            got, rej = self._read_marked(stage, marker)
+            records += got
+            rejects += rej
         records.sort(key=lambda r: r["id"])
         rejects.sort(key=lambda r: (r.get("id", ""), r.get("reason", "")))
-        atomic_write_jsonl(stage_dir / "rejects.jsonl", rejects)
-        atomic_write_jsonl(stage_dir / "records.jsonl", records)
-        self.update_manifest(stage, {
-            "records": len(records), "rejects": len(rejects),
-            "reject_reasons": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-            "seconds": round(seconds, 3),
-            "sha256": sha256_file(stage_dir / "records.jsonl"),
-        })
+        if finalize is not None:
+            records, rejects = finalize(records, rejects)
+        entry = {"records": len(records), "rejects": len(rejects),
+                 "reject_reasons": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+                 "seconds": round(seconds, 3),
+                 "rejects_sha256": self._write_checked(stage_dir / "rejects.jsonl", jsonl_bytes(rejects)),
+                 "sha256": self._write_checked(stage_dir / "records.jsonl", jsonl_bytes(records))}
+        self.update_manifest(stage, entry)
         return records
 
+    def _read_stage_file(self, stage: str, name: str, key: str) -> list[dict]:
+        entry = self.manifest()["stages"].get(stage)
+        if entry is None or "sha256" not in entry:
+            raise StoreError(f"stage {stage!r} has no merged output in {self.root}; run that stage first")
+        path, fix = self.root / stage / name, f"pass --redo {stage} to recompute it"
+        return parse_jsonl(self._read_checked(path, entry.get(key), self.root / "manifest.json", fix), path, fix)
+
     def read_stage(self, stage: str) -> list[dict]:
-        path = self.root / stage / "records.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"stage {stage!r} has no merged output in {self.root}; run that stage first")
-        return read_jsonl(path)
+        return self._read_stage_file(stage, "records.jsonl", "sha256")
 
     def read_rejects(self, stage: str) -> list[dict]:
-        path = self.root / stage / "rejects.jsonl"
-        return read_jsonl(path) if path.is_file() else []
+        return self._read_stage_file(stage, "rejects.jsonl", "rejects_sha256") if self.stage_done(stage) else []
 
     def clear_stage(self, stage: str) -> None:
+        import shutil
+
         shutil.rmtree(self.root / stage, ignore_errors=True)
         manifest = self.manifest()
-        manifest.get("stages", {}).pop(stage, None)
+        manifest["stages"].pop(stage, None)
+        manifest["fingerprints"].pop(stage, None)
         atomic_write_json(self.root / "manifest.json", manifest)
 
     # -------------------------------------------------------------- manifest
     def manifest(self) -> dict:
         path = self.root / "manifest.json"
-        return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        if not path.is_file():
+            return {"stages": {}, "fingerprints": {}, "outputs": {}}
+        try:
+            manifest = json.loads(path.read_text())
+            if not all(isinstance(manifest.get(k, {}), dict) for k in ("stages", "fingerprints", "outputs")):
+                raise ValueError("its sections are not objects")
+        except (ValueError, AttributeError) as err:
+            raise StoreError(f"{path} is damaged ({err}); it holds the checksums of the finished stages, so the run "
+                             "cannot be trusted: pass --redo prompts to recompute the run") from err
+        for key in ("stages", "fingerprints", "outputs"):
+            manifest.setdefault(key, {})
+        return manifest
+
+    def reset_manifest(self) -> None:
+        """Start the manifest afresh (``--redo`` of the first stage, which recomputes everything)."""
+        atomic_write_json(self.root / "manifest.json", {"stages": {}, "fingerprints": {}, "outputs": {}})
 
     def update_manifest(self, stage: str, entry: dict) -> None:
         manifest = self.manifest()
-        manifest.setdefault("stages", {})[stage] = entry
+        manifest["stages"][stage] = entry
         atomic_write_json(self.root / "manifest.json", manifest)
 
+    def fingerprint(self, stage: str) -> dict | None:
+        """The settings ``stage`` was started with (``store.config_fingerprint``), None if none were recorded."""
+        return self.manifest()["fingerprints"].get(stage)
+
+    def record_fingerprint(self, stage: str, fingerprint: dict) -> None:
+        manifest = self.manifest()
+        manifest["fingerprints"][stage] = fingerprint
+        atomic_write_json(self.root / "manifest.json", manifest)
+
+    # -------------------------------------------------------------- top-level outputs
+    def final_done(self, name: str) -> bool:
+        return name in self.manifest()["outputs"] and (self.root / name).is_file()
+
+    def clear_final(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+        manifest = self.manifest()
+        manifest["outputs"].pop(name, None)
+        atomic_write_json(self.root / "manifest.json", manifest)
+
+    def read_final(self, name: str, fix: str = "pass --redo select to rewrite it") -> list[dict]:
+        entry = self.manifest()["outputs"].get(name)
+        if entry is None:
+            raise StoreError(f"{self.root / name} was not committed (no entry in manifest.json); {fix}")
+        path = self.root / name
+        return parse_jsonl(self._read_checked(path, entry["sha256"], self.root / "manifest.json", fix), path, fix)
+
     def write_final(self, name: str, records: list[dict], extra: dict | None = None) -> Path:
-        """A top-level output such as pairs.jsonl; checksummed in the manifest with image checksums."""
-        path = atomic_write_jsonl(self.root / name, records)
+        """A top-level output such as pairs.jsonl, then its manifest entry (the commit) with image checksums."""
+        path = self.root / name
+        sha = self._write_checked(path, jsonl_bytes(records))
         images = sorted({v for r in records for side in r.values() if isinstance(side, dict)
                          for k, v in side.items() if k == IMAGE_KEY})
         manifest = self.manifest()
-        manifest.setdefault("outputs", {})[name] = dict(
-            records=len(records), sha256=sha256_file(path),
-            images={rel: sha256_file(self.root / rel) for rel in images}, **(extra or {}))
+        manifest["outputs"][name] = dict(records=len(records), sha256=sha,
+                                         images={rel: sha256_file(self.root / rel) for rel in images}, **(extra or {}))
         atomic_write_json(self.root / "manifest.json", manifest)
         return path

@@ -108,12 +108,17 @@ def test_two_gloo_processes_equal_one(reference_run, tmp_path):
 
 
 def test_redo_select_reselects_from_the_scored_candidates(reference_run, tmp_path):
-    """``redo="select"`` keeps stages 1-vqa and recomputes the pairs under the new filter settings."""
+    """``redo="select"`` keeps stages 1-vqa and recomputes the pairs under the new filter settings; a setting that
+    changes the VQA verdicts (tau) is refused until the vqa stage is redone."""
     import shutil
+
+    from ospo_fast.store import FingerprintMismatch
 
     out, pairs = reference_run
     shutil.copytree(out, tmp_path / "run")
-    filtered = load_config("tiny", [*OVERRIDES, "filter.enabled=true", "filter.tau=2.0"])  # S <= 1: nothing passes
+    with pytest.raises(FingerprintMismatch, match=r"stage 'vqa' .*filter\.tau: 0\.6 -> 1\.0.*--redo vqa"):
+        Pipeline(load_config("tiny", [*OVERRIDES, "filter.tau=1.0"]), tmp_path / "run", redo="select")
+    filtered = load_config("tiny", [*OVERRIDES, "filter.enabled=true"])  # a random model's S is near 0 < tau
     assert Pipeline(filtered, tmp_path / "run", redo="select", progress=False).run() == []
     assert read_jsonl(tmp_path / "run" / "pairs.jsonl") == []
     images_before = json.loads((out / "manifest.json").read_text())["stages"]["images"]

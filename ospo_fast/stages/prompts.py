@@ -26,7 +26,7 @@ from ospo_fast.stages.structure import (
     parse_relation_tuples,
     render_prompt,
 )
-from ospo_fast.store import read_jsonl_rows
+from ospo_fast.store import StoreError, check_name, read_jsonl_rows
 
 CATEGORY_WORDS = ("color", "colour", "shape", "texture", "spatial", "numeracy", "category", "attribute", "relation")
 
@@ -122,24 +122,33 @@ def sample_prompts(vocab: Vocabulary, config: PromptConfig, indices: list[int], 
 # ---------------------------------------------------------------- file
 
 def read_prompt_file(path: str | Path) -> list[dict]:
-    """Base prompts from a user JSONL file; every line needs prompt, category and structure."""
+    """Base prompts from a user JSONL file; every line needs prompt, category and structure, and may give an
+    ``id`` (a string of ``store.SAFE_NAME_RULE``, unique in the file). Problems are StoreErrors naming file:line."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"prompts.file={str(path)!r} does not exist; give a JSONL file of "
+        raise StoreError(f"prompts.file={str(path)!r} does not exist; give a JSONL file of "
                          '{"prompt": ..., "category": ..., "structure": {"objects": [...], ...}} lines')
-    records = []
-    for line_no, row in read_jsonl_rows(path):
+    records, lines = [], {}
+    for line_no, row in read_jsonl_rows(path, StoreError):
+        if not isinstance(row, dict):
+            raise StoreError(f"{path}:{line_no} is a {type(row).__name__}, not a record; each line needs prompt, "
+                             "category and structure")
         missing = [k for k in ("prompt", "category", "structure") if k not in row]
         if missing:
-            raise ValueError(f"{path}:{line_no} lacks {missing}; each line needs prompt, category and structure")
+            raise StoreError(f"{path}:{line_no} lacks {missing}; each line needs prompt, category and structure")
         structure = dict(empty_structure(), **row["structure"])
         if not structure["objects"] or not objects_in_text(structure, row["prompt"]):
-            raise ValueError(f"{path}:{line_no}: structure objects {structure['objects']} must be non-empty and "
+            raise StoreError(f"{path}:{line_no}: structure objects {structure['objects']} must be non-empty and "
                              f"appear as words in the prompt {row['prompt']!r}")
-        records.append({"id": row.get("id", f"f{len(records):06d}"), "prompt": row["prompt"],
+        rid = check_name(row.get("id", f"f{len(records):06d}"), f"{path}:{line_no}")  # ids become file names
+        if rid in lines:
+            raise StoreError(f"{path}:{line_no}: id {rid!r} repeats line {lines[rid]} (lines without an id get "
+                             "f000000, f000001, ... by position); give every prompt its own id")
+        lines[rid] = line_no
+        records.append({"id": rid, "prompt": row["prompt"],
                         "category": row["category"], "structure": structure, "source": "file"})
     if not records:
-        raise ValueError(f"prompts.file={str(path)!r} holds no prompts")
+        raise StoreError(f"prompts.file={str(path)!r} holds no prompts")
     return records
 
 

@@ -5,6 +5,7 @@ the orchestrator (``ospo_fast.pipeline``) sequences, shards, resumes and stores.
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -200,10 +201,10 @@ def questions_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]
     return out, rejects
 
 
-def vqa_chunk(ctx: StageContext, records: list[dict], questions: dict[str, list[str]], root) -> tuple[list, list]:
-    """Self-VQA on both images of every pair with the base prompt's questions, then the pair verdict."""
-    from PIL import Image
-
+def vqa_chunk(ctx: StageContext, records: list[dict], questions: dict[str, list[str]],
+              load_image: Callable[[dict], np.ndarray]) -> tuple[list, list]:
+    """Self-VQA on both images of every pair with the base prompt's questions, then the pair verdict.
+    ``load_image(side)``: the record store's checked reader of a side's PNG, (H, W, 3) uint8."""
     from ospo_fast.engine.vqa import score_yes_no
 
     out, rejects, todo = [], [], []
@@ -212,8 +213,7 @@ def vqa_chunk(ctx: StageContext, records: list[dict], questions: dict[str, list[
             rejects.append({"id": record["id"], "stage": "vqa", "reason": "no_questions_for_prompt"})
         else:
             todo.append(record)
-    images = [np.asarray(Image.open(root / r[side]["image"]).convert("RGB")) for r in todo
-              for side in ("chosen", "rejected")]
+    images = [load_image(r[side]) for r in todo for side in ("chosen", "rejected")]
     asked = [questions[r["base_id"]] for r in todo for _ in range(2)]
     probs = score_yes_no(ctx.bundle, images, asked, ctx.config.filter.vqa_batch_size) if todo else []
     for i, record in enumerate(todo):
