@@ -82,7 +82,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ospo_fast.export import export_parquet
 
-    print(export_parquet(args.run_dir, args.out))
+    for path in export_parquet(args.run_dir, args.out):
+        print(path)
     return 0
 
 

@@ -1,29 +1,81 @@
-"""Export the selected pairs as a Parquet dataset with TRL-style columns (``prompt``, ``chosen``, ``rejected``;
-images as ``{"bytes", "path"}`` structs, the layout Hugging Face ``datasets`` reads as an Image feature), plus
-token ids, masks, scores and metadata. Load it with ``datasets.load_dataset("parquet", data_files=...)`` or
-``pyarrow.parquet.read_table``."""
+"""Export the selected pairs as a Parquet dataset that Hugging Face ``datasets`` reads with images decoded.
+
+Columns: ``prompt`` (the base prompt x), ``chosen`` / ``rejected`` (the two images, ``datasets.Image`` features:
+``{"bytes", "path"}`` structs plus the ``huggingface`` schema metadata that tells ``datasets`` to decode them to
+PIL images; paths are relative to the synth directory), the dense prompts, the perturbation, token ids, masks,
+Self-VQA scores and metadata. Load it with ``datasets.load_dataset("parquet", data_files=...)``.
+
+Which trainer reads it: this is text-to-image preference data (text prompt in, image out, chosen vs rejected
+image). ``ospo-fast train`` trains on it (from ``pairs.jsonl``, the same records). TRL 1.16 has no trainer for
+image outputs: its preference trainers (``DPOTrainer``, ``experimental.cpo.CPOTrainer``) score text completions,
+and DPOTrainer's vision mode (``DataCollatorForVisionPreference``: ``images`` + ``prompt`` + text ``chosen`` /
+``rejected``) puts images in the prompt, not in the answers; so no TRL trainer can read these rows.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ospo_fast.store import atomic_write_bytes, read_jsonl
+from ospo_fast.store import StoreError, atomic_write_bytes
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the arrow type of datasets.Image
+HF_METADATA = {"info": {"features": {"chosen": {"_type": "Image"}, "rejected": {"_type": "Image"}}}}
+SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("prompt", pa.string()), ("chosen", IMAGE_TYPE), ("rejected", IMAGE_TYPE),
+    ("chosen_prompt", pa.string()), ("rejected_prompt", pa.string()), ("perturbed_prompt", pa.string()),
+    ("category", pa.string()), ("perturbation", pa.string()),
+    ("chosen_tokens", pa.list_(pa.int32())), ("rejected_tokens", pa.list_(pa.int32())),
+    ("chosen_mask", pa.list_(pa.int8())), ("rejected_mask", pa.list_(pa.int8())),
+    ("chosen_score", pa.float64()), ("rejected_score", pa.float64()),
+    ("questions", pa.list_(pa.string())), ("structure", pa.string()), ("grid", pa.int32()),
+], metadata={b"huggingface": json.dumps(HF_METADATA).encode()})
+
+
+class ExportError(StoreError):
+    """A directory that holds no pairs to export; the message names it and what to run."""
 
 
 def _image(root: Path, rel: str) -> dict:
-    return {"bytes": (root / rel).read_bytes(), "path": rel}
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ExportError(f"{root / 'pairs.jsonl'} names image {rel!r} outside {root}; re-run the selection stage")
+    if not path.is_file():
+        raise ExportError(f"image {root / rel} named in {root / 'pairs.jsonl'} does not exist; keep images/ next to "
+                          "pairs.jsonl")
+    return {"bytes": path.read_bytes(), "path": rel}
 
 
-def pairs_table(run_dir: str | Path) -> pa.Table:
+def synth_dirs(run_dir: str | Path) -> list[Path]:
+    """The synth directories under ``run_dir``: itself when it holds a synth run's files, else
+    ``<run_dir>/iter<i>/synth`` of every iteration (in order). ExportError when there are none."""
     root = Path(run_dir)
+    if not root.is_dir():
+        raise ExportError(f"{root} does not exist; pass the directory `ospo-fast run` or `ospo-fast synth` wrote")
+    if (root / "manifest.json").is_file() or (root / "pairs.jsonl").is_file():
+        return [root]
+    iters = sorted((p for p in root.glob("iter*/synth") if re.fullmatch(r"iter\d+", p.parent.name)),
+                   key=lambda p: int(p.parent.name[4:]))
+    if not iters:
+        raise ExportError(f"{root} is neither a run directory (iter<i>/synth/) nor a synth directory "
+                          "(manifest.json, pairs.jsonl); pass the --out of `ospo-fast run` or `ospo-fast synth`")
+    return iters
+
+
+def pairs_table(synth_dir: str | Path) -> pa.Table:
+    """The pairs of one synth directory as an Arrow table (``SCHEMA``)."""
+    from ospo_fast.train.data import read_pairs
+
+    root = Path(synth_dir)
     pairs_file = root / "pairs.jsonl"
     if not pairs_file.is_file():
-        raise FileNotFoundError(f"{pairs_file} does not exist; run stages 1-4 (`ospo-fast synth`) first")
-    pairs = read_jsonl(pairs_file)
+        raise ExportError(f"{root} has no pairs.jsonl (stages 1-4 have not finished); resume them with "
+                          f"`ospo-fast synth --out {root}` (or `ospo-fast run` on the run directory)")
+    pairs = read_pairs(pairs_file)
     columns = {
         "pair_id": [p["pair_id"] for p in pairs],
         "prompt": [p["prompt"] for p in pairs],
@@ -44,23 +96,26 @@ def pairs_table(run_dir: str | Path) -> pa.Table:
         "structure": [json.dumps(p["structure"], sort_keys=True) for p in pairs],
         "grid": [p["grid"] for p in pairs],
     }
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    schema = pa.schema([
-        ("pair_id", pa.string()), ("prompt", pa.string()), ("chosen", image_type), ("rejected", image_type),
-        ("chosen_prompt", pa.string()), ("rejected_prompt", pa.string()), ("perturbed_prompt", pa.string()),
-        ("category", pa.string()), ("perturbation", pa.string()),
-        ("chosen_tokens", pa.list_(pa.int32())), ("rejected_tokens", pa.list_(pa.int32())),
-        ("chosen_mask", pa.list_(pa.int8())), ("rejected_mask", pa.list_(pa.int8())),
-        ("chosen_score", pa.float64()), ("rejected_score", pa.float64()),
-        ("questions", pa.list_(pa.string())), ("structure", pa.string()), ("grid", pa.int32()),
-    ])
-    return pa.table(columns, schema=schema)
+    return pa.table(columns, schema=SCHEMA)
 
 
-def export_parquet(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``<run_dir>/dataset/train.parquet`` (or ``out``) atomically; returns the path."""
-    table = pairs_table(run_dir)
-    path = Path(out) if out else Path(run_dir) / "dataset" / "train.parquet"
+def _write(table: pa.Table, path: Path) -> Path:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def export_parquet(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Export every synth directory under ``run_dir`` (see ``synth_dirs``) atomically; returns the files.
+
+    Default target: ``<synth dir>/dataset/train.parquet``. ``out``: the file to write for a synth directory, or
+    for a run directory a folder that gets ``iter<i>/train.parquet``."""
+    dirs = synth_dirs(run_dir)
+    tables = [pairs_table(d) for d in dirs]  # all checked before anything is written
+    if out is None:
+        targets = [d / "dataset" / "train.parquet" for d in dirs]
+    elif dirs == [Path(run_dir)]:
+        targets = [Path(out)]
+    else:
+        targets = [Path(out) / d.parent.name / "train.parquet" for d in dirs]
+    return [_write(table, target) for table, target in zip(tables, targets)]
