@@ -41,3 +41,8 @@ def backend_device(backend: str) -> torch.device:
 
 TRITON = pytest.param("triton", marks=pytest.mark.skipif(
     triton_device() is None, reason="triton needs a CUDA device or TRITON_INTERPRET=1"))
+
+# For a test that is about the CPU itself (CPU autocast, CPU profiler op counts): "triton" only through the
+# interpreter, with CPU tensors.
+TRITON_ON_CPU = pytest.param("triton", marks=pytest.mark.skipif(
+    triton_device() != torch.device("cpu"), reason="a CPU test of triton needs TRITON_INTERPRET=1"))

@@ -20,7 +20,7 @@ from ospo_fast.ops.simpo_loss import (
     token_logprobs,
     token_logprobs_ref,
 )
-from tests.gpu import TRITON, backend_device, requires_cuda
+from tests.gpu import TRITON, TRITON_ON_CPU, backend_device, requires_cuda
 
 FIELDS = ("loss", "simpo_loss", "sft_loss", "chosen_reward", "rejected_reward", "margin")
 
@@ -30,6 +30,7 @@ BACKENDS = [
     pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="ospo_fast._C not built")),
     TRITON,  # CUDA tensors on a GPU, CPU tensors under TRITON_INTERPRET=1 (tests.gpu.backend_device)
 ]
+CPU_BACKENDS = [*BACKENDS[:2], TRITON_ON_CPU]  # tests of CPU behaviour (CPU autocast, CPU profiler op counts)
 # (pairs, tokens, hidden, vocab): odd shapes; vocab 131 is not a multiple of any block, 8200 spans 3 Triton blocks
 SHAPES = [(3, 47, 24, 131), (1, 5, 16, 8200)]
 
@@ -292,7 +293,7 @@ def test_bad_inputs_raise_clear_errors():
 # --- autocast: bf16 activations, float32 head (train.bf16 with float32 weights) -------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fused_under_autocast_with_fp32_weights(backend, shape):
     """A training step's head under torch.autocast("cpu", bf16), the branch CUDA autocast takes: float32 weights,
     a Linear + GELU before the fused loss hands it bf16 activations and the float32 head weight and bias. Loss and
@@ -335,7 +336,7 @@ def _op_counts(fn) -> dict[str, int]:
     return {e.key: e.count for e in prof.key_averages()}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_frozen_head_skips_weight_and_bias_gradients(backend):
     """A frozen head (the LoRA default): the backward runs no dW GEMM (addmm_) and no db reduction, returns
     empty tensors for them, and still gives the reference's d(hidden). A trainable head runs one addmm_ per chunk."""
@@ -405,7 +406,7 @@ def test_chunk_tokens_per_device():
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fused_loss_step_has_no_host_sync(backend, monkeypatch):
     """Forward + backward of the fused loss with check_values=False (as the trainer calls it) reads nothing back to
     the host: no .item()/bool()/int() (aten::_local_scalar_dense) and no .tolist(). With the checks on (the
