@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ospo_fast.models.loader import ASSET_DIR
-from ospo_fast.toy import build_model as bm
 from ospo_fast.toy import world
+from recipes.toy_janus import build_model as bm
 
 TOY_DIR = ASSET_DIR / "toy_janus"
 
@@ -161,3 +161,22 @@ def test_init_from_saved_continues_from_the_shipped_weights(tmp_path, toy):
     (tmp_path / "und.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="und.pt"):
         bm.init_from_saved(model, TOY_DIR, tmp_path, print)
+
+
+def test_builder_is_a_recipe_outside_the_library():
+    """The builder moved to recipes/toy_janus (a training recipe, not library code); it still runs as a script, and
+    its sampler no longer shares a name with ``ospo_fast.engine.generate_images``."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert importlib.util.find_spec("ospo_fast.toy.build_model") is None
+    assert not hasattr(bm, "generate_images") and callable(bm.sample_toy_images)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(root / "recipes" / "toy_janus" / "build_model.py"), "--help"],
+                          cwd=root.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--out" in done.stdout and "--phases" in done.stdout

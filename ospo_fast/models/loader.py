@@ -74,7 +74,7 @@ def resolve_model_path(path: str) -> str:
         toy = ASSET_DIR / "toy_janus"
         if not (toy / "config.json").is_file():
             raise ModelLoadError(f"builtin:toy is not shipped in this install (looked in {toy}); rebuild it with "
-                                 "`python -m ospo_fast.toy.build_model` or use builtin:tiny")
+                                 "`python recipes/toy_janus/build_model.py` or use builtin:tiny")
         return str(toy)
     grid = 8
     kind = name

@@ -3,7 +3,10 @@
 - ``world``: procedural 64x64 scenes of one or two coloured shapes, captions, structures, a held-out split and a
   prompt sampler (``sample_scene``, ``render``, ``caption``, ``structure``, ``sample_prompts``).
 - ``judge``: the exact judge of an image against a structure (``judge`` -> ``JudgeResult(strict, loose, details)``).
-- ``build_model``: builds and measures the shipped ``builtin:toy`` Janus (``python -m ospo_fast.toy.build_model``).
+- ``evaluate``: judged alignment of a model's images on held-out prompts (the run summary's before/after).
+
+The recipe that builds and measures the shipped ``builtin:toy`` Janus is not part of the library:
+``python recipes/toy_janus/build_model.py``.
 """
 
 from ospo_fast.toy.judge import JudgeResult, judge, judge_batch

@@ -1,7 +1,10 @@
 """Build the toy Janus (``builtin:toy``): a small ``JanusForConditionalGeneration`` trained on the toy world, on a
 CPU, in resumable phases.
 
-  python -m ospo_fast.toy.build_model --out ospo_fast/assets/toy_janus --seed 0
+  python recipes/toy_janus/build_model.py --out ospo_fast/assets/toy_janus --seed 0
+
+A training recipe, kept beside the library (as torchtune keeps its recipes): the library needs only what it ships
+(``ospo_fast/assets/toy_janus``, ``ospo_fast.toy``'s world and judge), never this file.
 
 Phases (each saves its result under ``--work``; a rerun skips finished phases):
 1. ``vq``: the VQ-VAE (64x64 px -> 8x8 grid, 512 codes) on rendered scenes. Janus decodes through
@@ -559,9 +562,11 @@ def train_und(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
-def generate_images(model, processor, captions: list[str], seed: int, guidance_scale: float = 5.0,
-                    batch_size: int = 16) -> tuple[torch.Tensor, np.ndarray]:
-    """Janus ``generate(generation_mode="image")`` with CFG; returns tokens (N, 64) and uint8 (N, 64, 64, 3)."""
+def sample_toy_images(model, processor, captions: list[str], seed: int, guidance_scale: float = 5.0,
+                      batch_size: int = 16) -> tuple[torch.Tensor, np.ndarray]:
+    """Janus ``generate(generation_mode="image")`` with CFG; returns tokens (N, 64) and uint8 (N, 64, 64, 3).
+
+    transformers' own sampler (not ``ospo_fast.engine.generate_images``): the build measures the model alone."""
     tokens = []
     dev = next(model.parameters()).device
     for start in range(0, len(captions), batch_size):
@@ -583,7 +588,7 @@ def eval_t2i(model, processor, split: str, seed: int, n: int, guidance_scale: fl
     specs = world.split_specs(split)
     order = np.random.default_rng([seed, 3]).permutation(len(specs))
     chosen = [specs[order[i % len(specs)]] for i in range(n)]
-    _, images = generate_images(model, processor, [world.caption_of_spec(s) for s in chosen], seed, guidance_scale)
+    _, images = sample_toy_images(model, processor, [world.caption_of_spec(s) for s in chosen], seed, guidance_scale)
     results = [judge(img, world.structure_of_spec(s)) for img, s in zip(images, chosen)]
     return {"n": n, "strict": float(np.mean([r.strict for r in results])),
             "loose": float(np.mean([r.loose for r in results]))}
@@ -785,7 +790,7 @@ def build_report(m: dict) -> str:
     und_cmd = f" --und-minutes {b['und_minutes']}" if b.get("und_minutes") else ""
     return f"""# builtin:toy: how it was built
 
-Command (CPU, 1 thread each, wall-clock budgets): `python -m ospo_fast.toy.build_model --out
+Command (CPU, 1 thread each, wall-clock budgets): `python recipes/toy_janus/build_model.py --out
 ospo_fast/assets/toy_janus --seed {m['seed']} --vq-minutes {b['vq_minutes']} --vqdec-minutes {b['vqdec_minutes']}
 --mm-minutes {b['mm_minutes']}{und_cmd}` (phase checkpoints and the log in `build/toy_janus_work/`; a rerun resumes).
 Phases:
@@ -805,7 +810,7 @@ has only {b['layers']} layers, so `presets/toy.yaml` sets `masks.skip_layers: 1`
 
 Answers: the model is trained to put the answer on the first token of `" yes"` / `" no"` (with the space the chat
 template writes after `<|Assistant|>:`), as `ospo_fast.engine.vqa.answer_token_ids` reads it.
-Questions it was trained on: `make_question` in `ospo_fast/toy/build_model.py`.
+Questions it was trained on: `make_question` in `recipes/toy_janus/build_model.py`.
 Held-out captions: `ospo_fast.toy.world.is_heldout` (crc32 % 8 == 0, {len(world.split_specs('heldout'))} of
 {len(world.all_specs())} captions), never seen in training, neither for T2I nor for VQA.
 """
