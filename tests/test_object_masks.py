@@ -7,7 +7,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.filters import threshold_otsu
 
-from ospo_fast._backend import cpp_available, triton_available, triton_interpret
+from ospo_fast._backend import cpp_available
 from ospo_fast.config import MaskConfig
 from ospo_fast.ops.object_masks import (
     aggregate_columns,
@@ -16,12 +16,12 @@ from ospo_fast.ops.object_masks import (
     select_layers,
     soft_mask,
 )
+from tests.gpu import TRITON, backend_device
 
 BACKENDS = [
     "ref",
     pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="ospo_fast._C not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(
-        not (triton_available() and triton_interpret()), reason="triton on CPU needs TRITON_INTERPRET=1")),
+    TRITON,  # CUDA tensors on a GPU, CPU tensors under TRITON_INTERPRET=1 (tests.gpu.backend_device)
 ]
 
 
@@ -64,12 +64,12 @@ def _numpy_minmax(x: np.ndarray) -> np.ndarray:
 
 
 def _assert_equals_skimage(out, maps: torch.Tensor, scale: float = 0.8) -> None:
-    norm = _numpy_minmax(maps.double().numpy())
-    np.testing.assert_array_equal(out.maps.numpy(), norm.astype(np.float32))
+    norm = _numpy_minmax(maps.double().cpu().numpy())
+    np.testing.assert_array_equal(out.maps.cpu().numpy(), norm.astype(np.float32))
     thr, masks = _skimage_masks(norm, scale)
-    np.testing.assert_array_equal(out.thresholds.numpy(), thr.astype(np.float32))
-    np.testing.assert_array_equal(out.masks.numpy(), masks)
-    np.testing.assert_array_equal(out.union.numpy(), masks.any(axis=1))
+    np.testing.assert_array_equal(out.thresholds.cpu().numpy(), thr.astype(np.float32))
+    np.testing.assert_array_equal(out.masks.cpu().numpy(), masks)
+    np.testing.assert_array_equal(out.union.cpu().numpy(), masks.any(axis=1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -78,7 +78,7 @@ def _assert_equals_skimage(out, maps: torch.Tensor, scale: float = 0.8) -> None:
     ("softmax", (2, 2, 24, 24)), ("peaked", (3, 47, 9, 131)),
 ])
 def test_thresholds_and_masks_equal_skimage(backend, kind, shape):
-    maps = _maps(kind, shape)
+    maps = _maps(kind, shape).to(backend_device(backend))
     _assert_equals_skimage(object_masks(maps, backend=backend), maps)
 
 
@@ -92,6 +92,7 @@ def test_range_beyond_float32_equals_skimage(backend, dtype, big):
     maps = (torch.rand(2, 3, 24, 24, generator=g, dtype=torch.float64) * 2 - 1).to(dtype) * big  # (B, O, G, G)
     maps[0, 0, 0, 0], maps[0, 0, 0, 1] = -big, big  # the full range in one map
     maps[1, 1] = torch.where(maps[1, 1] > 0, 1.0, -1.0).to(dtype) * big  # two values only: Otsu splits them
+    maps = maps.to(backend_device(backend))
     out = object_masks(maps, backend=backend)
     assert not torch.isnan(out.maps).any() and bool(out.masks[1, 1].any())
     _assert_equals_skimage(out, maps)
@@ -102,7 +103,7 @@ def test_range_beyond_float32_equals_skimage(backend, dtype, big):
 def test_low_precision_inputs(backend, dtype, atol):
     """Low-precision maps are upcast; the normalised map stays within the input's rounding of the fp32 one and
     the thresholds and masks are skimage's on the upcast map normalised in float64."""
-    maps = _maps("bimodal", (3, 5, 24, 24), seed=1)
+    maps = _maps("bimodal", (3, 5, 24, 24), seed=1).to(backend_device(backend))
     out = object_masks(maps.to(dtype), backend=backend)
     torch.testing.assert_close(out.maps, object_masks_ref(maps).maps, atol=atol, rtol=0)
     _assert_equals_skimage(out, maps.to(dtype))
@@ -112,6 +113,7 @@ def test_low_precision_inputs(backend, dtype, atol):
 def test_backends_equal_reference(backend):
     maps = torch.cat([_maps(k, (2, 3, 24, 24), seed=3) for k in ("random", "peaked", "ties")], dim=1)
     valid = torch.rand(2, 9, generator=torch.Generator().manual_seed(0)) > 0.3
+    maps, valid = maps.to(backend_device(backend)), valid.to(backend_device(backend))
     config = MaskConfig(otsu_scale=0.7)
     ref = object_masks_ref(maps, config, object_valid=valid)
     out = object_masks(maps, config, backend=backend, object_valid=valid)
@@ -126,6 +128,7 @@ def test_constant_and_padded_objects(backend):
     maps[0, 1] = 0.25  # constant map
     maps[1, 2] = float("nan")  # garbage in a padded object is ignored
     valid = torch.tensor([[True, True, True], [True, True, False]])
+    maps, valid = maps.to(backend_device(backend)), valid.to(backend_device(backend))
     out = object_masks(maps, backend=backend, object_valid=valid)
     assert threshold_otsu(np.full((8, 8), 0.0, np.float32)) == 0.0  # skimage on the normalised constant map
     assert torch.all(out.maps[0, 1] == 0) and out.thresholds[0, 1] == 0 and not out.masks[0, 1].any()
