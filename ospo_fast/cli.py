@@ -105,11 +105,11 @@ def _cmd_eval_gen(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ospo_fast.train import PairsFileError, TrainingDivergedError, train
+    from ospo_fast.train import CheckpointError, PairsFileError, TrainingDivergedError, train
 
     try:
         result = train(_load(args), args.pairs, args.out, resume=not args.no_resume)
-    except (PairsFileError, TrainingDivergedError) as err:
+    except (PairsFileError, TrainingDivergedError, CheckpointError) as err:
         print(f"ospo-fast: error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

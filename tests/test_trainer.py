@@ -152,18 +152,107 @@ def test_batch_plan_shards_match_one_process():
     assert sorted(seen.tolist()) == list(range(7))  # an epoch visits every pair once
 
 
-def test_lr_schedule_matches_transformers():
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+def test_lr_schedule_is_the_spec():
+    """SPEC.md: cosine with 5% warm-up to 1e-7 (transformers' cosine_with_min_lr, as the reference training used),
+    written out here: linear warm-up from 0 over ceil(5% of the steps), then lr_min + (lr - lr_min) (1 + cos)/2."""
+    from ospo_fast.config import TrainConfig
+    from ospo_fast.train.trainer import lr_schedule
 
-    from ospo_fast.train.trainer import lr_factor
-
-    total, lr, min_lr = 37, 1e-5, 1e-7
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, math.ceil(0.05 * total), total, min_lr=min_lr)
-    for step in range(total):
-        assert math.isclose(lr * lr_factor(step, total, 0.05, lr, min_lr), sched.get_last_lr()[0], rel_tol=1e-9)
+    config, total = TrainConfig(), 37
+    assert (config.lr, config.warmup_ratio, config.min_lr) == (1e-5, 0.05, 1e-7)
+    warmup = math.ceil(0.05 * total)  # 2 steps
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    sched = lr_schedule(opt, total, config)
+    for step in range(total + 1):
+        if step < warmup:
+            spec = 1e-5 * step / warmup
+        else:
+            spec = 1e-7 + (1e-5 - 1e-7) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        assert math.isclose(sched.get_last_lr()[0], spec, rel_tol=1e-9, abs_tol=1e-15), step
         opt.step()
         sched.step()
+    assert math.isclose(spec, 1e-7)  # ends on the floor
+
+
+# -- bf16 autocast and host syncs: the CUDA branch, run on the CPU -------------------------------------------------
+def test_bf16_step_runs_under_autocast_on_cpu(tmp_path, fresh_tiny):
+    """train.bf16 (the default) with float32 weights enters torch.autocast on the training device, CPU included:
+    the fused head then gets bf16 activations and a float32 weight (what crashed on CUDA). The step's loss is the
+    loss under torch.autocast("cpu", bf16), not the float32 one, and the step is taken."""
+    from ospo_fast.train.trainer import Trainer, forward_loss
+
+    config = tiny_config(bf16=True)
+    assert config.loss.fused and config.model.dtype == "float32"
+    trainer = Trainer(config, write_pairs(tmp_path / "pairs.jsonl", 4), tmp_path / "out", bundle=fresh_tiny)
+    batch = trainer._micro_batch(0)
+    trainer.model.train()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = forward_loss(trainer.model, batch).loss.item()
+        fp32 = forward_loss(trainer.model, batch).loss.item()
+    metrics = trainer.train_step()
+    assert abs(bf16 - fp32) > 1e-4  # the two differ measurably ...
+    assert metrics["loss"] == pytest.approx(bf16, abs=1e-6)  # ... and the step ran the bf16 one
+    assert not metrics["skipped"] and math.isfinite(metrics["grad_norm"])
+
+
+class _SyncRecorder:
+    """Records where host reads of tensors come from: aten._local_scalar_dense (.item(), bool(), int(), float()) via
+    a TorchDispatchMode, and Tensor.tolist. Each read is attributed to the innermost frame in ospo_fast/ or in
+    transformers/ that caused it."""
+
+    def __init__(self, monkeypatch):
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.origins: list[str] = []
+        record = self._record
+        original = torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: record(traceback.extract_stack()) or original(t))
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    record(traceback.extract_stack())
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def _record(self, stack) -> None:
+        for frame in reversed(stack[:-1]):
+            for marker in ("/ospo_fast/", "/transformers/", "/torch/optim/"):
+                if marker in frame.filename and "/tests/" not in frame.filename:
+                    self.origins.append(marker.strip("/") + "/" + frame.filename.split(marker)[-1])
+                    return
+        self.origins.append("other")
+
+
+MASKING = "transformers/masking_utils.py"
+
+
+def test_training_step_syncs_once(tmp_path, fresh_tiny, monkeypatch):
+    """No host sync in a micro-step's forward + backward from our code (targets and masks were validated when
+    the pairs were loaded); the optimizer step reads its metrics back once, whatever grad_accum is. Left: the one
+    or two reads transformers' sdpa mask does per forward (is the padding mask all ones? the second only when the
+    first is), counted here so that any new one fails the test."""
+    from ospo_fast.train.trainer import Trainer, forward_loss
+
+    trainer = Trainer(tiny_config(grad_accum=2), write_pairs(tmp_path / "pairs.jsonl", 8), tmp_path / "out",
+                      bundle=fresh_tiny)
+    batch = trainer._micro_batch(0)
+    recorder = _SyncRecorder(monkeypatch)
+    with recorder.mode:
+        with trainer._autocast():
+            out = forward_loss(trainer.model, batch)
+        out.loss.backward()
+    assert set(recorder.origins) == {MASKING} and 1 <= len(recorder.origins) <= 2
+    recorder.origins.clear()
+    with recorder.mode:
+        trainer.train_step()
+    ours = [o for o in recorder.origins if o.startswith("ospo_fast/") and o != "ospo_fast/train/data.py"]
+    assert ours == ["ospo_fast/train/trainer.py"]  # the one read-back of the step's metrics
+    assert 2 <= recorder.origins.count(MASKING) <= 2 * 2  # two micro-batches
 
 
 # -- training behaviour -------------------------------------------------------------------------------------------
@@ -352,6 +441,10 @@ def test_nonfinite_in_a_row_stops_with_checkpoint(tmp_path, monkeypatch, fresh_t
      '"rejected": {"tokens": [1], "mask": [0]}}\n', "grid\\*grid=64"),
     ('{"pair_id": "a", "prompt": "x"}\n', "missing key 'grid'"),
     ("\n", "holds no pairs"),
+    (json.dumps({"pair_id": "a", "prompt": "x", "grid": 1, "chosen": {"tokens": [1], "mask": [0.5]},
+                 "rejected": {"tokens": [1], "mask": [1]}}) + "\n", "chosen.mask must hold 0 or 1"),
+    (json.dumps({"pair_id": "a", "prompt": "x", "grid": 1, "chosen": {"tokens": [1], "mask": [1]},
+                 "rejected": {"tokens": [1.5], "mask": [1]}}) + "\n", "rejected.tokens must be integer"),
 ])
 def test_bad_pairs_file_errors(tmp_path, content, match):
     from ospo_fast.train import PairsFileError, read_pairs
@@ -519,7 +612,7 @@ def test_damaged_newest_checkpoint_is_skipped(interrupted, tmp_path, capsys, dam
         torch.testing.assert_close(adapter_weights(resumed.checkpoint_dir)[name], weight, atol=1e-6, rtol=1e-5)
 
 
-def test_every_checkpoint_damaged_is_an_error_naming_each(interrupted, tmp_path):
+def test_every_checkpoint_damaged_is_an_error_naming_each(interrupted, tmp_path, capsys):
     from ospo_fast.train import train
     from ospo_fast.train.checkpoint import CheckpointError
 
@@ -530,6 +623,12 @@ def test_every_checkpoint_damaged_is_an_error_naming_each(interrupted, tmp_path)
     with pytest.raises(CheckpointError, match=r"no intact checkpoint .*step-000003: adapter_model.safetensors does "
                                               r"not match .*step-000001: adapter_model.safetensors"):
         train(_integrity_config(), pairs, run)
+    from ospo_fast.cli import main
+
+    assert main(["train", "--pairs", str(pairs), "--out", str(run), "--preset", "tiny", "model.device=cpu",
+                 "train.max_steps=4", "train.per_device_batch=1", "train.lora_r=4", "train.lora_alpha=8",
+                 "train.lora_targets=[q_proj,v_proj,down_proj]"]) == 2  # one line, no traceback
+    assert "ospo-fast: error: no intact checkpoint" in capsys.readouterr().err
 
 
 def test_torn_last_metrics_line_is_dropped_with_a_message(interrupted, tmp_path, capsys):
@@ -549,11 +648,12 @@ def test_torn_last_metrics_line_is_dropped_with_a_message(interrupted, tmp_path,
     ('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n', 2),  # damaged mid-file
     ('{"step": 1}\n{"step": 2, "lo\n', 2),  # a damaged line that was terminated: not a torn append
     ('{"step": 1}\n[1, 2]\n', 2),
-])
+], ids=["mid-file", "terminated", "not-an-object"])
 def test_damaged_metrics_lines_are_errors(tmp_path, text, line):
+    from ospo_fast.train.checkpoint import CheckpointError
     from ospo_fast.train.checkpoint import read_metrics as read
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(text)
-    with pytest.raises(ValueError, match=rf"metrics.jsonl:{line} is not"):
+    with pytest.raises(CheckpointError, match=rf"metrics.jsonl:{line} is not"):
         read(path)

@@ -103,7 +103,8 @@ def read_state(directory: Path) -> dict[str, Any]:
 
 # -- integrity -------------------------------------------------------------------------------------------------------
 class CheckpointError(RuntimeError):
-    """No intact checkpoint to resume from; the message names each damaged file and what to do."""
+    """The training state in an out_dir cannot be resumed (no intact checkpoint, a damaged ``metrics.jsonl``); the
+    message names each damaged file and what to do."""
 
 
 def sha256_file(path: Path) -> str:
@@ -187,8 +188,8 @@ def append_line(path: Path, line: str) -> None:
 
 def read_metrics(path: Path, say: bool = True) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``. An unterminated last line that is not JSON is the trace of a kill in the
-    middle of an append: it is dropped, with one line on stderr. Any other line that is not a JSON object raises a
-    ValueError naming the file and line."""
+    middle of an append: it is dropped, with one line on stderr. Any other line that is not a JSON object raises
+    ``CheckpointError`` naming the file and line."""
     text = Path(path).read_text(encoding="utf-8")
     lines = text.split("\n")  # the last item is "" when the file ends in a newline
     records = []
@@ -203,9 +204,9 @@ def read_metrics(path: Path, say: bool = True) -> list[dict[str, Any]]:
                     print(f"ospo-fast: {path}:{number} is an incomplete last line (a write cut off by a kill); "
                           "dropped", file=sys.stderr)
                 break
-            raise ValueError(f"{path}:{number} is not JSON ({err.msg}): the file is damaged; restore it or delete "
-                             "it (the metrics of finished steps are then lost)") from err
+            raise CheckpointError(f"{path}:{number} is not JSON ({err.msg}): the file is damaged; restore it or "
+                                  "delete it (the metrics of finished steps are then lost)") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number} is not a JSON object; restore or delete the file")
+            raise CheckpointError(f"{path}:{number} is not a JSON object: the file is damaged; restore or delete it")
         records.append(record)
     return records
