@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -86,7 +87,9 @@ def stage_summary(synth_dir: Path) -> dict:
 
 
 def loss_summary(metrics_path: Path, points: int = 8) -> dict:
-    rows = [r for r in read_jsonl(metrics_path) if "loss" in r]
+    from ospo_fast.train.checkpoint import read_metrics
+
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r]  # a torn last line is named and dropped
     if not rows:
         return {"steps": 0}
     picks = sorted({round(i * (len(rows) - 1) / max(1, points - 1)) for i in range(points)})
@@ -96,14 +99,48 @@ def loss_summary(metrics_path: Path, points: int = 8) -> dict:
             "skipped_nonfinite": sum(1 for r in rows if r.get("skipped"))}
 
 
+def run_fingerprint(config: OSPOConfig) -> dict:
+    """What a finished run's summary stands for: the whole resolved config and the starting model's identity."""
+    from ospo_fast.config import config_to_dict
+    from ospo_fast.store import config_fingerprint, file_identity
+
+    return config_fingerprint({"config": config_to_dict(config), "model_identity": file_identity(config.model.path)})
+
+
+def finished_summary(config: OSPOConfig, out: Path) -> dict | None:
+    """The saved summary when ``out`` holds a finished run of this very config (every iteration), else None."""
+    path = out / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # a damaged summary is simply rewritten by the run
+    done = len(summary.get("iterations", [])) == config.iterations
+    return summary if done and summary.get("fingerprint") == run_fingerprint(config) else None
+
+
+def _relative(path: Path | str) -> str:
+    """``path`` relative to the working directory (no absolute paths in the files a run writes)."""
+    return os.path.relpath(path)
+
+
 def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -> dict:
-    """Run ``config.iterations`` OSPO iterations into ``out_dir``; returns the summary (also saved)."""
+    """Run ``config.iterations`` OSPO iterations into ``out_dir``; returns the summary (also saved). A run that
+    finished with this config already returns its saved summary at once (pass ``redo`` to recompute).
+
+    Paths in the summary are relative to ``out_dir``; iteration i+1 loads iteration i's model by a path relative
+    to the working directory, so config.yaml, adapter_config.json and ospo_merge.json hold no absolute paths."""
     from ospo_fast.train import train
 
     out = Path(out_dir)
-    dist = init_distributed(config.model.device)
+    if redo is None:
+        done = finished_summary(config, out)
+        if done is not None:
+            return done
+    dist = init_distributed()
     summary: dict = {"random_init": is_random_init(config.model.path), "model": config.model.path,
-                     "iterations": [], "alignment": {}}
+                     "iterations": [], "alignment": {}, "fingerprint": run_fingerprint(config)}
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
@@ -125,11 +162,12 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
         start = time.perf_counter()
         result = train(cfg, pairs_path, it_dir / "train")
         train_seconds = time.perf_counter() - start
-        model_path = str(result.merged_dir or result.checkpoint_dir)
+        trained = Path(result.merged_dir or result.checkpoint_dir)
+        model_path = _relative(trained)
         if dist.rank == 0:
             write_report(it_dir / "synth")
             entry = {"iteration": iteration, "synth": stage_summary(it_dir / "synth"),
-                     "train": loss_summary(result.metrics_path), "model": model_path,
+                     "train": loss_summary(result.metrics_path), "model": os.path.relpath(trained, out),
                      "seconds": {"synthesis": round(synth_seconds, 2), "training": round(train_seconds, 2)}}
             after = _evaluate(config, model_path)
             for key, result in after.items():
@@ -144,15 +182,15 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
     return summary
 
 
-def format_summary(summary: dict) -> str:
-    """The closing summary as text."""
+def format_summary(summary: dict, out_dir: str | Path = "") -> str:
+    """The closing summary as text; ``out_dir`` (the run directory) prefixes the paths it names."""
     lines = ["", "=" * 72, "OSPO run summary", "=" * 72]
     if summary["random_init"]:
         lines.append(f"NOTE: {summary['model']} is RANDOM-INITIALISED: these numbers exercise the machinery and say "
                      "nothing about image quality or alignment.")
     for it in summary["iterations"]:
         s, t = it["synth"], it["train"]
-        lines.append(f"-- iteration {it['iteration']} (model after: {it['model']})")
+        lines.append(f"-- iteration {it['iteration']} (model after: {os.path.join(out_dir, it['model'])})")
         lines.append("   records per stage: " + ", ".join(f"{k} {v}" for k, v in s["records"].items()))
         if s["rejects"]:
             lines.append("   rejects: " + "; ".join(f"{k}: {v}" for k, v in s["rejects"].items()))
