@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ospo_fast_installed
 
-.PHONY: demo test test-gpu bench lint install clean
+.PHONY: demo test test-gpu gpu-check bench bench-pytest lint install clean
 
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/cuda/*.cu)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,15 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# The same suite through pytest-benchmark (JSON: --benchmark-json=FILE; --benchmark-autosave, --benchmark-compare).
+bench-pytest: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only
+
+# On a lent GPU, one command: the GPU tests and the GPU benchmark suite (Janus-Pro-1B shapes) within 8 minutes,
+# rows (device, date, commit, command) appended to BENCHMARKS.md. Refuses on a machine without CUDA.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ospo_fast kernels benchmarks tests
