@@ -138,7 +138,7 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
         done = finished_summary(config, out)
         if done is not None:
             return done
-    dist = init_distributed()
+    dist = init_distributed(config.model.device)
     summary: dict = {"random_init": is_random_init(config.model.path), "model": config.model.path,
                      "iterations": [], "alignment": {}, "fingerprint": run_fingerprint(config)}
     if dist.rank == 0:
