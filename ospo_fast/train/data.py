@@ -4,6 +4,9 @@ the same way.
 
 A record: ``{"pair_id", "prompt", "category", "grid": G, "chosen": {"tokens": [int]*G*G, "mask": [0|1]*G*G,
 "image": "images/...png", "score"}, "rejected": {...}}``; image paths are relative to the pairs file's folder.
+
+Everything the loss would otherwise range-check on every step (token ids in [0, codebook), binary masks, soft
+weights in [0, 1]) is validated here, once, so a training step never reads a tensor back to check it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ospo_fast.ops.simpo_loss import check_mask_weights
 
 SIDES = ("chosen", "rejected")
 
@@ -76,9 +81,16 @@ def _check_side(path: Path, line: int, record: dict, side: str, grid: int, codeb
             size = len(values) if isinstance(values, list) else type(values).__name__
             raise _fail(path, line, f"{side}.{key} must be a list of grid*grid={grid * grid} values, got {size}")
     tokens = entry["tokens"]
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        bad = next(t for t in tokens if not isinstance(t, int) or isinstance(t, bool))
+        raise _fail(path, line, f"{side}.tokens must be integer codebook ids, got {bad!r}")
     if codebook is not None and (min(tokens) < 0 or max(tokens) >= codebook):
         raise _fail(path, line, f"{side}.tokens has ids outside the codebook [0, {codebook}) "
                     f"(min {min(tokens)}, max {max(tokens)}); were they sampled by a different model?")
+    bad_mask = [m for m in entry["mask"] if m not in (0, 1) or isinstance(m, bool)]
+    if bad_mask:
+        raise _fail(path, line, f"{side}.mask must hold 0 or 1 per image token (the thresholded object mask), "
+                    f"got {bad_mask[0]!r}")
 
 
 def read_pairs(path: str | Path, grid: int | None = None, codebook: int | None = None) -> list[dict]:
@@ -186,10 +198,20 @@ def load_pair_set(path: str | Path, bundle, mask_mode: str = "gaussian", kernel:
         tokens = reencode_images(bundle.model, images).view(len(records), 2, -1)
     else:
         raise ValueError(f"train.token_source={token_source!r} is not supported; use 'tokens' or 'reencode'")
+    _check_token_range(tokens, codebook, path)
     binary = torch.tensor([[r[s]["mask"] for s in SIDES] for r in records], dtype=torch.float32)
     masks = smooth_masks(binary.view(-1, grid, grid), mask_mode, kernel, sigma).view(len(records), 2, -1)
+    check_mask_weights(masks, mask_mode)  # once per data set: the training step skips this check
     return PairSet(pair_ids=[str(r["pair_id"]) for r in records], prompt_ids=prompt_ids, tokens=tokens,
                    masks=masks, grid=grid)
+
+
+def _check_token_range(tokens: torch.Tensor, codebook: int, path: Path) -> None:
+    """(P, 2, T) ids, e.g. re-encoded from PNGs: all in [0, codebook), checked once here instead of every step."""
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= codebook:
+        raise PairsFileError(f"{path}: image token ids must lie in [0, {codebook}) (the model's codebook), got min "
+                             f"{lo} max {hi}; re-encode the images with the training model")
 
 
 @dataclass

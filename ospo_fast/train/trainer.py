@@ -53,12 +53,16 @@ class TrainResult:
 
 
 class PreferenceModel(nn.Module):
-    """Janus + the Obj-SimPO loss in one ``forward``, so DDP and FSDP2 see every use of the weights."""
+    """Janus + the Obj-SimPO loss in one ``forward``, so DDP and FSDP2 see every use of the weights.
 
-    def __init__(self, janus: nn.Module, loss_config: LossConfig):
+    ``check_values``: range-check targets and mask weights in every forward (host syncs); the trainer passes False
+    because ``load_pair_set`` validated them once, so its steps never wait on the device for a check."""
+
+    def __init__(self, janus: nn.Module, loss_config: LossConfig, check_values: bool = True):
         super().__init__()
         self.janus = janus
         self.loss_config = loss_config
+        self.check_values = check_values
 
     def image_hidden(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      image_tokens: torch.Tensor) -> torch.Tensor:
@@ -85,24 +89,23 @@ class PreferenceModel(nn.Module):
         config = self.loss_config
         if not config.fused:
             logits = self.image_logits(prompt_ids, prompt_mask, image_tokens)  # (2P, T, V)
-            return obj_simpo_loss(logits, image_tokens, mask_weights, config, backend=config.backend)
+            return obj_simpo_loss(logits, image_tokens, mask_weights, config, backend=config.backend,
+                                  check_values=self.check_values)
         head = self.janus.model.generation_head
         hidden = self.image_hidden(prompt_ids, prompt_mask, image_tokens)
         projected = head.activation_fn(head.proj_out(hidden))  # (2P, T, D_proj); logits never materialised
+        # under autocast: bf16 `projected`, float32 head weight; the fused op computes in the autocast dtype
         return fused_obj_simpo_loss(projected, head.vision_head.weight, head.vision_head.bias, image_tokens,
-                                    mask_weights, config, backend=config.backend)
+                                    mask_weights, config, backend=config.backend, check_values=self.check_values)
 
 
-def lr_factor(step: int, total: int, warmup_ratio: float, lr: float, min_lr: float) -> float:
-    """Multiplier of ``lr`` at optimizer step ``step`` (0-based), as transformers' ``cosine_with_min_lr``
-    schedule that the reference training used: linear warm-up from 0 over ceil(ratio*total) steps, then cosine
-    from ``lr`` down to the floor ``min_lr``."""
-    warmup = math.ceil(warmup_ratio * total)
-    if step < warmup:
-        return step / warmup
-    floor = min_lr / lr if lr > 0 else 0.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def lr_schedule(optimizer: torch.optim.Optimizer, total: int, config: TrainConfig):
+    """The reference training's schedule, transformers' ``cosine_with_min_lr``: linear warm-up from 0 over
+    ceil(warmup_ratio * total) optimizer steps (5%), then cosine from ``lr`` down to ``min_lr`` (1e-7)."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), total,
+                                                       min_lr=config.min_lr)
 
 
 def total_steps(config: TrainConfig, num_pairs: int, global_batch: int) -> int:
@@ -144,7 +147,7 @@ class Trainer:
         self.plan = BatchPlan(len(self.pairs), self.tc.per_device_batch, self.dist.world, self.tc.grad_accum,
                               config.seed)
         self.total = total_steps(self.tc, len(self.pairs), self.plan.global_batch)
-        self.core = PreferenceModel(janus, config.loss)
+        self.core = PreferenceModel(janus, config.loss, check_values=False)  # validated by load_pair_set
         self.params = [p for p in self.core.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: no parameter requires grad (check train.lora / train.lora_targets)")
@@ -152,8 +155,7 @@ class Trainer:
         self.params = [p for p in self.core.parameters() if p.requires_grad]  # FSDP2 swaps in sharded params
         self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, betas=tuple(self.tc.betas),
                                            weight_decay=self.tc.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total, self.tc.warmup_ratio, self.tc.lr, self.tc.min_lr))
+        self.scheduler = lr_schedule(self.optimizer, self.total, self.tc)
         self.step = 0
         self.optimizer_steps = 0
         self.skipped = 0
@@ -179,10 +181,9 @@ class Trainer:
         fully_shard(core, mesh=mesh)
         return core
 
-    def _autocast(self):
-        if self.device.type == "cuda" and self.tc.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast on the training device, whatever its type: CPU runs take the very branch CUDA runs."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.tc.bf16)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     @property
@@ -348,7 +349,7 @@ class Trainer:
                                   ("loss", "simpo_loss", "sft_loss", "chosen_reward", "rejected_reward", "margin",
                                    "accuracy")])
             sums[:-1] += values.double() / accum
-            sums[-1] += float(not torch.isfinite(out.loss.detach()).item())
+            sums[-1] += (~torch.isfinite(out.loss.detach())).double()  # stays on the device: no sync per micro
             tokens += batch.image_tokens.numel()
         if self.dist.world > 1:
             dist.all_reduce(sums)
@@ -356,8 +357,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
-        finite = sums[-1].item() == 0 and math.isfinite(grad_norm)
+        *means, nonfinite, grad_norm = torch.cat([sums, grad_norm.double().view(1)]).tolist()  # the step's one sync
+        finite = nonfinite == 0 and math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         if finite:
             self.optimizer.step()
@@ -371,7 +372,7 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - start
         pairs = self.plan.global_batch
-        metrics = {"step": self.step, **{k: float(v) for k, v in zip(METRIC_KEYS, sums[:-1].tolist())},
+        metrics = {"step": self.step, **dict(zip(METRIC_KEYS, means)),
                    "lr": lr, "grad_norm": grad_norm, "skipped": not finite, "skipped_total": self.skipped,
                    "tokens_per_s": tokens * self.dist.world / seconds, "pairs_per_s": pairs / seconds,
                    "seconds": seconds}
