@@ -70,10 +70,10 @@ def _simpo_launches() -> list[Launch]:
 def _object_masks_launches() -> list[Launch]:
     from ospo_fast.kernels import object_masks as k
 
-    # the launcher hands the kernel float32 maps (bf16 maps are cast first)
-    return [Launch(k.__name__, "_object_masks_otsu_kernel", f"float32 P={P_JANUS}", dict(
-        x_ptr=torch.float32, norm_ptr=torch.float32, thr_ptr=torch.float32, mask_ptr=torch.int8, P=P_JANUS,
-        otsu_scale=0.8), dict(NBINS=k.NBINS))]
+    # the launcher hands the kernel float32 maps (bf16 maps are cast first) or float64 maps as they are
+    return [Launch(k.__name__, "_object_masks_otsu_kernel", f"{str(dtype).removeprefix('torch.')} P={P_JANUS}", dict(
+        x_ptr=dtype, norm_ptr=torch.float32, thr_ptr=torch.float32, mask_ptr=torch.int8, P=P_JANUS,
+        otsu_scale=0.8), dict(NBINS=k.NBINS)) for dtype in (torch.float32, torch.float64)]
 
 
 LAUNCHES = {"ospo_fast.kernels.object_masks": _object_masks_launches,

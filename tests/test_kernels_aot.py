@@ -62,10 +62,13 @@ def test_autotune_configs_and_heuristics_are_compiled(compiled):
     one block of 1,024."""
     from ospo_fast.kernels import object_masks
 
+    rows = [r for r in compiled if r["kernel"] == "_object_masks_otsu_kernel"]
+    assert {r["case"] for r in rows} == {"float32 P=576", "float64 P=576"}
     for arch in (80, 90):
-        rows = [r for r in compiled if r["kernel"] == "_object_masks_otsu_kernel" and r["arch"] == arch]
-        assert sorted(r["num_warps"] for r in rows) == sorted(object_masks.WARPS)
-        assert {r["meta"]["BLOCK"] for r in rows} == {1024}
+        for case in ("float32 P=576", "float64 P=576"):
+            warps = [r["num_warps"] for r in rows if r["arch"] == arch and r["case"] == case]
+            assert sorted(warps) == sorted(object_masks.WARPS)
+    assert {r["meta"]["BLOCK"] for r in rows} == {1024}
 
 
 def test_compile_refuses_under_the_interpreter(monkeypatch):
