@@ -1,9 +1,11 @@
 """Training throughput of stage 5: one optimizer step (forward, Obj-SimPO + SFT loss, backward, AdamW) with the
 fused generation-head loss (logits never materialised) against the naive one (full (2P, T, V) logits), same run,
-same pairs, same model. Reports pairs/s and peak memory.
+same pairs, same model. Reports pairs/s and peak memory. Both run under train.bf16's autocast on the benchmark's
+device (the default, CPU included: float32 weights, bf16 activations into the fused head); --fp32 turns it off.
 
   .venv/bin/python benchmarks/bench_train.py                                   # builtin:tiny on CPU
   .venv/bin/python benchmarks/bench_train.py --model tiny-24                   # 576 image tokens
+  .venv/bin/python benchmarks/bench_train.py --model tiny-24 --codebook 16384 --pairs 2   # + Janus-Pro's V
   python benchmarks/bench_train.py --model janus-pro-1b-shape --device cuda --pairs 4
 """
 
@@ -73,6 +75,7 @@ def make_trainer(args: argparse.Namespace, fused: bool, pairs: Path, out: Path):
     tc.per_device_batch, tc.grad_accum = args.pairs, 1
     tc.max_steps = 10**6
     tc.gradient_checkpointing = args.checkpointing
+    tc.bf16 = not args.fp32
     return Trainer(config, pairs, out)
 
 
@@ -85,6 +88,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--bf16-weights", action="store_true", help="CUDA: load the weights in bf16")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast (train.bf16=false)")
     parser.add_argument("--codebook", type=int, default=0,
                         help="tiny/tiny-24 only: rebuild the tiny model with this image codebook (16384 = Janus-Pro)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -117,7 +121,8 @@ def main() -> None:
         report("train_step", results, baseline="naive loss (full logits)", device=device,
                config={"model": args.model, "pairs_per_step": args.pairs, "tokens_per_image": grid * grid,
                        "codebook": codebook, "lora": not args.full, "lora_r": args.lora_r,
-                       "checkpointing": args.checkpointing, "threads": torch.get_num_threads()})
+                       "checkpointing": args.checkpointing, "bf16_autocast": not args.fp32,
+                       "threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":
