@@ -80,6 +80,20 @@ LAUNCHES = {"ospo_fast.kernels.object_masks": _object_masks_launches,
             "ospo_fast.kernels.simpo_loss": _simpo_launches}
 
 
+def launch_tensors(launch: Launch, device: torch.device | str) -> dict:
+    """The launch's arguments with a zero tensor of each pointer's dtype, long enough for row 0 (grid (1,))."""
+    size = max(V_JANUS, P_JANUS)
+    return {name: torch.zeros(size, dtype=value, device=device) if isinstance(value, torch.dtype) else value
+            for name, value in launch.args.items()}
+
+
+def run_launch(launch: Launch, device: torch.device | str):
+    """Launch ``launch`` for real on one program (CUDA, or CPU tensors under the interpreter); returns what the
+    kernel call returns (the ``CompiledKernel`` on a GPU)."""
+    kernel = kernel_objects(importlib.import_module(launch.module))[launch.kernel]
+    return kernel[(1,)](**launch_tensors(launch, device), **launch.meta)
+
+
 def kernel_objects(module) -> dict:
     """Every Triton kernel object of ``module`` (jit, interpreted, autotuned or heuristics-wrapped) by name."""
     from triton.runtime.jit import KernelInterface

@@ -9,11 +9,14 @@ import inspect
 import pkgutil
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
 import ospo_fast.kernels  # noqa: E402
 from ospo_fast.kernels import aot  # noqa: E402
+
+from tests.gpu import requires_cuda, triton_device  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +84,36 @@ def test_table_has_a_row_per_variant_and_both_archs(compiled):
     table = aot.format_table(compiled).splitlines()
     assert "sm_80 regs" in table[0] and "sm_90 spill B" in table[0]
     assert len(table) == 2 + len({(r["kernel"], r["case"], r["num_warps"]) for r in compiled})
+
+
+def _launches() -> list:
+    return [launch for name in aot.MODULES for launch in aot.LAUNCHES[name]()]
+
+
+@pytest.mark.parametrize("launch", _launches(), ids=lambda launch: f"{launch.kernel}-{launch.case}")
+def test_registered_launch_runs(launch):
+    """The registry's arguments are the kernel's real ones: each launch runs (interpreter on the CPU, the JIT on a
+    GPU), so the AOT compile describes a call that works."""
+    device = triton_device()
+    if device is None:
+        pytest.skip("triton needs a CUDA device or TRITON_INTERPRET=1")
+    aot.run_launch(launch, device)
+
+
+@requires_cuda
+def test_jit_on_this_gpu_builds_the_aot_cubin(compiled):
+    """On a GPU: the JIT's own compile of each launch has the AOT compile's registers and shared memory, and no
+    spills (the check that the AOT recipe reproduces the runtime specialisation)."""
+    major, minor = torch.cuda.get_device_capability()
+    arch = major * 10 + minor
+    if arch not in aot.ARCHS:
+        pytest.skip(f"AOT compiles sm_80 and sm_90, this GPU is sm_{arch}")
+    for launch in _launches():
+        kernel = aot.run_launch(launch, "cuda")
+        torch.cuda.synchronize()
+        usage = aot.resource_usage(kernel.asm["cubin"])
+        row = next(r for r in compiled if (r["kernel"], r["case"], r["arch"], r["num_warps"]) ==
+                   (launch.kernel, launch.case, arch, kernel.metadata.num_warps))
+        assert (usage["REG"], usage["LOCAL"], kernel.metadata.shared) == (row["registers"], row["local"],
+                                                                          row["shared"]), launch
+        assert kernel.n_spills == 0, launch
