@@ -4,6 +4,7 @@ BENCHMARKS.md rows carrying device, date, commit and command, within its time bu
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,11 +94,11 @@ def test_check_appends_rows_with_device_date_commit_command(monkeypatch, tmp_pat
     for row in rows:  # benchmark | case | median ms | speed-up | peak | device | date | commit | command
         assert row[5:] == ["Toy GPU 80GB", date, harness.git_commit(), "`make gpu-check` |"]
     by_case = {row[1]: row for row in rows}
-    assert by_case["skipped (--skip-tests)"][0] == "| GPU tests"
+    assert by_case["skipped (--skip-tests) (wall ms)"][0] == "| GPU tests"
     for r in logged:
         assert by_case[r["name"]][:4] == ["| toy", r["name"], f"{r['median_s'] * 1e3:.2f}",
                                           f"{r['speedup_vs_baseline']:.2f}x vs slow"]
-    assert by_case["exit 2"][0] == "| bench_never.py"  # python could not open the file
+    assert by_case["exit 2 (wall ms)"][0] == "| bench_never.py"  # python could not open the file
     assert code == 1  # a benchmark that failed makes the check fail, after writing every row
 
 
@@ -106,4 +107,13 @@ def test_budget_spent_marks_the_rest_not_run(tmp_path):
     assert steps[0].code is None and steps[0].note == "not run: the budget was spent"
     section = gpu_check.markdown_section("GPU", "2026-12-02", "abc1234", gpu_check.Step("GPU tests", [],
                                          code=0, seconds=12.0, note="13 passed"), steps, 300.0)
-    assert "| GPU tests | 13 passed |" in section and "| bench_x.py | not run: the budget was spent |" in section
+    assert "| GPU tests | 13 passed (wall ms) | 12000 |" in section
+    assert "| bench_x.py | not run: the budget was spent (wall ms) |" in section
+
+
+def test_prepare_builds_the_model_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_check, "MODEL", "builtin:tiny")  # the same path as janus-pro-1b-shape, CPU-sized
+    env = dict(os.environ, OSPO_FAST_CACHE=str(tmp_path), PYTHONPATH=str(ROOT))
+    step = gpu_check.prepare_model(timeout=120, env=env)
+    assert step.code == 0 and step.note == "built or found in the model cache"
+    assert (tmp_path / "tiny-v1" / "config.json").is_file()
