@@ -216,7 +216,9 @@ class Trainer:
             model_state = get_model_state_dict(self.core, options=self._full_options())
         if self.dist.main:
             if self.peft is not None:
-                self.peft.save_pretrained(str(tmp))  # adapter_model.safetensors + adapter_config.json
+                # adapter_model.safetensors + adapter_config.json; embeddings are never adapted, so no "auto"
+                # probe of the base (peft would look base_model_name_or_path up on the hub and warn)
+                self.peft.save_pretrained(str(tmp), save_embedding_layers=False)
             else:
                 state = {k.removeprefix("janus."): v for k, v in model_state.items()}
                 self.bundle.model.save_pretrained(str(tmp), state_dict=state)
