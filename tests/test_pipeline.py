@@ -15,9 +15,10 @@ from ospo_fast.config import load_config
 from ospo_fast.pipeline import Pipeline
 from ospo_fast.store import read_jsonl
 
-# 4 prompts x 2 perturbations; no filtering (a random model answers nothing with confidence)
+# 4 prompts x 2 perturbations; no filtering (a random model answers nothing with confidence). CPU explicitly: the
+# runs compared here must sample on the same device (two ranks on a one-GPU host run on the CPU, ospo_fast.distributed)
 OVERRIDES = ["prompts.num_prompts=4", "prompts.chunk_size=2", "perturb.num_perturbations=2",
-             "images.batch_size=2", "filter.enabled=false", "filter.vqa_batch_size=4"]
+             "images.batch_size=2", "filter.enabled=false", "filter.vqa_batch_size=4", "model.device=cpu"]
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
