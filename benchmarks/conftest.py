@@ -9,7 +9,7 @@ Every ``benchmarks/bench_*.py`` is collected as one test, ``bench_x.py::test_ben
 ``main()`` with the arguments ``run_all.py`` gives it: the files need no pytest code and still run alone with
 ``python benchmarks/bench_x.py``. Timing stays the harness's (warm-up excluded, median of repeats, baseline in the
 same run); each case the harness reports becomes a pytest-benchmark entry with those round times, named
-``<table>: <case>`` in the group of its table, its speed-up, peak memory and config in ``extra_info``. The
+``<table> [<model>]: <case>`` in the group of its table, its speed-up, peak memory and config in ``extra_info``. The
 harness's ratio tables are printed again at the end of the session. ``pytest tests`` (CI) never collects this
 folder (``testpaths = ["tests"]``).
 """
@@ -120,15 +120,17 @@ class _Recorder:
         session = self.request.config._benchmarksession  # as pytest-benchmark's own `benchmark` fixture reads it
         if session.disabled:
             return
+        model = rows[0]["config"].get("model") if rows else None
+        table = f"{bench} [{model}]" if model else bench  # one table per model in some files
         for result, row in zip(results, rows):
-            label = f"{bench}: {result.name}"
+            label = f"{table}: {result.name}"
             self.seen[label] = self.seen.get(label, 0) + 1
-            if self.seen[label] > 1:  # the same table twice in one file (e.g. one per model)
+            if self.seen[label] > 1:  # the same table twice in one file
                 label += f" #{self.seen[label]}"
             extra = {k: row[k] for k in ("speedup_vs_baseline", "baseline", "peak_mib", "device", "commit",
                                          "config", "extra")}
             case = _Case(name=label, fullname=f"{self.request.node.nodeid}[{label}]",
-                         group=f"{Path(self.request.node.fspath).stem}: {bench}", extra_info=extra)
+                         group=f"{Path(self.request.node.fspath).stem}: {table}", extra_info=extra)
             meta = Metadata(case, iterations=1, options={"timer": "time.perf_counter", "harness": "median",
                                                          "repeats": result.repeats})
             for seconds in result.times or [result.median_s]:

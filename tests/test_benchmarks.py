@@ -32,6 +32,7 @@ def main():
     results = [measure("sorted copy", lambda: sorted(range(n, 0, -1)), repeats=3, memory=False),
                measure("in-place sort", lambda: list(range(n, 0, -1)).sort(), repeats=3, memory=False)]
     report("toy_sort", results, baseline="sorted copy", config={"n": n})
+    report("toy_sort", results[:1], baseline="sorted copy", config={"model": "builtin:x"})  # a table per model
 
 
 if __name__ == "__main__":
@@ -58,9 +59,13 @@ def test_pytest_benchmark_collects_each_reported_case(suite):
     out = _pytest(suite, f"--benchmark-json={suite / 'run.json'}", "--benchmark-autosave")
     assert out.returncode == 0, out.stdout + out.stderr
     entries = {b["name"]: b for b in json.loads((suite / "run.json").read_text())["benchmarks"]}
-    assert set(entries) == {"toy_sort: sorted copy", "toy_sort: in-place sort"}
-    lines = {r["name"]: r for r in map(json.loads, (suite / "results.jsonl").read_text().splitlines())}
+    assert set(entries) == {"toy_sort: sorted copy", "toy_sort: in-place sort", "toy_sort [builtin:x]: sorted copy"}
+    assert entries["toy_sort [builtin:x]: sorted copy"]["group"] == "bench_toy: toy_sort [builtin:x]"
+    lines = {r["name"]: r for r in map(json.loads, (suite / "results.jsonl").read_text().splitlines())
+             if r["config"].get("n")}
     for name, entry in entries.items():
+        if "builtin:x" in name:
+            continue
         row = lines[name.removeprefix("toy_sort: ")]
         assert entry["group"] == "bench_toy: toy_sort"
         assert entry["stats"]["rounds"] == 3 and entry["stats"]["data"] == row["times"]
