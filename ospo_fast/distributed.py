@@ -31,11 +31,6 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def backend(self) -> str | None:
-        """"nccl" / "gloo" when in a process group, None alone."""
-        return dist.get_backend() if self.world > 1 and dist.is_initialized() else None
-
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
