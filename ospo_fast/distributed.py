@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ospo_fast.config import ConfigError
+
 
 @dataclass
 class Dist:
@@ -54,6 +56,7 @@ def rank_device(preference: str, local_rank: int, local_world: int) -> torch.dev
 
     "auto": ``cuda:local_rank`` when every local rank has its own CUDA device, else cpu. "cuda": the same, but
     too few devices is an error. "cpu": cpu. A device index ("cuda:1") is refused: each rank takes its local rank.
+    Errors are ``ConfigError`` (the CLI prints them as one line).
     """
     if preference == "cpu":
         return torch.device("cpu")
@@ -63,11 +66,11 @@ def rank_device(preference: str, local_rank: int, local_world: int) -> torch.dev
         return torch.device("cuda", local_rank) if enough else torch.device("cpu")
     if preference == "cuda":
         if not enough:
-            raise ValueError(f"model.device=cuda with {local_world} processes on this host needs {local_world} CUDA "
+            raise ConfigError(f"model.device=cuda with {local_world} processes on this host needs {local_world} CUDA "
                              f"devices, found {count}; launch with --nproc_per_node={max(1, count)} or set "
                              "model.device=auto (CPU when devices are short) or cpu")
         return torch.device("cuda", local_rank)
-    raise ValueError(f"model.device={preference!r} cannot be shared by {local_world} processes: under torchrun "
+    raise ConfigError(f"model.device={preference!r} cannot be shared by {local_world} processes: under torchrun "
                      "use auto, cuda (rank i takes cuda:LOCAL_RANK) or cpu")
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from ospo_fast import distributed as D
+from ospo_fast.config import ConfigError
 
 
 def _host(monkeypatch, gpus: int) -> None:
@@ -32,9 +33,9 @@ def test_explicit_devices(monkeypatch):
     _host(monkeypatch, 1)
     assert D.rank_device("cpu", 1, 2) == torch.device("cpu")
     assert D.rank_device("cuda", 0, 1) == torch.device("cuda", 0)
-    with pytest.raises(ValueError, match=r"model.device=cuda with 2 processes .* needs 2 CUDA devices, found 1"):
+    with pytest.raises(ConfigError, match=r"model.device=cuda with 2 processes .* needs 2 CUDA devices, found 1"):
         D.rank_device("cuda", 1, 2)
-    with pytest.raises(ValueError, match=r"model.device='cuda:1' cannot be shared"):
+    with pytest.raises(ConfigError, match=r"model.device='cuda:1' cannot be shared"):
         D.rank_device("cuda:1", 0, 2)
 
 
