@@ -137,6 +137,54 @@ def test_in_flight_object_maps_equal_eager_output_attentions(bundle, sampled_bat
     assert torch.equal(got.masks, want.masks) and torch.equal(got.union, want.union)
 
 
+MIXED = ["a red car", "two dogs near a lamp and a tall tree beside the house", "a cat", "a blue bench",
+         "a green apple on a wooden table"]  # five lengths; batch_size 2 leaves a ragged last batch
+MIXED_OBJECTS = [["car"], ["dogs", "lamp", "tree"], ["cat"], ["bench"], ["apple", "table"]]
+
+
+def _no_capture_decoder(bundle, rows: int):
+    """A prefilled decoder of the no-capture context (rows prompts of MIXED)."""
+    from ospo_fast.engine import image_gen
+
+    sampling = image_gen._Sampling(5.0, 1.0, 64, 1.0)
+    ids, mask, _ = image_gen._tokenise(bundle, MIXED[:rows], None)
+    decoder = image_gen._Decoder(bundle.model, image_gen._Shape(rows, ids.shape[1], bundle.num_image_tokens,
+                                                                sampling), bundle.device)
+    pad, bos, boi = image_gen._special_ids(bundle)
+    decoder.start(torch.cat([ids, unconditional_ids(ids, bos, boi, pad)]), mask.repeat(2, 1),
+                  torch.arange(rows), None)
+    return decoder
+
+
+def test_decode_step_is_one_graph_without_breaks_and_moves_no_python_state(bundle):
+    from ospo_fast.engine.image_gen import _decode_step
+
+    decoder = _no_capture_decoder(bundle, rows=2)
+    explained = torch._dynamo.explain(_decode_step)(decoder)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    assert int(decoder.index) == 1  # the counter advanced on the device, inside the step
+
+
+@pytest.mark.slow  # one inductor compile of the capturing step: about 60 s on 2 idle cores, 3 min on loaded ones
+def test_compiled_synthesis_equals_eager_in_one_graph(bundle):
+    """compile=True on the CPU (inductor): mixed prompt lengths, a ragged last batch, in-flight object maps;
+    then a second call with other lengths in the same bucket. One graph, no breaks, eager's tokens exactly."""
+    from torch._dynamo.utils import counters
+
+    config = dataclasses.replace(SAMPLED, batch_size=2, compile=True)
+    eager = generate_images(bundle, MIXED, [3, 1, 4, 1, 5], dataclasses.replace(config, compile=False),
+                            objects=MIXED_OBJECTS, mask_layers=LAYERS)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate_images(bundle, MIXED, [3, 1, 4, 1, 5], config, objects=MIXED_OBJECTS, mask_layers=LAYERS)
+    again = generate_images(bundle, MIXED[2:], [4, 1, 5], config, objects=MIXED_OBJECTS[2:], mask_layers=LAYERS)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert torch.equal(compiled.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens[2:])
+    assert compiled.object_maps.shape == eager.object_maps.shape == (5, 3, bundle.grid, bundle.grid)
+    torch.testing.assert_close(compiled.object_maps, eager.object_maps, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(again.object_maps, eager.object_maps[2:, :2], atol=1e-6, rtol=1e-5)  # O: 2 here
+
+
 def test_bad_arguments_raise_clear_errors(bundle):
     with pytest.raises(ValueError, match="seeds"):
         generate_images(bundle, PROMPTS, [0], GREEDY)
@@ -146,6 +194,8 @@ def test_bad_arguments_raise_clear_errors(bundle):
         generate_images(bundle, PROMPTS, [0, 1, 2], GREEDY, objects=[["car"]])
     with pytest.raises(ValueError, match="temperature"):
         generate_images(bundle, PROMPTS, [0, 1, 2], dataclasses.replace(GREEDY, temperature=-1.0))
+    with pytest.raises(ValueError, match="images.compile"):
+        generate_images(bundle, PROMPTS, [0, 1, 2], dataclasses.replace(GREEDY, compile="yes"))
 
 
 def test_pixels_from_decoded_clips_and_truncates():

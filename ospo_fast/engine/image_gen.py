@@ -12,11 +12,12 @@ of device tensors: the step counter lives on the device and is advanced inside t
 written into a preallocated (R, N + 1) buffer, so the Python loop passes nothing per token. With
 ``images.compile`` ("auto": CUDA only; true: every device; false: never) that step is compiled once with
 ``torch.compile(fullgraph=True)`` (CUDA graphs, ``mode="reduce-overhead"``, on CUDA; plain inductor on CPU),
-following gpt-fast: every batch has ``images.batch_size`` rows (the ragged last batch is padded with copies of
-its last prompt, dropped afterwards), prompts are left-padded to a multiple of ``PROMPT_BUCKET`` tokens (the
-longest of the call), object lists to multiples of ``OBJECT_BUCKET``. One call therefore compiles one graph per
-mask context, a process at most one per (rows, prompt bucket, object bucket, sampling); a graph break or a
-recompile inside a batch raises instead of running eagerly.
+following gpt-fast: every batch of a call has the same rows (``images.batch_size`` when compiled, else
+min(batch_size, prompts); the ragged last batch is padded with copies of its last prompt, dropped afterwards),
+prompts are left-padded to a multiple of ``PROMPT_BUCKET`` tokens (the longest of the call), object lists to
+multiples of ``OBJECT_BUCKET``. One call therefore compiles one graph per mask context, a process at most one per
+(rows, prompt bucket, object bucket, sampling); a graph break or a recompile inside a batch raises instead of
+running eagerly. Eager and compiled runs share this layout, so on the CPU they give the same tokens bit for bit.
 
 With ``objects``, the attention that each image-token query of the conditional rows pays to the object words is
 captured during these same decode steps (``engine.object_attention``); cell j is the query whose input is image
@@ -35,8 +36,8 @@ from ospo_fast.config import ImageConfig
 from ospo_fast.engine.prompts import image_prompt_inputs, position_ids_from_mask
 from ospo_fast.engine.sampling import sample_next
 
-PROMPT_BUCKET = 64  # compiled: prompts are left-padded to a multiple of this many tokens
-OBJECT_BUCKET = 4  # compiled: objects per prompt and sub-tokens per object are padded to multiples of this
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this many tokens
+OBJECT_BUCKET = 4  # objects per prompt and sub-tokens per object are padded to multiples of this
 MAX_GRAPHS = 32  # compiled: graphs of the decode step per process before it refuses to compile another
 
 
@@ -205,7 +206,7 @@ class _Decoder:
 
 
 class _DecoderPool:
-    """Compiled decoders kept across calls: CUDA graphs replay only while the state tensors keep their addresses,
+    """Decoders kept across calls: CUDA graphs replay only while the state tensors keep their addresses,
     so a (model, shape, device) reuses one decoder; least recently used first out beyond ``limit``."""
 
     def __init__(self, limit: int = 4):
@@ -250,23 +251,20 @@ def _special_ids(bundle) -> tuple[int, int, int]:
     return pad_id, bos_id, tokenizer.convert_tokens_to_ids(bundle.processor.image_start_token)
 
 
-def _tokenise(bundle, prompts: list[str], objects: list[list[str]] | None, compiled: bool):
-    """All prompts of a call, left-padded together (compiled: to a multiple of PROMPT_BUCKET): ids, mask (P, T);
-    object key positions (P, O, S) or None (compiled: O and S padded to multiples of OBJECT_BUCKET)."""
+def _tokenise(bundle, prompts: list[str], objects: list[list[str]] | None):
+    """All prompts of a call, left-padded together to a multiple of PROMPT_BUCKET: ids, mask (P, T); object key
+    positions (P, O, S) with O and S padded to multiples of OBJECT_BUCKET, or None."""
     ids, mask = image_prompt_inputs(bundle.processor, prompts)
-    if compiled:
-        width = _round_up(ids.shape[1], PROMPT_BUCKET)
-        ids, mask = _left_pad(ids, width, _special_ids(bundle)[0]), _left_pad(mask, width, 0)
+    width = _round_up(ids.shape[1], PROMPT_BUCKET)
+    ids, mask = _left_pad(ids, width, _special_ids(bundle)[0]), _left_pad(mask, width, 0)
     if objects is None:
         return ids, mask, None
     from ospo_fast.engine.object_attention import object_token_positions
 
     positions = object_token_positions(bundle.tokenizer, ids, objects)  # (P, O, S)
-    if compiled:
-        o, s = (_round_up(n, OBJECT_BUCKET) for n in positions.shape[1:])
-        positions = torch.nn.functional.pad(positions, (0, s - positions.shape[2], 0, o - positions.shape[1]),
-                                            value=-1)
-    return ids, mask, positions
+    o, s = (_round_up(n, OBJECT_BUCKET) for n in positions.shape[1:])
+    return ids, mask, torch.nn.functional.pad(positions, (0, s - positions.shape[2], 0, o - positions.shape[1]),
+                                              value=-1)
 
 
 @torch.no_grad()
@@ -284,7 +282,7 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     _check_args(bundle, prompts, seeds, config, objects)
     device, model = bundle.device, bundle.model
     compiled = compile_enabled(config.compile, device)
-    ids, mask, key_positions = _tokenise(bundle, prompts, objects, compiled)
+    ids, mask, key_positions = _tokenise(bundle, prompts, objects)
     layers: tuple[int, ...] = ()
     if objects is not None:
         from ospo_fast.ops.object_masks import select_layers
@@ -292,12 +290,13 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
         layers = tuple(sorted(set(mask_layers if mask_layers is not None else select_layers(bundle.num_layers))))
     sampling = _Sampling(config.guidance_scale, config.temperature, config.top_k, config.top_p)
     captured = (0, 0) if key_positions is None else tuple(key_positions.shape[1:])
+    # fixed rows per call, the ragged last batch padded; compiled: the same rows for every call
+    rows = config.batch_size if compiled else min(config.batch_size, len(prompts))
+    decoder = _POOL.get(model, _Shape(rows, ids.shape[1], bundle.num_image_tokens, sampling, *captured, layers),
+                        device)
     tokens, maps = [], []
     for start in range(0, len(prompts), config.batch_size):
         end = min(start + config.batch_size, len(prompts))
-        rows = config.batch_size if compiled else end - start  # compiled: fixed rows, the last batch padded
-        shape = _Shape(rows, ids.shape[1], bundle.num_image_tokens, sampling, *captured, layers)
-        decoder = _POOL.get(model, shape, device) if compiled else _Decoder(model, shape, device)
         batch_tokens, batch_maps = _decode_batch(bundle, decoder, ids[start:end], mask[start:end],
                                                  seeds[start:end],
                                                  None if key_positions is None else key_positions[start:end],
@@ -307,7 +306,7 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     tokens = torch.cat(tokens)
     object_maps = None
     if objects is not None:
-        width = max(1, max(len(words) for words in objects))  # compiled: drop the bucket's padding objects
+        width = max(1, max(len(words) for words in objects))  # drop the bucket's padding objects
         object_maps = torch.cat(maps)[:, :width].reshape(len(prompts), width, bundle.grid, bundle.grid)
     pixels = decode_pixels(bundle, tokens, config.batch_size)
     return ImageBatch(tokens=tokens, pixels=pixels, object_maps=object_maps)
@@ -328,11 +327,16 @@ def _decode_batch(bundle, decoder: _Decoder, ids: torch.Tensor, mask: torch.Tens
     if capture is None:
         decoder.start(ids2, mask2, seeds_t, None)
         _run_steps(decoder, num_tokens - 1, compiled)
-        return decoder.tokens[:n, :num_tokens].cpu(), None
+        return _detach_tokens(decoder, n), None
     with capture.recording(bundle.model):
         decoder.start(ids2, mask2, seeds_t, _pad_rows(key_positions, rows))
         _run_steps(decoder, num_tokens, compiled)  # one more query: the one whose input is the last image token
-    return decoder.tokens[:n, :num_tokens].cpu(), capture.maps()[:n].cpu()
+    return _detach_tokens(decoder, n), capture.maps()[:n].cpu()
+
+
+def _detach_tokens(decoder: _Decoder, n: int) -> torch.Tensor:
+    """(n, N) int64 on CPU, a copy: the decoder's buffer is overwritten by the next batch."""
+    return decoder.tokens[:n, :decoder.shape.num_tokens].to("cpu", copy=True)
 
 
 def _run_steps(decoder: _Decoder, steps: int, compiled: bool) -> None:
