@@ -595,8 +595,9 @@ def test_checkpoints_list_the_sha256_of_every_file(interrupted):
     (_flip_bytes, "adapter_model.safetensors"),  # garbage weights that would load without an error
     (_truncate, "adapter_model.safetensors"),
     (_truncate, "trainer_state.json"),
+    (lambda p: p.unlink(), "trainer_state.json"),
     (lambda p: p.unlink(), "checksums.json"),
-], ids=["flipped-adapter", "truncated-adapter", "truncated-state", "no-checksums"])
+], ids=["flipped-adapter", "truncated-adapter", "truncated-state", "no-state", "no-checksums"])
 def test_damaged_newest_checkpoint_is_skipped(interrupted, tmp_path, capsys, damage, file):
     from ospo_fast.train import train
 

@@ -36,12 +36,12 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
+    """Published checkpoints under ``out_dir/checkpoints`` (``step-N`` directories, not ``.tmp`` ones), oldest
+    first; whether each is still intact is ``damage``'s question."""
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
