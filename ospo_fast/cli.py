@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -46,36 +47,74 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
-    from ospo_fast.config import load_config
+HUB_PRESETS = ("janus-pro-1b", "janus-pro-7b")  # presets whose model.path must be given: weights are never fetched
 
+
+def _load(args: argparse.Namespace):
+    """The resolved config; a janus-pro preset without an explicit model path stops here, before anything loads
+    or is created."""
+    from ospo_fast.config import ConfigError, load_config
+
+    explicit = getattr(args, "model", None) or any(o.startswith("model.path=") for o in args.overrides)
+    if args.preset in HUB_PRESETS and not explicit:
+        size = args.preset.rsplit("-", 1)[1].upper()
+        raise ConfigError(f"preset {args.preset} needs model.path: add model.path=/path/to/Janus-Pro-{size} (a local "
+                          f"checkpoint directory), or model.path=deepseek-community/Janus-Pro-{size} to download it "
+                          "from the hub")
     return load_config(args.preset, args.overrides)
+
+
+def _check_inputs(config, out: str) -> None:
+    """Before any model loads: read the user's prompt file (when prompts.source=file) and make sure ``out`` is a
+    directory this process can write (OSError otherwise, reported in one line by ``main``)."""
+    if config.prompts.source == "file":
+        from ospo_fast.stages.prompts import read_prompt_file
+
+        read_prompt_file(config.prompts.file)
+    writable_dir(out)
+
+
+def writable_dir(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from ospo_fast.pipeline import run_synthesis
     from ospo_fast.report import write_report
 
-    pairs = run_synthesis(_load(args), args.out, redo=args.redo)
+    config = _load(args)
+    _check_inputs(config, args.out)
+    pairs = run_synthesis(config, args.out, redo=args.redo)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{len(pairs)} pairs in {args.out}/pairs.jsonl; report: {write_report(args.out)}")
+        if not pairs:
+            print("no pair survived the filter (see the report's reasons); a random-initialised model's answers "
+                  "rarely pass it: set filter.enabled=false to exercise the machinery, or lower filter.tau")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ospo_fast.run import format_summary, run_ospo
 
-    summary = run_ospo(_load(args), args.out, redo=args.redo)
+    config = _load(args)
+    _check_inputs(config, args.out)
+    summary = run_ospo(config, args.out, redo=args.redo)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_summary(summary))
-        print(f"\nsummary: {args.out}/summary.json; reports: {args.out}/iter*/synth/report.html")
+        print(format_summary(summary, args.out))
+        reports = [os.path.join(args.out, f"iter{it['iteration']}", "synth", "report.html")
+                   for it in summary["iterations"]]
+        print(f"\nsummary: {os.path.join(args.out, 'summary.json')}; reports: {', '.join(reports)}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from ospo_fast.export import synth_dirs
     from ospo_fast.report import write_report
 
-    print(write_report(args.run_dir))
+    for synth_dir in synth_dirs(args.run_dir):  # refuses a missing directory or one that holds no run
+        print(write_report(synth_dir))
     return 0
 
 
@@ -96,6 +135,7 @@ def _cmd_eval_gen(args: argparse.Namespace) -> int:
     todo = plan(args.format, args.prompts, args.out, samples=args.samples, seed=config.seed, images=config.images,
                 model=model_identity(path))
     check_out(todo)  # inputs first: a bad prompt file or a mismatched --out never waits for a model to load
+    writable_dir(args.out)
     bundle = load_janus(path, dtype=config.model.dtype, device=config.model.device,
                         attn_implementation=config.model.attn_implementation)
     made = generate(bundle, todo, config.images)
@@ -105,10 +145,13 @@ def _cmd_eval_gen(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ospo_fast.train import CheckpointError, PairsFileError, TrainingDivergedError, train
+    from ospo_fast.train import CheckpointError, PairsFileError, TrainingDivergedError, read_pairs, train
 
     try:
-        result = train(_load(args), args.pairs, args.out, resume=not args.no_resume)
+        config = _load(args)
+        read_pairs(args.pairs)  # a bad pairs file or --out is reported before the model loads
+        writable_dir(args.out)
+        result = train(config, args.pairs, args.out, resume=not args.no_resume)
     except (PairsFileError, TrainingDivergedError, CheckpointError) as err:
         print(f"ospo-fast: error: {err}", file=sys.stderr)
         return 2
@@ -135,6 +178,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ospo_fast.pipeline import STAGES
+
     parser = argparse.ArgumentParser(prog="ospo-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,13 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="all five stages (and iterations), then a closing summary")
     p.add_argument("--out", required=True, help="run directory (re-running resumes)")
-    p.add_argument("--redo", default=None, help="recompute this synthesis stage and every later one")
+    p.add_argument("--redo", default=None, choices=STAGES, metavar="STAGE",
+                   help=f"recompute this synthesis stage and every later one: {', '.join(STAGES)}")
     _add_config_args(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("synth", help="stages 1-4: prompts, perturbations, images + masks, Self-VQA, selection")
     p.add_argument("--out", required=True, help="run directory (re-running resumes)")
-    p.add_argument("--redo", default=None, help="recompute this stage and every later one")
+    p.add_argument("--redo", default=None, choices=STAGES, metavar="STAGE",
+                   help=f"recompute this stage and every later one: {', '.join(STAGES)}")
     _add_config_args(p)
     p.set_defaults(func=_cmd_synth)
 
@@ -201,19 +248,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KEPT = {"run": "finished stages, chunks and checkpoints", "synth": "finished stages and chunks",
+        "train": "saved checkpoints", "eval-gen": "the images written so far"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; overrides may come before and after options (``run k=v --out X k2=v2``)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and argv[0] in subparsers.choices:
+        args = subparsers.choices[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # --help, a missing or unknown command: argparse's own message
+
+
+def _os_error(err: OSError) -> str:
+    where = err.filename or "a file"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable --out or fix its permissions"
+    elif err.errno == errno.ENOSPC:
+        fix = "free some disk space, then re-run the same command to resume"
+    else:
+        fix = "check the path"
+    return f"cannot use {where} ({err.strerror}); {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ospo_fast.threads import configure_cpu_threads
+
+    configure_cpu_threads()  # before torch loads OpenMP: passive wait, threads from affinity and load
     from ospo_fast.config import ConfigError
     from ospo_fast.evalgen import PromptFileError
     from ospo_fast.models.loader import ModelLoadError
     from ospo_fast.run import NoPairsError
     from ospo_fast.store import StoreError
+    from ospo_fast.train import PairsFileError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, PromptFileError, NoPairsError, StoreError) as err:
+    except (ConfigError, ModelLoadError, PromptFileError, NoPairsError, StoreError, PairsFileError) as err:
         print(f"ospo-fast: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"ospo-fast: error: {_os_error(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        if args.command in KEPT and out:
+            print(f"\nospo-fast: interrupted; {KEPT[args.command]} in {out} are kept: run the same command again "
+                  "to resume", file=sys.stderr)
+        else:
+            print("\nospo-fast: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
