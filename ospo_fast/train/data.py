@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ospo_fast.engine.prompts import prompt_token_ids  # noqa: F401  (the one prompt layout; re-exported)
 from ospo_fast.ops.simpo_loss import check_mask_weights
 
 SIDES = ("chosen", "rejected")
@@ -126,15 +127,6 @@ def read_pairs(path: str | Path, grid: int | None = None, codebook: int | None =
         raise PairsFileError(f"pairs file {path} holds no pairs; the selection stage kept none (lower "
                              "filter.tau or generate more prompts)")
     return records
-
-
-def prompt_token_ids(processor, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` in Janus's image-generation layout: chat template (user turn, generation prompt)
-    followed by ``<begin_of_image>``, exactly as ``JanusProcessor(..., generation_mode="image")`` builds it."""
-    conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    encoded = processor(text=text, generation_mode="image", return_tensors="pt")
-    return encoded["input_ids"][0].tolist()
 
 
 def smooth_masks(binary: torch.Tensor, mode: str, kernel: int, sigma: float) -> torch.Tensor:

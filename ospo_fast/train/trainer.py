@@ -26,6 +26,7 @@ from torch import nn
 
 from ospo_fast.config import LossConfig, OSPOConfig, TrainConfig, save_config
 from ospo_fast.distributed import init_distributed
+from ospo_fast.engine.prompts import position_ids_from_mask
 from ospo_fast.train import checkpoint as ckpt
 from ospo_fast.train.data import BatchPlan, PairBatch, PairSet, collate, load_pair_set
 from ospo_fast.train.lora import apply_lora, merge_lora, set_trainable
@@ -72,7 +73,7 @@ class PreferenceModel(nn.Module):
         image = janus.prepare_embeddings_for_image_generation(image_tokens[:, :-1])  # (2P, T-1, D)
         embeds = torch.cat([text, image.to(text.dtype)], dim=1)  # (2P, L+T-1, D)
         attention = torch.cat([prompt_mask, prompt_mask.new_ones(image.shape[:2])], dim=1)  # (2P, L+T-1)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
+        positions = position_ids_from_mask(attention)  # left padding does not shift positions
         hidden = janus.model.language_model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
                                             use_cache=False).last_hidden_state
         return hidden[:, prompt_ids.shape[1] - 1:]  # (2P, T, D): <begin_of_image> predicts token 0
