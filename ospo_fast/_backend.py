@@ -94,5 +94,12 @@ def backend_report() -> dict[str, object]:
         "flash_attn": flash_attn_available(),
     }
     if cpp_available():
-        report["cpp_op_names"] = sorted(n for n in dir(torch.ops.ospo_fast_C) if not n.startswith("_") and n != "name")
+        report["cpp_op_names"] = cpp_op_names()
     return report
+
+
+def cpp_op_names() -> list[str]:
+    """The ops the extension registered in the ``ospo_fast_C`` torch.library namespace (``dir(torch.ops.X)``
+    lists only ops already looked up, so ask the dispatcher)."""
+    prefix = "ospo_fast_C::"
+    return sorted(n[len(prefix):] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))

@@ -36,32 +36,33 @@ SCHEMA = pa.schema([
 ], metadata={b"huggingface": json.dumps(HF_METADATA).encode()})
 
 
-class ExportError(StoreError):
-    """A directory that holds no pairs to export; the message names it and what to run."""
+class RunDirError(StoreError):
+    """A directory that is neither a run nor a synth directory, or holds no pairs; the message names it and what
+    to run."""
 
 
 def _image(root: Path, rel: str) -> dict:
     path = (root / rel).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise ExportError(f"{root / 'pairs.jsonl'} names image {rel!r} outside {root}; re-run the selection stage")
+        raise RunDirError(f"{root / 'pairs.jsonl'} names image {rel!r} outside {root}; re-run the selection stage")
     if not path.is_file():
-        raise ExportError(f"image {root / rel} named in {root / 'pairs.jsonl'} does not exist; keep images/ next to "
+        raise RunDirError(f"image {root / rel} named in {root / 'pairs.jsonl'} does not exist; keep images/ next to "
                           "pairs.jsonl")
     return {"bytes": path.read_bytes(), "path": rel}
 
 
 def synth_dirs(run_dir: str | Path) -> list[Path]:
     """The synth directories under ``run_dir``: itself when it holds a synth run's files, else
-    ``<run_dir>/iter<i>/synth`` of every iteration (in order). ExportError when there are none."""
+    ``<run_dir>/iter<i>/synth`` of every iteration (in order). RunDirError when there are none."""
     root = Path(run_dir)
     if not root.is_dir():
-        raise ExportError(f"{root} does not exist; pass the directory `ospo-fast run` or `ospo-fast synth` wrote")
+        raise RunDirError(f"{root} does not exist; pass the directory `ospo-fast run` or `ospo-fast synth` wrote")
     if (root / "manifest.json").is_file() or (root / "pairs.jsonl").is_file():
         return [root]
     iters = sorted((p for p in root.glob("iter*/synth") if re.fullmatch(r"iter\d+", p.parent.name)),
                    key=lambda p: int(p.parent.name[4:]))
     if not iters:
-        raise ExportError(f"{root} is neither a run directory (iter<i>/synth/) nor a synth directory "
+        raise RunDirError(f"{root} is neither a run directory (iter<i>/synth/) nor a synth directory "
                           "(manifest.json, pairs.jsonl); pass the --out of `ospo-fast run` or `ospo-fast synth`")
     return iters
 
@@ -73,7 +74,7 @@ def pairs_table(synth_dir: str | Path) -> pa.Table:
     root = Path(synth_dir)
     pairs_file = root / "pairs.jsonl"
     if not pairs_file.is_file():
-        raise ExportError(f"{root} has no pairs.jsonl (stages 1-4 have not finished); resume them with "
+        raise RunDirError(f"{root} has no pairs.jsonl (stages 1-4 have not finished); resume them with "
                           f"`ospo-fast synth --out {root}` (or `ospo-fast run` on the run directory)")
     pairs = read_pairs(pairs_file)
     columns = {

@@ -1,4 +1,26 @@
+"""The command line: intermixed overrides, one-line errors for user mistakes (exit 2), Ctrl-C (exit 130), argument
+checks before any model loads, real paths in the closing summary, no absolute paths in a run's files."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from ospo_fast import _backend
 from ospo_fast.cli import main
+from ospo_fast.pipeline import STAGES
+
+TINY = ["model.path=builtin:tiny-4", "prompts.num_prompts=2", "perturb.num_perturbations=1", "images.batch_size=4",
+        "filter.enabled=false", "train.max_steps=1", "train.per_device_batch=2", "train.save_every=1",
+        "eval.toy_heldout_prompts=0"]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("ospo-fast: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
 
 
 def test_env_lists_backends(capsys):
@@ -8,6 +30,140 @@ def test_env_lists_backends(capsys):
         assert key in out
 
 
+@pytest.mark.skipif(not _backend.cpp_available(), reason="the C++ extension is not built")
+def test_env_lists_the_registered_cpp_ops(capsys):
+    registered = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+                        if n.startswith("ospo_fast_C::"))
+    assert "object_masks_otsu" in registered
+    assert main(["env"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpp_op_names"))
+    assert line.split(None, 1)[1] == str(registered)
+
+
 def test_config_error_exit_code(capsys):
     assert main(["config", "train.bogus=1"]) == 2
     assert "train.bogus" in capsys.readouterr().err
+
+
+def test_overrides_before_and_after_options_mix(capsys):
+    assert main(["config", "seed=3", "--preset", "tiny", "images.batch_size=2"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["seed"] == 3 and resolved["images"]["batch_size"] == 2
+
+
+def test_redo_is_checked_at_once_and_help_lists_the_stages(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--out", str(tmp_path / "r"), "--redo", "foo"])
+    assert exit_.value.code == 2 and "invalid choice: 'foo'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    for command in ("run", "synth"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert ", ".join(STAGES) in text
+
+
+@pytest.mark.parametrize("command", [["run"], ["synth"]])
+def test_hub_presets_need_an_explicit_model_path(tmp_path, capsys, command):
+    out = tmp_path / "r"
+    assert main([*command, "--preset", "janus-pro-1b", "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert "model.path=" in err and "janus-pro-1b" in err
+    assert not out.exists()
+
+
+def test_hub_preset_eval_gen_needs_a_model(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert main(["eval-gen", "--format", "t2i-compbench", "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                 "--preset", "janus-pro-7b"]) == 2
+    assert "Janus-Pro-7B" in _one_line_error(capsys)
+
+
+def test_report_refuses_a_missing_directory(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "none")]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "does not exist"), ("", "holds no prompts"), ("not json\n", ":1 is not JSON"),
+    ("[1, 2]\n", ":1 is a list"),
+])
+def test_prompt_file_errors_are_one_line_before_the_model_loads(tmp_path, capsys, content, match):
+    path = tmp_path / "prompts.jsonl"
+    if content is not None:
+        path.write_text(content)
+    code = main(["synth", "--preset", "tiny", "--out", str(tmp_path / "r"), "prompts.source=file",
+                 f"prompts.file={path}", f"model.path={tmp_path / 'no-model'}"])
+    err = _one_line_error(capsys)
+    assert code == 2 and match in err and str(path) in err and "no-model" not in err
+
+
+def test_out_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    code = main(["eval-gen", "--format", "t2i-compbench", "--prompts", str(prompts), "--out", str(blocker / "o"),
+                 "--preset", "tiny", "model.path=builtin:tiny-4", "--samples", "1"])
+    assert code == 2 and "a-file" in _one_line_error(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_out_is_one_line(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    code = main(["eval-gen", "--format", "t2i-compbench", "--prompts", str(prompts), "--out", str(ro / "o"),
+                 "--preset", "tiny", "model.path=builtin:tiny-4", "--samples", "1"])
+    assert code == 2 and "writable --out" in _one_line_error(capsys)
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    import ospo_fast.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ospo_fast.pipeline, "run_synthesis", interrupted)
+    assert main(["synth", "--preset", "tiny", "--out", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "kept" in err and str(tmp_path / "r") in err and "again" in err
+
+
+def test_run_prints_real_paths_writes_no_absolute_ones_and_a_rerun_returns_at_once(tmp_path, capsys, monkeypatch):
+    """Two iterations from a relative --out: the printed report paths exist; no file of the run names this
+    machine's directories (tmp dir, model cache); running the finished run again recomputes nothing."""
+    import ospo_fast.run
+    from ospo_fast.models.loader import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--preset", "tiny", "--out", "demo", "iterations=2", *TINY]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    reports = last.split("reports: ")[1].split(", ")
+    assert reports == ["demo/iter1/synth/report.html", "demo/iter2/synth/report.html"]
+    assert all(os.path.isfile(r) for r in reports)
+
+    cache = os.path.dirname(resolve_model_path("builtin:tiny-4"))
+    names = ["summary.json", "iter2/synth/config.yaml", "iter1/train/merged/ospo_merge.json",
+             "iter2/train/merged/ospo_merge.json"]
+    names += [os.path.relpath(os.path.join(d, f), "demo") for d, _, files in os.walk("demo/iter2/train/checkpoints")
+              for f in files if f in ("adapter_config.json", "README.md")]
+    assert any(n.endswith("README.md") for n in names) and any(n.endswith("adapter_config.json") for n in names)
+    for name in names:
+        text = (tmp_path / "demo" / name).read_text()
+        assert str(tmp_path) not in text and cache not in text, name
+    merge = json.loads((tmp_path / "demo" / "iter2" / "train" / "merged" / "ospo_merge.json").read_text())
+    assert merge["base"] == "demo/iter1/train/merged" and not os.path.isabs(merge["adapter"])
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert [it["model"] for it in summary["iterations"]] == ["iter1/train/merged", "iter2/train/merged"]
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(ospo_fast.run, "Pipeline", recompute)
+    monkeypatch.setattr(ospo_fast.run, "_evaluate", recompute)
+    assert main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == last

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ospo_fast.cli import main
-from ospo_fast.export import ExportError, export_parquet, synth_dirs
+from ospo_fast.export import RunDirError, export_parquet, synth_dirs
 from ospo_fast.pipeline import to_pair
 from ospo_fast.runstore import png_bytes
 from ospo_fast.store import atomic_write_bytes, atomic_write_jsonl
@@ -77,5 +77,5 @@ def test_directory_without_pairs_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "has no pairs.jsonl" in err and "ospo-fast synth --out" in err
     assert main(["export", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(ExportError, match="neither a run directory"):
+    with pytest.raises(RunDirError, match="neither a run directory"):
         export_parquet(tmp_path)

@@ -77,7 +77,8 @@ def test_report_and_export(reference_run):
     out, pairs = reference_run
     html = write_report(out).read_text()
     assert html.count('class="pair') == 8 and "<svg" in html
-    table = pq.read_table(export_parquet(out))
+    [parquet] = export_parquet(out)  # one file per synth directory
+    table = pq.read_table(parquet)
     assert table.num_rows == 4
     assert {"prompt", "chosen", "rejected", "chosen_mask", "chosen_tokens"} <= set(table.column_names)
     assert table.column("chosen")[0].as_py()["bytes"][:4] == b"\x89PNG"

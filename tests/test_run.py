@@ -2,6 +2,7 @@
 and a summary whose numbers agree with the files."""
 
 import json
+import os
 
 import pytest
 
@@ -28,9 +29,9 @@ def test_run_produces_checkpoint_dataset_report(tiny_run):
     out, summary = tiny_run
     it = out / "iter1"
     assert (it / "synth" / "pairs.jsonl").is_file() and (it / "synth" / "report.html").is_file()
-    merged = summary["iterations"][0]["model"]
-    assert merged.endswith("merged")
-    bundle = load_janus(merged, device="cpu")  # the trained model loads through the normal loader
+    merged = summary["iterations"][0]["model"]  # relative to the run directory
+    assert merged == "iter1/train/merged"
+    bundle = load_janus(str(out / merged), device="cpu")  # the trained model loads through the normal loader
     assert bundle.num_image_tokens == 16
     assert json.loads((out / "summary.json").read_text()) == summary
 
@@ -39,8 +40,9 @@ def test_iteration_two_starts_from_iteration_one(tiny_run):
     out, summary = tiny_run
     first, second = summary["iterations"]
     saved = load_config(str(out / "iter2" / "synth" / "config.yaml"))
-    assert saved.model.path == first["model"] != "builtin:tiny-4"
-    assert second["model"] == str(out / "iter2" / "train" / "merged")
+    assert not os.path.isabs(saved.model.path)  # relative to the working directory, as loaded
+    assert os.path.samefile(saved.model.path, out / first["model"])
+    assert second["model"] == "iter2/train/merged"
 
 
 def test_summary_agrees_with_files(tiny_run):

@@ -6,6 +6,7 @@ vision tower, VQ model and generation embeddings/aligner/head stay frozen unless
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -52,7 +53,11 @@ def apply_lora(model: nn.Module, config: TrainConfig, base_path: str = ""):
     lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=lora_target_regex(config.lora_targets), bias="none")
     peft_model = get_peft_model(model, lora_config)  # marks only the adapters trainable
+    # adapter_config.json and the checkpoint README.md (peft reads config._name_or_path) name the base model as the
+    # user gave it (builtin:tiny, a hub id, a relative directory), never the resolved cache or absolute path
     peft_model.peft_config["default"].base_model_name_or_path = base_path
+    if base_path:
+        model.config._name_or_path = model.name_or_path = base_path
     return peft_model
 
 
@@ -64,7 +69,8 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_path: str | No
                dtype: str = "float32") -> Path:
     """Load the base model, apply the adapter saved in ``adapter_dir``, merge it into the weights and save a
     standalone checkpoint (model, processor, generation config) to ``out_dir``. ``base_path`` defaults to the
-    adapter's recorded base model. Returns ``out_dir``."""
+    adapter's recorded base model. ``ospo_merge.json`` records the base as given and the adapter relative to
+    ``out_dir``. Returns ``out_dir``."""
     from peft import PeftModel
 
     from ospo_fast.models import load_janus
@@ -89,7 +95,8 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_path: str | No
         shutil.rmtree(tmp)
     merged.save_pretrained(tmp)  # config, safetensors weights, generation_config.json
     bundle.processor.save_pretrained(tmp)
-    atomic_write_text(tmp / "ospo_merge.json", json.dumps({"base": base, "adapter": str(adapter_dir)}) + "\n")
+    record = {"base": base, "adapter": os.path.relpath(adapter_dir, out)}  # the adapter relative to the merged dir
+    atomic_write_text(tmp / "ospo_merge.json", json.dumps(record) + "\n")
     if out.exists():
         import shutil
 
