@@ -342,7 +342,7 @@ def test_frozen_head_skips_weight_and_bias_gradients(backend):
     empty tensors for them, and still gives the reference's d(hidden). A trainable head runs one addmm_ per chunk."""
     hidden, weight, bias, targets, masks = _inputs(2, 13, 8, 50)
     config = LossConfig()
-    chunk, n_chunks = 7, math.ceil(2 * 2 * 13 / 7)
+    chunk, n_chunks = 13, 4  # the loss reduces whole rows per chunk: one row of 13 tokens per chunk
 
     def backward(w_grad: bool):
         h = hidden.clone().requires_grad_()
@@ -427,3 +427,80 @@ def test_fused_loss_step_has_no_host_sync(backend, monkeypatch):
     assert {k: counts[k] for k in SYNC_OPS if k in counts} == {} and tolist_calls == []
     checked = _op_counts(lambda: step(True))
     assert checked.get("aten::_local_scalar_dense", 0) >= 4  # targets min/max, mask min/max
+
+
+# --- the token reduction inside the fused head (issue 19 b) --------------------------------------------------------
+
+@pytest.mark.parametrize("normalization", ["length", "weighted_mean"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_row_sums_equal_trl_at_alpha_zero(backend, normalization):
+    """The fused head with the reduction inside, at alpha = 0, equals TRL's CPOTrainer SimPO (loss, rewards,
+    margin, SFT = mean NLL) on the logits the head would produce; the mapping is test_simpo_part_equals_trl's."""
+    trainer = _trl_cpo_trainer()
+    pairs, tokens, dim, vocab = 4, 9, 12, 37
+    hidden, weight, bias, targets, masks = _inputs(pairs, tokens, dim, vocab, seed=4)
+    beta, ratio = 5.0, 0.5
+    config = LossConfig(beta=beta, gamma_beta_ratio=ratio, alpha=0.0, normalization=normalization)
+    ours = fused_obj_simpo_loss(hidden, weight, bias, targets, masks, config, backend=backend, chunk_tokens=20)
+    logits = F.linear(hidden.double(), weight.double(), bias.double())
+    avg = trainer.get_batch_logps(logits, targets, average_log_prob=True, is_encoder_decoder=True).float()
+    stand_in = types.SimpleNamespace(beta=beta, simpo_gamma=beta * ratio, loss_type="simpo", label_smoothing=0.0,
+                                     alpha=0.0, accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    losses, chosen, rejected = trainer.cpo_loss(stand_in, avg[:pairs], avg[pairs:])
+    assert ours.simpo_loss.item() == pytest.approx(losses.mean().item(), abs=1e-5)
+    assert ours.chosen_reward.item() == pytest.approx(chosen.mean().item(), abs=1e-5)
+    assert ours.rejected_reward.item() == pytest.approx(rejected.mean().item(), abs=1e-5)
+    assert ours.margin.item() == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)
+    assert ours.sft_loss.item() == pytest.approx(-avg[:pairs].mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_row_sums_ragged_row_chunks(backend, dtype):
+    """Chunks of several whole rows with a ragged last one (6 rows of 7 tokens, 4 rows per chunk): loss and
+    gradients equal the reference within its own bf16 error."""
+    hidden, weight, bias, targets, masks = (t.to(dtype) if t.is_floating_point() and i < 3 else t
+                                            for i, t in enumerate(_inputs(3, 7, 8, 50)))
+    config = LossConfig(label_smoothing=0.05)
+
+    def fused(h, w, b):
+        return fused_obj_simpo_loss(h, w, b, targets, masks, config, backend=backend, chunk_tokens=28)
+
+    def ref_fn(h, w, b):
+        return fused_obj_simpo_loss_ref(h, w, b, targets, masks, config)
+
+    ours, grads = _run(fused, [hidden, weight, bias])
+    ref, ref_grads = _run(ref_fn, [hidden, weight, bias])
+    gold, gold_grads = _run(ref_fn, [hidden.float(), weight.float(), bias.float()])
+    _compare(ours, ref, gold, grads, ref_grads, gold_grads, dtype)
+
+
+def test_fused_loss_runs_one_reducing_op_each_way():
+    """The fused loss is one custom op forward and one backward, whose outputs are O(rows) scalars (plus the
+    saved log-sum-exps): no per-token log-prob op, no (2P, T) autograd round trip."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden, weight, bias, targets, masks = _inputs(2, 13, 8, 50)
+    seen: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.namespace == "ospo_fast":
+                seen.append((func.__name__.split(".")[0], [tuple(o.shape) for o in out]))
+            return out
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with Record():
+        out = fused_obj_simpo_loss(*leaves, targets, masks, LossConfig(), backend="ref", chunk_tokens=26)
+        out.loss.backward()
+    assert seen == [("simpo_fused_row_sums", [(4,), (4,), (4, 13)]),
+                    ("simpo_fused_row_sums_backward", [(4, 13, 8), (50, 8), (50,)])]
+
+
+def test_opcheck_row_sums_op():
+    backend = "cpp" if cpp_available() else "ref"
+    hidden, weight, bias, targets, masks = _inputs(1, 6, 8, 19)
+    torch.library.opcheck(torch.ops.ospo_fast.simpo_fused_row_sums.default,
+                          (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), targets,
+                           1.0 + masks, 7, backend))

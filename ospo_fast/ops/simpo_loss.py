@@ -23,22 +23,29 @@ subtracted), ``accuracy`` the fraction of pairs with r(y_w) > r(y_l). Those four
 
 Entry points:
 - ``obj_simpo_loss(logits, ...)``: from materialised (2P, T, V) logits.
-- ``fused_obj_simpo_loss(hidden, weight, bias, ...)``: from the head's last hidden states; the (2P*T, V) logits are
-  never materialised: tokens are processed ``chunk_tokens`` at a time (``default_chunk_tokens``: 512 on a CPU,
-  larger on a GPU; the kernels walk the vocabulary in blocks with an online log-sum-exp); the backward recomputes
+- ``fused_obj_simpo_loss(hidden, weight, bias, ...)``: from the head's last hidden states, in one custom op each
+  way (``ospo_fast::simpo_fused_row_sums``): each chunk of whole rows computes its log-probs and at once its rows'
+  sums sum_t w_t logp_t and sum_t logp_t, so only O(P) scalars leave the op (sum_t w_t needs no log-probs); its
+  backward forms d loss / d logp_t = g_weighted[row] w_t + g_plain[row] per chunk from those scalars' gradients.
+  The (2P*T, V) logits are never materialised: tokens are processed ``chunk_tokens`` at a time
+  (``default_chunk_tokens``: 512 on a CPU, larger on a GPU; rounded to whole rows; the kernels walk the vocabulary
+  in blocks with an online log-sum-exp); the backward recomputes
   each chunk's logits, turns them in place into d(logits) and accumulates dH = dlogits @ W and, only where autograd
   asks for them (a frozen head, the LoRA default, skips both), dW += dlogits^T @ H and db += sum dlogits, added
   straight into float32 accumulators (no (V, D) temporary per chunk).
 - Under ``torch.autocast`` hidden, weight and bias are cast to the autocast dtype before the fused op, as autocast
   casts F.linear's inputs on the naive path (and as Liger-Kernel's fused linear losses do): a float32 head weight
   with bf16 activations computes bf16 logits, and the weight's gradient flows back through the cast in float32.
-- ``token_logprobs(logits, targets)``: per-token log-probs, shared by both.
+- ``token_logprobs(logits, targets)`` / ``fused_token_logprobs(hidden, weight, bias, targets)``: per-token
+  log-probs (the first feeds ``obj_simpo_loss``; ``preference_loss_from_logprobs`` and
+  ``preference_loss_from_row_sums`` share the formulas).
 Backends: "ref" (plain PyTorch), "cpp" (``csrc/simpo_loss.cpp``, CPU), "triton" (``kernels/simpo_loss.py``).
 The compiled paths are ``torch.library`` custom ops (``ospo_fast::simpo_token_logprobs``,
-``ospo_fast::simpo_fused_token_logprobs``) with fake impls and registered autograd, so they trace under
-``torch.compile``. Value checks (targets in [0, V), mask weights in [0, 1]) read tensors back to the host; they run
-when ``check_values=True`` (the default of the public functions). The trainer validates its pairs once at load time
-(``ospo_fast.train.data``) and passes ``check_values=False``, so a training step never synchronises on them.
+``ospo_fast::simpo_fused_token_logprobs``, ``ospo_fast::simpo_fused_row_sums``) with fake impls and registered
+autograd, so they trace under ``torch.compile``. Value checks (targets in [0, V), mask weights in [0, 1]) read
+tensors back to the host; they run when ``check_values=True`` (the default of the public functions). The trainer
+validates its pairs once at load time (``ospo_fast.train.data``) and passes ``check_values=False``, so a training
+step never synchronises on them.
 """
 
 from __future__ import annotations
@@ -195,24 +202,23 @@ def _(hidden, weight, bias, targets, chunk_tokens, backend):
             hidden.new_empty(hidden.shape[:1], dtype=torch.float32))
 
 
-@torch.library.custom_op("ospo_fast::simpo_fused_token_logprobs_backward", mutates_args=())
-def _fused_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       targets: torch.Tensor, lse: torch.Tensor, chunk_tokens: int, backend: str,
-                       needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad (N,) f32 -> (dH (N, D), dW (V, D), db (V,)) in the inputs' dtypes; ``needs`` = [dH, dW, db] says which
-    are computed; one not needed comes back as an empty (0,) tensor and costs nothing (a frozen head skips both
-    dW's GEMM and db's reduction). dW and db accumulate in float32 over chunks, each chunk's product added straight
-    into the accumulator (``addmm_``; low-precision chunks are multiplied in float32, exact products of bf16)."""
+def _head_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                   lse: torch.Tensor, chunks: list[tuple[int, int]], grad_of: Callable[[int, int], torch.Tensor],
+                   backend: str, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused head's backward, chunk by chunk: ``grad_of(s, e)`` gives d loss / d logp of tokens s..e-1 (C,) f32;
+    returns (dH (N, D), dW (V, D), db (V,)) in the inputs' dtypes, each an empty (0,) tensor where ``needs`` =
+    [dH, dW, db] says it is not needed (a frozen head skips dW's GEMM and db's reduction). dW and db accumulate in
+    float32, each chunk's product added straight into the accumulator (``addmm_``; low-precision chunks are
+    multiplied in float32, exact products of bf16): no (V, D) temporary per chunk."""
     need_h, need_w, need_b = needs
     bwd = _kernels(backend)[1]
     d_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else hidden.new_empty(0)
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     d_bias = torch.zeros(weight.shape[:1], dtype=torch.float32, device=weight.device) if need_b else None
-    grad = grad.float().contiguous()
-    for s, e in _chunks(hidden.shape[0], chunk_tokens):
+    for s, e in chunks:
         h = hidden[s:e]  # (C, D)
         logits = F.linear(h, weight, bias)  # (C, V), recomputed
-        dlogits = bwd(grad[s:e], logits, targets[s:e], lse[s:e], out=logits)  # (C, V), in place over the logits
+        dlogits = bwd(grad_of(s, e), logits, targets[s:e], lse[s:e], out=logits)  # (C, V), in place over logits
         if need_h:
             torch.mm(dlogits, weight, out=d_hidden[s:e])  # (C, D)
         if d_weight is not None:
@@ -224,13 +230,34 @@ def _fused_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.T
             d_bias.to(bias_dtype) if d_bias is not None else weight.new_empty(0, dtype=bias_dtype))
 
 
-@_fused_backward_op.register_fake
-def _(grad, hidden, weight, bias, targets, lse, chunk_tokens, backend, needs):
+def _head_backward_fake(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     need_h, need_w, need_b = needs
     bias_dtype = bias.dtype if bias is not None else weight.dtype
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else hidden.new_empty(0),
             torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty(0),
             weight.new_empty(weight.shape[:1] if need_b else (0,), dtype=bias_dtype))
+
+
+def _needs(ctx) -> list[bool]:
+    """[dH, dW, db] that autograd asks for (inputs 0, 1, 2 of the fused ops)."""
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    return [bool(need_h), bool(need_w), bool(need_b and ctx.has_bias)]
+
+
+@torch.library.custom_op("ospo_fast::simpo_fused_token_logprobs_backward", mutates_args=())
+def _fused_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       targets: torch.Tensor, lse: torch.Tensor, chunk_tokens: int, backend: str,
+                       needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad (N,) f32 -> (dH (N, D), dW (V, D), db (V,)); see ``_head_backward`` (``needs`` = [dH, dW, db])."""
+    grad = grad.float().contiguous()
+    return _head_backward(hidden, weight, bias, targets, lse, _chunks(hidden.shape[0], chunk_tokens),
+                          lambda s, e: grad[s:e], backend, needs)
+
+
+@_fused_backward_op.register_fake
+def _(grad, hidden, weight, bias, targets, lse, chunk_tokens, backend, needs):
+    return _head_backward_fake(hidden, weight, bias, needs)
 
 
 def _fused_setup(ctx, inputs, output) -> None:
@@ -242,17 +269,101 @@ def _fused_setup(ctx, inputs, output) -> None:
 
 def _fused_backward(ctx, grad_logp, grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = bool(need_b and ctx.has_bias)
-    if not (need_h or need_w or need_b):
+    needs = _needs(ctx)
+    if not any(needs):
         return None, None, None, None, None, None
-    d_hidden, d_weight, d_bias = _fused_backward_op(grad_logp, hidden, weight, bias, targets, lse,
-                                                    ctx.chunk_tokens, ctx.backend, [need_h, need_w, need_b])
-    return (d_hidden if need_h else None, d_weight if need_w else None, d_bias if need_b else None,
-            None, None, None)
+    grads = _fused_backward_op(grad_logp, hidden, weight, bias, targets, lse, ctx.chunk_tokens, ctx.backend, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom op 3: the fused head with the loss's token reduction inside (issue 19 b): only O(rows) scalars leave it
+# ---------------------------------------------------------------------------------------------------------------
+
+def _row_chunks(rows: int, row_len: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """Token ranges of whole rows, about ``chunk_tokens`` tokens each (at least one row)."""
+    per = max(1, chunk_tokens // row_len)
+    return [(r * row_len, min(r + per, rows) * row_len) for r in range(0, rows, per)]
+
+
+@torch.library.custom_op("ospo_fast::simpo_fused_row_sums", mutates_args=())
+def _row_sums_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                 token_weights: torch.Tensor, chunk_tokens: int,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (R, T, D), weight (V, D), bias (V,) | None, targets (R, T), token_weights (R, T) f32 ->
+    (weighted (R,) = sum_t w_t logp_t, plain (R,) = sum_t logp_t, lse (R, T)), all f32; lse is kept for the
+    backward only. Each chunk of whole rows is reduced as soon as its log-probs exist."""
+    fwd = _kernels(backend)[0]
+    rows, row_len = targets.shape
+    flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, D), (N,)
+    weighted = hidden.new_empty(rows, dtype=torch.float32)
+    plain = torch.empty_like(weighted)
+    lse = hidden.new_empty(rows * row_len, dtype=torch.float32)
+    for s, e in _row_chunks(rows, row_len, chunk_tokens):
+        logits = F.linear(flat_h[s:e], weight, bias)  # (C, V), the only logits alive
+        logp, lse[s:e] = fwd(logits, flat_y[s:e])  # (C,)
+        r0, r1 = s // row_len, e // row_len
+        logp = logp.view(r1 - r0, row_len)  # (c, T): whole rows
+        plain[r0:r1] = logp.sum(-1)
+        weighted[r0:r1] = (logp * token_weights[r0:r1]).sum(-1)
+    return weighted, plain, lse.view(rows, row_len)
+
+
+@_row_sums_op.register_fake
+def _(hidden, weight, bias, targets, token_weights, chunk_tokens, backend):
+    rows = targets.shape[0]
+    return (hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, dtype=torch.float32),
+            hidden.new_empty(targets.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("ospo_fast::simpo_fused_row_sums_backward", mutates_args=())
+def _row_sums_backward_op(grad_weighted: torch.Tensor, grad_plain: torch.Tensor, hidden: torch.Tensor,
+                          weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                          token_weights: torch.Tensor, lse: torch.Tensor, chunk_tokens: int, backend: str,
+                          needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(R,) f32 gradients of the row sums -> (dH (R, T, D), dW, db); d loss / d logp_t = g_weighted[r] w_t +
+    g_plain[r] is formed per chunk from the O(R) scalars (see ``_head_backward``)."""
+    rows, row_len = targets.shape
+    g_w, g_p = grad_weighted.float(), grad_plain.float()
+
+    def grad_of(s: int, e: int) -> torch.Tensor:
+        r0, r1 = s // row_len, e // row_len
+        return (g_w[r0:r1, None] * token_weights[r0:r1] + g_p[r0:r1, None]).reshape(-1)  # (C,)
+
+    d_hidden, d_weight, d_bias = _head_backward(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), lse.reshape(-1),
+        _row_chunks(rows, row_len, chunk_tokens), grad_of, backend, needs)
+    return d_hidden.view(hidden.shape) if needs[0] else d_hidden, d_weight, d_bias
+
+
+@_row_sums_backward_op.register_fake
+def _(grad_weighted, grad_plain, hidden, weight, bias, targets, token_weights, lse, chunk_tokens, backend, needs):
+    return _head_backward_fake(hidden, weight, bias, needs)
+
+
+def _row_sums_setup(ctx, inputs, output) -> None:
+    hidden, weight, bias, targets, token_weights, chunk_tokens, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, token_weights, output[2])
+    ctx.chunk_tokens, ctx.backend, ctx.has_bias = chunk_tokens, backend, bias is not None
+    ctx.mark_non_differentiable(output[2])
+
+
+def _row_sums_backward(ctx, grad_weighted, grad_plain, grad_lse):
+    hidden, weight, bias, targets, token_weights, lse = ctx.saved_tensors
+    needs = _needs(ctx)
+    if not any(needs):
+        return (None,) * 7
+    zero = hidden.new_zeros(targets.shape[0], dtype=torch.float32)
+    grads = _row_sums_backward_op(zero if grad_weighted is None else grad_weighted,
+                                  zero if grad_plain is None else grad_plain, hidden, weight, bias, targets,
+                                  token_weights, lse, ctx.chunk_tokens, ctx.backend, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+
+
+_row_sums_op.register_autograd(_row_sums_backward, setup_context=_row_sums_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,24 +455,35 @@ def preference_loss_from_logprobs(logp: torch.Tensor, mask_weights: torch.Tensor
     """The loss of the module docstring from per-token log-probs.
 
     logp (2P, T) float, rows 0..P-1 chosen, P..2P-1 rejected; mask_weights (2P, T) in [0, 1]."""
-    if config.normalization not in ("weighted_mean", "length"):
-        raise ValueError(f"LossConfig.normalization={config.normalization!r}: use 'weighted_mean' or 'length'")
     if logp.dim() != 2 or logp.shape[0] < 2 or logp.shape[0] % 2 or mask_weights.shape != logp.shape:
         raise ValueError(f"logp must be (2P, T) with P >= 1 and mask_weights the same shape, got "
                          f"{tuple(logp.shape)} and {tuple(mask_weights.shape)}")
     logp = logp.float()
-    n_pairs = logp.shape[0] // 2
-    w = 1.0 + config.alpha * mask_weights.float()  # (2P, T)
-    weighted = (w * logp).sum(-1)  # (2P,)
+    w = token_weights(mask_weights, config)  # (2P, T)
+    return preference_loss_from_row_sums((w * logp).sum(-1), logp.sum(-1), w.sum(-1), logp.shape[-1], config)
+
+
+def token_weights(mask_weights: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """w_t = 1 + alpha * m_t: (2P, T) float32."""
+    return 1.0 + config.alpha * mask_weights.float()
+
+
+def preference_loss_from_row_sums(weighted: torch.Tensor, plain: torch.Tensor, weight_sums: torch.Tensor,
+                                  tokens: int, config: LossConfig) -> PreferenceLossOutput:
+    """The loss of the module docstring from per-row sums (2P,) f32, rows 0..P-1 chosen, P..2P-1 rejected:
+    weighted = sum_t w_t logp_t, plain = sum_t logp_t, weight_sums = sum_t w_t; ``tokens`` = T per row."""
+    if config.normalization not in ("weighted_mean", "length"):
+        raise ValueError(f"LossConfig.normalization={config.normalization!r}: use 'weighted_mean' or 'length'")
+    n_pairs = weighted.shape[0] // 2
     if config.normalization == "weighted_mean":  # reference code
-        reward = weighted / w.sum(-1)
+        reward = weighted / weight_sums
     else:  # paper: divide by |y| (beta of w_t = beta (1 + alpha m_t) is applied below)
-        reward = weighted / logp.shape[-1]
+        reward = weighted / tokens
     chosen, rejected = reward[:n_pairs], reward[n_pairs:]  # (P,), (P,)
     z = config.beta * (chosen - rejected - config.gamma_beta_ratio)
     ls = config.label_smoothing
     simpo = (-(1.0 - ls) * F.logsigmoid(z) - ls * F.logsigmoid(-z)).mean()
-    sft = -logp[:n_pairs].mean()
+    sft = -plain[:n_pairs].sum() / (n_pairs * tokens)  # mean token NLL of the chosen rows
     with torch.no_grad():
         chosen_reward = config.beta * chosen.mean()
         rejected_reward = config.beta * rejected.mean()
@@ -410,9 +532,13 @@ def fused_obj_simpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     Gradients flow to whichever of hidden, weight and bias require them (dW and db accumulate in float32).
     ``check_values``: as in ``obj_simpo_loss``."""
     _check_batch(hidden.shape[:2], targets, mask_weights, config, check_values)
-    logp = fused_token_logprobs(hidden, weight, bias, targets, _backend_choice(backend, config), chunk_tokens,
-                                check_values)
-    return preference_loss_from_logprobs(logp, mask_weights, config)
+    hidden, weight, bias = _autocast_head(hidden, weight, bias)
+    _check_head(hidden, weight, bias, targets, chunk_tokens, check_values)
+    resolved = _resolve_backend(_backend_choice(backend, config), hidden.device)
+    chunk = _chunk_tokens(chunk_tokens, hidden.device, weight.shape[0], weight.shape[1], weight.dtype)
+    w = token_weights(mask_weights, config)  # (2P, T)
+    weighted, plain, _ = _row_sums_op(hidden, weight, bias, targets, w, chunk, resolved)  # (2P,), (2P,)
+    return preference_loss_from_row_sums(weighted, plain, w.sum(-1), targets.shape[-1], config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
