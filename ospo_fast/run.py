@@ -29,9 +29,10 @@ class NoPairsError(RuntimeError):
     """Stages 1-4 kept no pair, so there is nothing to train on."""
 
 
-def _evaluate(config: OSPOConfig, model_path: str) -> dict[str, dict]:
+def _evaluate(config: OSPOConfig, model_path: str, save_to: Path | None = None) -> dict[str, dict]:
     """Toy world only: judged alignment on held-out prompts at ``images.guidance_scale`` (key "") and at each of
-    ``eval.toy_extra_guidance`` (key "@cfg<w>"); {} when not on the toy world or switched off."""
+    ``eval.toy_extra_guidance`` (key "@cfg<w>"); {} when not on the toy world or switched off. With ``save_to``
+    (``<run>/heldout/<name>``) the images and verdicts of key k go to ``<run>/heldout/<name><k>`` for the report."""
     if config.prompts.vocabulary != "toy" or config.eval.toy_heldout_prompts <= 0:
         return {}
     from ospo_fast.models import load_janus
@@ -43,8 +44,10 @@ def _evaluate(config: OSPOConfig, model_path: str) -> dict[str, dict]:
     for weight in dict.fromkeys([config.images.guidance_scale, *config.eval.toy_extra_guidance]):  # no repeats
         key = "" if weight == config.images.guidance_scale else f"@cfg{weight:g}"
         images = dataclasses.replace(config.images, guidance_scale=weight)
+        save_dir = None if save_to is None else save_to.with_name(save_to.name + key)
+        desc = f"judge {'held-out' if save_to is None else save_to.name}{key}"
         results[key] = judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed, config=images,
-                                        batch_size=config.eval.batch_size)
+                                        batch_size=config.eval.batch_size, save_dir=save_dir, desc=desc)
     return results
 
 
@@ -140,11 +143,12 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
             return done
     dist = init_distributed(config.model.device)
     summary: dict = {"random_init": is_random_init(config.model.path), "model": config.model.path,
-                     "iterations": [], "alignment": {}, "fingerprint": run_fingerprint(config)}
+                     "iterations": [], "alignment": {}, "fingerprint": run_fingerprint(config),
+                     "stages_off": [] if config.densify.enabled else ["densify"]}
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-        for key, result in _evaluate(config, config.model.path).items():
+        for key, result in _evaluate(config, config.model.path, out / "heldout" / "before").items():
             summary["alignment"][f"before{key}"] = result
     model_path = config.model.path
     for iteration in range(1, config.iterations + 1):
@@ -165,11 +169,10 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
         trained = Path(result.merged_dir or result.checkpoint_dir)
         model_path = _relative(trained)
         if dist.rank == 0:
-            write_report(it_dir / "synth")
             entry = {"iteration": iteration, "synth": stage_summary(it_dir / "synth"),
                      "train": loss_summary(result.metrics_path), "model": os.path.relpath(trained, out),
                      "seconds": {"synthesis": round(synth_seconds, 2), "training": round(train_seconds, 2)}}
-            after = _evaluate(config, model_path)
+            after = _evaluate(config, model_path, out / "heldout" / f"after_iter{iteration}")
             for key, result in after.items():
                 summary["alignment"][f"after_iter{iteration}{key}"] = result
             if after:
@@ -178,8 +181,13 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
                 entry["mask_localisation"] = toy_mask_localisation(it_dir / "synth")
                 entry["pair_judgement"] = pair_judgement(it_dir / "synth")
             summary["iterations"].append(entry)
+            write_report(it_dir / "synth")  # after the held-out judging: the report shows its before/after gallery
             atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+JUDGE_TERMS = ("strict = every object found with the right colour and shape, no extra object, relation right; "
+               "loose = every colour found and relation right, shapes and extra objects ignored")
 
 
 def format_summary(summary: dict, out_dir: str | Path = "") -> str:
@@ -191,7 +199,9 @@ def format_summary(summary: dict, out_dir: str | Path = "") -> str:
     for it in summary["iterations"]:
         s, t = it["synth"], it["train"]
         lines.append(f"-- iteration {it['iteration']} (model after: {os.path.join(out_dir, it['model'])})")
-        lines.append("   records per stage: " + ", ".join(f"{k} {v}" for k, v in s["records"].items()))
+        off = set(summary.get("stages_off", []))
+        lines.append("   records per stage: " + ", ".join(f"{k} off (passed through)" if k in off else f"{k} {v}"
+                                                         for k, v in s["records"].items()))
         if s["rejects"]:
             lines.append("   rejects: " + "; ".join(f"{k}: {v}" for k, v in s["rejects"].items()))
         lines.append("   filter: " + ", ".join(f"{k} {v}" for k, v in s["filter_reasons"].items()))
@@ -219,6 +229,8 @@ def format_summary(summary: dict, out_dir: str | Path = "") -> str:
                          f"{t['first']['margin']:.4f} -> {t['last']['margin']:.4f}, accuracy "
                          f"{t['first']['accuracy']:.2f} -> {t['last']['accuracy']:.2f}")
     alignment = summary.get("alignment", {})
+    if alignment or any("pair_judgement" in it for it in summary["iterations"]):
+        lines.append(f"-- exact toy judge: {JUDGE_TERMS}")
     if alignment:
         lines.append("-- judged alignment on held-out toy prompts (exact judge)")
         for name, a in alignment.items():

@@ -12,9 +12,9 @@ from ospo_fast import _backend
 from ospo_fast.cli import main
 from ospo_fast.pipeline import STAGES
 
-TINY = ["model.path=builtin:tiny-4", "prompts.num_prompts=2", "perturb.num_perturbations=1", "images.batch_size=4",
-        "filter.enabled=false", "train.max_steps=1", "train.per_device_batch=2", "train.save_every=1",
-        "eval.toy_heldout_prompts=0"]
+TINY = ["model.path=builtin:tiny-4", "prompts.num_prompts=2", "densify.enabled=false", "perturb.num_perturbations=1",
+        "images.batch_size=4", "filter.enabled=false", "train.max_steps=1", "train.per_device_batch=2",
+        "train.save_every=1", "eval.toy_heldout_prompts=0"]
 
 
 def _one_line_error(capsys) -> str:
@@ -141,10 +141,14 @@ def test_run_prints_real_paths_writes_no_absolute_ones_and_a_rerun_returns_at_on
 
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--preset", "tiny", "--out", "demo", "iterations=2", *TINY]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr().out
+    last = printed.strip().splitlines()[-1]
     reports = last.split("reports: ")[1].split(", ")
     assert reports == ["demo/iter1/synth/report.html", "demo/iter2/synth/report.html"]
     assert all(os.path.isfile(r) for r in reports)
+    assert "model after: demo/iter1/train/merged" in printed and "densify off (passed through)" in printed
+    assert main(["report", "demo"]) == 0  # the run directory `run` printed: one report per iteration
+    assert capsys.readouterr().out.split() == reports
 
     cache = os.path.dirname(resolve_model_path("builtin:tiny-4"))
     names = ["summary.json", "iter2/synth/config.yaml", "iter1/train/merged/ospo_merge.json",
@@ -167,3 +171,12 @@ def test_run_prints_real_paths_writes_no_absolute_ones_and_a_rerun_returns_at_on
     monkeypatch.setattr(ospo_fast.run, "_evaluate", recompute)
     assert main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
+
+
+def test_summary_defines_strict_and_loose():
+    from ospo_fast.run import JUDGE_TERMS, format_summary
+
+    judged = {"n": 4, "strict": 0.25, "loose": 0.5, "per_category": {"color": {"n": 4, "strict": 0.25, "loose": 0.5}}}
+    text = format_summary({"random_init": False, "model": "builtin:toy", "iterations": [],
+                           "alignment": {"before": judged}})
+    assert JUDGE_TERMS in text and text.index(JUDGE_TERMS) < text.index("strict 25.0%")
