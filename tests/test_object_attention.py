@@ -5,7 +5,9 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from ospo_fast.engine.object_attention import (
+    CPU_CHUNK_ELEMENTS,
     ObjectAttentionCapture,
+    capture_chunk_elements,
     encode_pixels_to_tokens,
     object_token_positions,
     objects_valid,
@@ -186,3 +188,15 @@ def test_grouped_query_heads_and_masks(masked):
     if masked:  # padding query rows see no key (and are never image cells): compare the real rows
         got, expected = got[:, :, 2:], expected[:, :, 2:]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_capture_chunks_are_sized_per_device():
+    """CPU: cache-sized score blocks; CUDA: a share of the free memory, so a Janus-Pro teacher-forced pass
+    (16 images x 16 heads x ~900 keys per query) takes hundreds of queries per chunk, not a handful."""
+    assert capture_chunk_elements("cpu") == CPU_CHUNK_ELEMENTS
+    per_query = 16 * 16 * 900
+    assert capture_chunk_elements("cuda", free_bytes=60 << 30) // per_query >= 300
+    assert CPU_CHUNK_ELEMENTS // per_query < 10
+    assert capture_chunk_elements("cuda", free_bytes=1 << 20) == CPU_CHUNK_ELEMENTS  # never below the CPU block
+    positions = torch.zeros(1, 1, 1, dtype=torch.long)
+    assert ObjectAttentionCapture(positions, [0], num_cells=4).chunk_elements == CPU_CHUNK_ELEMENTS

@@ -1,9 +1,18 @@
 """Batched text generation against transformers' generate: greedy per row, stop tokens, seeded sampling."""
 
+import dataclasses
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ospo_fast.engine.text_gen import TextSampling, chat_inputs, generate_text, generate_text_ids
+from ospo_fast.engine.text_gen import (
+    TextSampling,
+    chat_inputs,
+    generate_text,
+    generate_text_ids,
+    stop_check_interval,
+)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Write a short prompt about a red car and a blue bench"}],
@@ -68,6 +77,33 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(bundle, to
     alone = generate_text_ids(bundle, CONVERSATIONS[1:2], config, [6])
     assert alone[0] == batch[1] and len(batch[1]) == 6
     assert batch[0] != generate_text_ids(bundle, CONVERSATIONS[:1], config, [9])[0]
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts aten._local_scalar_dense: every tensor -> Python scalar (bool(t), t.item()) synchronises the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_the_host_syncs_once_per_stop_check_and_the_rows_do_not_change(bundle, greedy_rows, every):
+    """Stop checks every `every` tokens (CUDA's default is 16): one host sync each, no other per token (the 4-D
+    mask is built here, so transformers' mask code does not check it on the host); the rows stay the same."""
+    stop = greedy_rows[1][3]  # a token that stops row 1 early, mid-interval
+    config = TextSampling(temperature=0.0, max_new_tokens=NEW, stop_token_ids=[stop], stop_check_every=every)
+    with _HostSyncs() as syncs:
+        rows = generate_text_ids(bundle, CONVERSATIONS, config, [0, 1, 2])
+    assert syncs.count <= NEW // every
+    expected = generate_text_ids(bundle, CONVERSATIONS, dataclasses.replace(config, stop_check_every=1), [0, 1, 2])
+    assert rows == expected and rows[1] == greedy_rows[1][:greedy_rows[1].index(stop)]
+    assert stop_check_interval("cpu") == 1 and stop_check_interval("cuda") == 16
 
 
 def test_generate_text_decodes_without_special_tokens(bundle):
