@@ -189,7 +189,7 @@ class ImageConfig:
 class MaskConfig:
     """Stage 3: object masks from the model's own attention (image-token queries -> object-word keys)."""
 
-    skip_layers: int = setting(5, at_least(0))  # drop the first and last k layers (fewer on shallow models)
+    skip_layers: int = setting(5, at_least(0))  # drop the first and last min(k, (L - 1) // 2) of the L layers
     otsu_scale: float = setting(0.8, positive())  # reference code multiplies Otsu's threshold by 0.8
     context: Literal["base", "generation"] = setting("base")
     gaussian_kernel: int = setting(5, odd_at_least(1))

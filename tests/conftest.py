@@ -2,17 +2,23 @@
 
 import os
 
-import pytest
-import torch
+from ospo_fast.threads import configure_cpu_threads
 
-from tests.gpu import DEVICES
+# Before torch loads OpenMP: passive wait and threads from the affinity mask and the load (OMP_NUM_THREADS, where
+# unset); on a loaded machine spinning OpenMP threads made tests many times slower (ospo_fast/threads.py).
+configure_cpu_threads()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.gpu import DEVICES  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     if "OSPO_FAST_CACHE" not in os.environ:
         os.environ["OSPO_FAST_CACHE"] = str(tmp_path_factory.mktemp("ospo_cache"))
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # the user's, or configure_cpu_threads' choice
     yield
 
 
