@@ -75,7 +75,8 @@ def test_report_and_export(reference_run):
     from ospo_fast.report import write_report
 
     out, pairs = reference_run
-    html = write_report(out).read_text()
+    report = write_report(out)
+    html = (report.parent / "report" / "pairs-all-1.html").read_text()  # pairs are on pages beside report.html
     assert html.count('class="pair') == 8 and "<svg" in html
     [parquet] = export_parquet(out)  # one file per synth directory
     table = pq.read_table(parquet)

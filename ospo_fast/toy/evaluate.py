@@ -13,20 +13,33 @@ from ospo_fast.toy.judge import judge
 
 
 def judged_alignment(bundle, num_prompts: int, seed: int = 0, config: ImageConfig | None = None,
-                     batch_size: int = 32, split: str = "heldout") -> dict:
+                     batch_size: int = 32, split: str = "heldout", save_dir: Path | None = None,
+                     desc: str = "judge") -> dict:
     """{"n", "strict", "loose", "per_category": {cat: {"n", "strict", "loose"}}} over ``num_prompts`` prompts of
     ``split`` ("heldout": captions never trained on; "train": the captions OSPO's prompts come from, fresh
-    sampling seeds); strict = colour + shape + relation, loose = colour + position."""
+    sampling seeds); strict = colour + shape + relation, loose = colour + position.
+
+    A progress bar named ``desc`` counts the images. With ``save_dir``, every image is kept as
+    ``save_dir/images/NNNN.png`` with its verdict in ``save_dir/verdicts.jsonl`` (see ``save_judged``), so the report
+    shows them without generating again."""
+    from tqdm.auto import tqdm
+
     from ospo_fast.engine.image_gen import generate_images
 
     config = config or ImageConfig()
     records = world.sample_prompts(num_prompts, split=split, seed=seed + 1)
-    results = []
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
-        seeds = [seed + start + i for i in range(len(batch))]
-        images = generate_images(bundle, [r["prompt"] for r in batch], seeds, config).pixels.cpu().numpy()
-        results += [judge(img, r["structure"]) for img, r in zip(images, batch)]
+    results, seeds, pixels = [], [], []
+    with tqdm(total=len(records), desc=desc, unit="image") as bar:
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            batch_seeds = [seed + start + i for i in range(len(batch))]
+            images = generate_images(bundle, [r["prompt"] for r in batch], batch_seeds, config).pixels.cpu().numpy()
+            results += [judge(img, r["structure"]) for img, r in zip(images, batch)]
+            seeds += batch_seeds
+            pixels += list(images)  # (H, W, 3) uint8 each
+            bar.update(len(batch))
+    if save_dir is not None:
+        save_judged(Path(save_dir), records, seeds, pixels, results)
     summary: dict = {"n": len(results), "strict": float(np.mean([r.strict for r in results])),
                      "loose": float(np.mean([r.loose for r in results])), "per_category": {}}
     for category in sorted({r["category"] for r in records}):
@@ -34,6 +47,29 @@ def judged_alignment(bundle, num_prompts: int, seed: int = 0, config: ImageConfi
         summary["per_category"][category] = {"n": len(picked), "strict": float(np.mean([r.strict for r in picked])),
                                              "loose": float(np.mean([r.loose for r in picked]))}
     return summary
+
+
+def save_judged(save_dir: Path, records: list[dict], seeds: list[int], pixels: list[np.ndarray],
+                results: list) -> None:
+    """Write ``images/NNNN.png`` (uint8 (H, W, 3) each) and ``verdicts.jsonl``: one line per image with "index",
+    "prompt", "category", "seed", "image" (relative to ``save_dir``), "strict", "loose" and the judge's "details".
+    The JSONL is written last, so a directory with it is complete."""
+    import io
+
+    from PIL import Image
+
+    from ospo_fast.store import atomic_write_bytes, atomic_write_jsonl
+
+    rows = []
+    for index, (record, seed, image, result) in enumerate(zip(records, seeds, pixels, results)):
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+        rel = f"images/{index:04d}.png"
+        atomic_write_bytes(save_dir / rel, buffer.getvalue())
+        rows.append({"index": index, "prompt": record["prompt"], "category": record["category"], "seed": seed,
+                     "image": rel, "strict": bool(result.strict), "loose": bool(result.loose),
+                     "details": result.details})
+    atomic_write_jsonl(save_dir / "verdicts.jsonl", rows)
 
 
 def object_cells(image: np.ndarray, grid: int, min_fill: float = 0.25) -> np.ndarray:
