@@ -74,8 +74,8 @@ def test_geneval_layout(small_bundle, tmp_path):
         assert metadata == rows[int(index)]
         # the generator's names: folder f"{index:0>5}", sample f"{sample_count:05}.png"
         assert index == f"{int(index):0>5}" and name == f"{int(name[:-4]):05}.png"
-        assert _is_image_of(imagepath, small_bundle, metadata["prompt"], 3 + int(name[:-4]))
     assert _pixels(out / "00000" / "samples" / "00000.png").shape == (64, 64, 3)
+    assert _is_image_of(out / "00001" / "samples" / "00001.png", small_bundle, rows[1]["prompt"], 3 + 1)
     # a second call resumes: nothing left to make
     assert eval_gen(small_bundle, "geneval", meta, out, CFG, samples=2, seed=3) == 0
     assert DEFAULT_SAMPLES["geneval"] == 4  # diffusers_generate.py --n_samples default
@@ -108,14 +108,14 @@ def three_in_one_groups(prompt_file, num: int = 10) -> list[str]:
 
 def test_t2i_compbench_scores_land_on_their_prompts(small_bundle, tmp_path):
     prompts = tmp_path / "complex_val.txt"
-    lines = ["a green bench and a red car", "A blue cup on a table", "a dog"]  # not in sorted order
+    lines = ["a green bench and a red car", "A blue cup on a table"]  # not in sorted order
     prompts.write_text("".join(line + "\n" for line in lines))
     out = tmp_path / "out"
-    assert eval_gen(small_bundle, "t2i-compbench", prompts, out, CFG, seed=0) == 30  # default: 10 per prompt
+    assert eval_gen(small_bundle, "t2i-compbench", prompts, out, CFG, seed=0) == 20  # default: 10 per prompt
     samples = out / "samples"
     expected = three_in_one_groups(prompts)
     blip, unidet = blip_order(samples), unidet_order(samples)
-    assert len(blip) == len(expected) == 30
+    assert len(blip) == len(expected) == 20
     for position, (qid, prompt) in enumerate(blip):
         assert qid == position and prompt.split(".")[0].lower() == expected[position]
     for position, (qid, prompt) in enumerate(unidet):
