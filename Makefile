@@ -39,7 +39,7 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ospo_fast kernels benchmarks tests
+	$(VENV)/bin/ruff check ospo_fast kernels benchmarks tests recipes
 
 clean:
 	rm -rf build *.egg-info ospo_fast/_C*.so
