@@ -185,8 +185,9 @@ def _image_settings(images: ImageConfig | None) -> dict:
 
 
 def model_identity(path: str) -> dict:
-    """How a model is named in the fingerprint: the path as given plus a cheap content identity."""
-    return {"path": path, **file_identity(path)}
+    """How a model is named in the fingerprint: a local directory by its content (so ``./m`` and ``/abs/m`` agree),
+    anything else (``builtin:NAME``, a hub id) by its name."""
+    return file_identity(path)
 
 
 def check_out(p: EvalPlan) -> None:
@@ -260,4 +261,6 @@ def where_to_point(p: EvalPlan) -> str:
         return f"evaluate with: python evaluation/evaluate_images.py {p.out} --outfile <results.jsonl>"
     if p.fmt == "t2i-compbench":
         return f"evaluate with: --out_dir {p.out} (BLIP-VQA, UniDet, CLIPScore read {p.out}/samples)"
-    return f"evaluate with: --image-root-path {p.out / 'images'} --pic-num 4 --resolution <image side>"
+    grids = [g for g in p.grids if g.is_file()]
+    side = str(_read_png(grids[0]).shape[0] // 2) if grids else "<image side>"
+    return f"evaluate with: --image-root-path {p.out / 'images'} --pic-num 4 --resolution {side}"

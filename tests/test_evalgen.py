@@ -15,7 +15,7 @@ from PIL import Image
 
 from ospo_fast.cli import main
 from ospo_fast.config import ImageConfig
-from ospo_fast.evalgen import DEFAULT_SAMPLES, PromptFileError, eval_gen, plan
+from ospo_fast.evalgen import DEFAULT_SAMPLES, PromptFileError, eval_gen, plan, where_to_point
 from ospo_fast.store import FingerprintMismatch
 
 CFG = ImageConfig(batch_size=8)
@@ -174,6 +174,8 @@ def test_dpg_bench_grid(small_bundle, tmp_path):
         for n, crop in enumerate(crops):
             assert (crop == _pixels(out / "tiles" / name / f"{n}.png")).all()
     assert _is_image_of(out / "tiles" / "item2" / "3.png", small_bundle, texts["item2"], 5 + 3)
+    hint = where_to_point(plan("dpg-bench", src, out, seed=5))
+    assert f"--image-root-path {out / 'images'} --pic-num 4 --resolution 64" in hint
 
 
 # ---------------------------------------------------------------- re-runs and bad inputs
