@@ -164,6 +164,12 @@ def test_run_prints_real_paths_writes_no_absolute_ones_and_a_rerun_returns_at_on
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert [it["model"] for it in summary["iterations"]] == ["iter1/train/merged", "iter2/train/merged"]
 
+    step = sorted(os.listdir("demo/iter2/train/checkpoints"))[-1]
+    monkeypatch.chdir(tmp_path / "demo")  # the recorded base is relative to where the run started
+    assert main(["merge-lora", f"iter2/train/checkpoints/{step}", "m"]) == 2
+    assert "demo/iter1/train/merged" in (err := _one_line_error(capsys)) and "--base" in err
+    monkeypatch.chdir(tmp_path)
+
     def recompute(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")
 

@@ -85,6 +85,10 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_path: str | No
     base = base_path or json.loads(config_file.read_text()).get("base_model_name_or_path") or ""
     if not base:
         raise ValueError(f"{config_file} records no base model; pass base_path (e.g. builtin:tiny)")
+    local = not base.startswith("builtin:") and (base.startswith((".", "/", "~")) or base.count("/") != 1)
+    if base_path is None and local and not Path(base).expanduser().exists():
+        raise ValueError(f"{config_file} records the base model {base!r} (relative to the directory the run was "
+                         "started from), which does not exist from here; run from that directory or pass --base")
     bundle = load_janus(base, dtype=dtype, device="cpu")
     merged = PeftModel.from_pretrained(bundle.model, str(adapter_dir)).merge_and_unload()
     out = Path(out_dir)
