@@ -10,6 +10,7 @@
   ospo-fast train --pairs F --out DIR [--preset P] [k=v..]   stage 5: Obj-SimPO + SFT (torchrun-aware)
   ospo-fast merge-lora ADAPTER OUT [--base PATH]   fold a LoRA checkpoint into a standalone model
   ospo-fast config [--preset P] [k=v..]  print the resolved config
+  ospo-fast plan --preset P --gpus N --gpu G [k=v..]   per-stage work, batches, memory and hours (no model loads)
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 
     out = build_offline_model(args.kind, args.out, grid=args.grid, seed=args.seed)
     print(f"saved {args.kind} (grid {args.grid}) to {out}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from ospo_fast.plan import plan_report
+
+    try:
+        print(plan_report(args.preset, args.overrides, gpus=args.gpus, gpu_name=args.gpu))
+    except ValueError as err:  # an unknown GPU (the valid names listed), gpus < 1, a config problem
+        print(f"ospo-fast: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -240,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_cmd_merge_lora)
+
+    p = sub.add_parser("plan", help="predict per-stage work, batch sizes, memory per GPU and hours for a preset")
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (data parallel)")
+    p.add_argument("--gpu", default="h100", help="a100-40gb, a100-80gb, h100 or h200")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("--preset", default=None)

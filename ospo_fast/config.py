@@ -100,6 +100,8 @@ TYPED = Rule("as its type says", lambda v: True)
 DEVICE = Rule("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)
               is not None)
 COUNT = at_least(1)
+# a batch size, or "auto": the largest that fits the device's memory (ospo_fast.plan.auto_batch, at run start)
+BATCH = Rule(">= 1 or auto", lambda v: v == "auto" or (_number(v) and v >= 1))
 PROBABILITY = between(0, 1, lo_open=True)  # top_p
 TEMPERATURE = at_least(0)  # 0: greedy
 SUBCATEGORIES = tuple(s for subs in CATEGORIES.values() for s in subs)
@@ -180,7 +182,7 @@ class ImageConfig:
     temperature: float = setting(1.0, TEMPERATURE)
     top_k: int = setting(0, at_least(0))  # 0: off (plain multinomial sampling, as the reference)
     top_p: float = setting(1.0, PROBABILITY)
-    batch_size: int = setting(16, COUNT)
+    batch_size: int | Literal["auto"] = setting(16, BATCH)  # images (2 rows each under CFG)
     # torch.compile of the decode step: "auto" on CUDA only (CUDA graphs), true also on CPU (inductor), false never
     compile: Literal["auto", True, False] = setting("auto")
 
@@ -215,7 +217,7 @@ class FilterConfig:
 
     tau: float = setting(0.6, between(0, 1))
     enabled: bool = setting(True)
-    vqa_batch_size: int = setting(16, COUNT)
+    vqa_batch_size: int | Literal["auto"] = setting(16, BATCH)
 
 
 @dataclass
@@ -356,8 +358,15 @@ def _check_value(path: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}={value!r} must be a list of {item_type.__name__}, e.g. {path}=[a,b]")
         return [_check_value(f"{path}[{i}]", v, item_type) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{path}: union types are not supported in configs")
+    if origin in (typing.Union, types.UnionType):  # the first member that takes the value (int | Literal["auto"])
+        for member in typing.get_args(annotation):
+            try:
+                return _check_value(path, value, member)
+            except ConfigError:
+                pass
+        kinds = [f"one of {list(typing.get_args(m))}" if typing.get_origin(m) is Literal else f"of type {m.__name__}"
+                 for m in typing.get_args(annotation)]
+        raise ConfigError(f"{path}={value!r} must be " + " or ".join(kinds))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is bool and not isinstance(value, bool):

@@ -16,6 +16,7 @@ from typing import Callable
 
 from ospo_fast.config import OSPOConfig, save_config
 from ospo_fast.distributed import Dist, init_distributed
+from ospo_fast.plan import resolve_auto_batches
 from ospo_fast.runstore import RunStore
 from ospo_fast.stages import prompts as S1
 from ospo_fast.stages import steps
@@ -67,8 +68,10 @@ class Pipeline:
 
     def __init__(self, config: OSPOConfig, out_dir: str | Path, dist: Dist | None = None,
                  redo: str | None = None, progress: bool = True):
-        self.config = config
         self.dist = dist or init_distributed(config.model.device)
+        # "auto" batch sizes become numbers here, once, from the device's memory (printed by rank 0)
+        self.config = config = resolve_auto_batches(config, self.dist.device,
+                                                    log=print if self.dist.rank == 0 else lambda line: None)
         self.store = RunStore(out_dir, self.dist.rank, self.dist.world)
         self.ctx = StageContext(config, device=str(self.dist.device))
         self.progress = progress and self.dist.rank == 0

@@ -1,0 +1,153 @@
+"""The cost model and memory planner (ospo_fast.plan): batches from a memory budget, the KV term against a real
+StaticCache, parameter counts against a real model, hand-checked numbers, ``images.batch_size=auto`` end to end
+through the config and the pipeline, and ``ospo-fast plan``."""
+
+import re
+
+import pytest
+import torch
+from transformers import JanusForConditionalGeneration
+
+from ospo_fast import plan
+from ospo_fast.config import ConfigError, ImageConfig, load_config
+
+MiB = 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def tiny_shape():
+    return plan.model_shape(plan.kind_config("tiny", 8), count_flops=False)
+
+
+def test_meta_parameter_counts_equal_a_real_model(tiny_shape):
+    """Counted on the meta device (no weights) == counted on a real, allocated model of the same config."""
+    real = JanusForConditionalGeneration(plan.kind_config("tiny", 8))
+    assert plan.part_params(real) == tiny_shape.params
+    assert tiny_shape.total_params == sum(p.numel() for p in real.parameters())
+
+
+@pytest.mark.parametrize("stage", ["images", "vqa", "train"])
+def test_auto_batch_fits_the_budget_and_the_next_batch_does_not(tiny_shape, stage):
+    budget = 300 * MiB
+    choice = plan.auto_batch(tiny_shape, stage, budget, dtype="float32")
+    need = lambda b: plan.MEMORY_FNS[stage](tiny_shape, b, dtype="float32").total
+    assert choice.limit == "memory" and choice.batch >= 1
+    assert need(choice.batch) <= budget * (1 - plan.MARGIN_FRACTION) < need(choice.batch + 1)
+    assert choice.memory.total == need(choice.batch)
+
+
+def test_images_memory_and_auto_batch_match_a_hand_calculation(tiny_shape):
+    """Tiny: hidden 128, intermediate 256, 12 layers, 4 kv heads x 32, 8x8 grid (N = 64, 128 px), VQ top channels
+    32, float32, prompt 32 tokens."""
+    kv_token = 12 * 2 * 4 * 32 * 4  # 12,288 bytes per token and row
+    m = plan.images_memory(tiny_shape, 3, "float32", prompt_len=32)
+    assert m.kv == 2 * 3 * (32 + 64 + 1) * kv_token == 7_151_616
+    assert m.activations["prefill"] == 6 * 32 * (4 * 128 + 3 * 256) * 4 == 983_040
+    assert m.activations["mask_pass"] == 3 * (48 + 64) * 1280 * 4 == 1_720_320
+    assert m.activations["vq_decode"] == 3 * 4 * 32 * 128 ** 2 * 4 == 25_165_824
+    assert m.weights == tiny_shape.total_params * 4
+    # every term is linear in R: per image 2 x 97 x 12,288 (KV) + 4 x 32 x 128^2 x 4 (VQ decode, the largest)
+    per_image = 2 * 97 * kv_token + 4 * 32 * 128 ** 2 * 4
+    assert per_image == 10_772_480
+    budget = 512 * MiB
+    expected = int((0.9 * budget - tiny_shape.total_params * 4) // per_image)
+    assert plan.auto_batch(tiny_shape, "images", budget, dtype="float32", prompt_len=32).batch == expected
+
+
+def test_kv_term_equals_the_engines_static_cache(tiny_bundle):
+    """The bytes of the StaticCache that engine.image_gen allocates and fills (sum of its tensors' nbytes)."""
+    from ospo_fast.engine import image_gen
+
+    rows = 3
+    config = ImageConfig(batch_size=rows, compile=False)
+    image_gen.generate_images(tiny_bundle, ["a red cube", "two blue balls", "a cat"], [0, 1, 2], config)
+    model = tiny_bundle.model
+    decoder = next(d for d in image_gen._POOL._pool.values() if d.model is model and d.shape.rows == rows)
+    measured = sum(t.nbytes for layer in decoder.cache.layers for t in (layer.keys, layer.values))
+    shape = plan.model_shape(model.config, count_flops=False)
+    predicted = plan.image_kv_bytes(shape, rows, decoder.shape.prompt_len, model.dtype.itemsize)
+    assert measured == predicted > 0
+
+
+def test_decode_time_is_the_roofline_of_hand_numbers(tiny_shape):
+    device = plan.Device("test", memory=1e9, bandwidth=1e9, peak_flops=1e12, source="test",
+                         bandwidth_efficiency=1.0, matmul_efficiency=1.0, step_overhead=0.0)
+    params = tiny_shape.image_step_params
+    flops, bytes_ = plan.decode_step_cost(params, rows=4, context=100, shape=tiny_shape, dtype_bytes=4)
+    assert flops == 2 * params * 4 + 4 * 4 * 100 * 12 * 4 * 32
+    assert bytes_ == params * 4 + 4 * 100 * 12 * 2 * 4 * 32 * 4
+    seconds, _, _ = plan.decode_time(10, params, 4, 95, tiny_shape, device, 4)  # mean context 95 + 10/2 = 100
+    assert seconds == pytest.approx(10 * max(bytes_ / 1e9, flops / 1e12))
+
+
+def test_config_accepts_auto_and_rejects_bad_batches():
+    config = load_config("tiny", ["images.batch_size=auto", "filter.vqa_batch_size=auto"])
+    assert config.images.batch_size == "auto" and config.filter.vqa_batch_size == "auto"
+    for bad, says in [("0", ">= 1 or auto"), ("big", "one of ['auto']"), ("1.5", "of type int")]:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config("tiny", [f"images.batch_size={bad}"])
+
+
+def test_resolve_auto_batches_replaces_auto_and_prints_the_plan(tiny_shape):
+    config = load_config("tiny", ["images.batch_size=auto", "filter.vqa_batch_size=auto"])
+    lines = []
+    resolved = plan.resolve_auto_batches(config, "cpu", budget=300 * MiB, shape=tiny_shape, log=lines.append)
+    assert resolved.images.batch_size == plan.auto_batch(tiny_shape, "images", 300 * MiB, dtype="float32",
+                                                         scores=False).batch
+    assert isinstance(resolved.filter.vqa_batch_size, int) and config.images.batch_size == "auto"
+    assert len(lines) == 2 and "images.batch_size=auto ->" in lines[0] and "GiB usable" in lines[0]
+    fixed = load_config("tiny")
+    assert plan.resolve_auto_batches(fixed, "cpu", budget=1.0, log=lines.append) is fixed
+
+
+def test_pipeline_resolves_auto_before_it_saves_the_config(tmp_path, capsys):
+    import yaml
+
+    from ospo_fast.pipeline import Pipeline
+
+    config = load_config("tiny", ["images.batch_size=auto", "model.device=cpu"])
+    pipeline = Pipeline(config, tmp_path / "run", progress=False)
+    assert isinstance(pipeline.config.images.batch_size, int) and pipeline.config.images.batch_size >= 1
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["images"]["batch_size"] == pipeline.config.images.batch_size
+    assert "images.batch_size=auto ->" in capsys.readouterr().out
+
+
+def test_unaffordable_batch_one_is_a_clear_error(tiny_shape):
+    with pytest.raises(ValueError, match=r"images: batch 1 needs .* GiB but only"):
+        plan.auto_batch(tiny_shape, "images", 1 * MiB, dtype="float32")
+
+
+def test_cli_plan_prints_a_table(capsys):
+    from ospo_fast.cli import main
+
+    assert main(["plan", "--preset", "janus-pro-7b", "--gpus", "8", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    shape = plan.model_shape(plan.kind_config("janus-pro-7b-shape"))
+    assert "8 x H100 80GB SXM" in out and "hours" in out and f"{shape.total_params / 1e9:.2f}B parameters" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in (
+        "prompts", "perturb", "densify", "images", "questions", "vqa", "train")}
+    assert set(rows) == {"prompts", "perturb", "densify", "images", "questions", "vqa", "train"}
+    assert rows["images"][1] == "120000"  # 20,000 prompts x 3 perturbations x 2 images
+    assert int(rows["images"][5]) == plan.auto_batch(shape, "images", plan.GPUS["h100"].memory, dtype="bfloat16",
+                                                     scores=False).batch
+
+
+def test_cli_plan_unknown_gpu_lists_the_valid_ones(capsys):
+    from ospo_fast.cli import main
+
+    assert main(["plan", "--preset", "tiny", "--gpu", "v100"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown GPU 'v100'" in err and all(name in err for name in plan.GPUS)
+
+
+def test_meta_flop_count_of_the_vq_decoder_matches_a_real_forward():
+    """FLOPs counted on the meta device == FLOPs counted on a real forward of the same (tiny) model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = plan.kind_config("tiny", 8)
+    shape = plan.model_shape(config)
+    model = JanusForConditionalGeneration(config).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.decode_image_tokens(torch.zeros(1, 64, dtype=torch.long))
+    assert shape.vq_decode_flops == counter.get_total_flops() > 0
