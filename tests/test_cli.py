@@ -186,3 +186,11 @@ def test_summary_defines_strict_and_loose():
     text = format_summary({"random_init": False, "model": "builtin:toy", "iterations": [],
                            "alignment": {"before": judged}})
     assert JUDGE_TERMS in text and text.index(JUDGE_TERMS) < text.index("strict 25.0%")
+
+
+def test_synth_with_no_surviving_pair_says_why(tmp_path, capsys):
+    code = main(["synth", "--preset", "tiny", "--out", str(tmp_path / "s"), "model.path=builtin:tiny-4",
+                 "prompts.num_prompts=1", "perturb.num_perturbations=1", "densify.enabled=false",
+                 "filter.tau=1.0"])  # a random model's S is near 0 < 1: nothing passes
+    out = capsys.readouterr().out
+    assert code == 0 and "0 pairs" in out and "filter.enabled=false" in out
