@@ -1,9 +1,12 @@
 """Forward + backward of the object-weighted SimPO + SFT loss over Janus's image head: fused (chunked, no full
 logits) vs naive (materialise the (2P*T, V) logits and their float32 log-softmax), and Liger-Kernel's fused SimPO
-where it imports.
+where it imports; and the fused head with the token reduction inside (one op each way) against the split it
+replaced (the fused per-token log-prob op, then the weighted sums as PyTorch ops on the (2P, T) log-probs), with
+the number of ops each dispatches per batch (forward + backward; profiler events: aten ops and custom ops).
 
     .venv/bin/python benchmarks/bench_simpo_loss.py            # --small: 2 pairs x 576 tokens, d 2048, V 16,384 (CPU)
     .venv/bin/python benchmarks/bench_simpo_loss.py --full --device cuda --dtype bfloat16   # 16 pairs (Janus-Pro-1B)
+    .venv/bin/python benchmarks/bench_simpo_loss.py --full --dim 64 --no-naive   # 16 x 576, V 16,384: fused vs split
 
 Every case computes the loss from the hidden states that enter the head's last Linear(d' -> V) and back-propagates to
 hidden, weight and bias. Results are appended to benchmarks/results.jsonl by the shared harness.
@@ -27,7 +30,9 @@ from ospo_fast.config import LossConfig  # noqa: E402
 from ospo_fast.ops.simpo_loss import (  # noqa: E402
     fused_obj_simpo_loss,
     fused_obj_simpo_loss_ref,
+    fused_token_logprobs,
     obj_simpo_loss,
+    preference_loss_from_logprobs,
 )
 
 JANUS_PRO_1B = dict(pairs=16, tokens=576, dim=2048, vocab=16384)
@@ -71,6 +76,8 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="fused chunk (default: the library's)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-naive", action="store_true",
+                        help="skip the cases that materialise the logits (e.g. 16 pairs on a small CPU)")
     parser.add_argument("--once", action="store_true",
                         help="no warm-up, one timed call (e.g. the --full shape on a CPU, for its memory)")
     return parser.parse_args()
@@ -93,6 +100,15 @@ def _liger_case(config: LossConfig):
         return out[0] if isinstance(out, tuple) else out
 
     return run
+
+
+def op_count(fn) -> int:
+    """Ops one call of ``fn`` dispatches (profiler events named aten::* or ospo_fast*, nested ones included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith(("aten::", "ospo_fast")))
 
 
 def main() -> None:
@@ -121,20 +137,31 @@ def main() -> None:
             (loss.loss if hasattr(loss, "loss") else loss).backward()
         return run
 
+    split_name = f"fused split: per-token op + torch sums ({kernel})"
     cases = {
         "naive (logits + log_softmax)": lambda: fused_obj_simpo_loss_ref(hidden, weight, bias, targets, masks, config),
         f"naive logits + {kernel} kernel": lambda: obj_simpo_loss(F.linear(hidden, weight, bias), targets, masks,
                                                                     config, backend=kernel),
-        f"fused chunked ({kernel})": lambda: fused_obj_simpo_loss(hidden, weight, bias, targets, masks, config,
-                                                                  backend=kernel, **fused_kwargs),
+        split_name: lambda: preference_loss_from_logprobs(
+            fused_token_logprobs(hidden, weight, bias, targets, kernel, args.chunk_tokens, check_values=False),
+            masks, config),
+        f"fused chunked, sums in the op ({kernel})": lambda: fused_obj_simpo_loss(
+            hidden, weight, bias, targets, masks, config, backend=kernel, check_values=False, **fused_kwargs),
     }
+    if args.no_naive:
+        cases = {k: v for k, v in cases.items() if not k.startswith("naive")}
     liger = _liger_case(config)
-    if liger is not None:
+    if liger is not None and not args.no_naive:
         cases["liger fused SimPO (alpha=0)"] = lambda: liger(hidden, weight, bias, targets, masks)
 
     warmup, repeats = (0, 1) if args.once else (1, repeats)
     results = [_measure(name, step(fn), device, repeats, warmup, reset) for name, fn in cases.items()]
-    report("simpo_loss", results, baseline="naive (logits + log_softmax)", device=device,
+    for result, fn in zip(results, cases.values()):
+        reset()
+        result.extra["ops_per_batch"] = op_count(step(fn))
+        print(f"   {result.name:<48} {result.extra['ops_per_batch']:>6} ops per batch (forward + backward)")
+    baseline = split_name if args.no_naive else "naive (logits + log_softmax)"
+    report("simpo_loss", results, baseline=baseline, device=device,
            config=dict(pairs=pairs, tokens=args.tokens, dim=args.dim, vocab=args.vocab, dtype=args.dtype,
                        repeats=repeats, threads=torch.get_num_threads(), chunk_tokens=args.chunk_tokens or "default",
                        triton_interpret=os.environ.get("TRITON_INTERPRET", "0")))

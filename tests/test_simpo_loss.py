@@ -342,7 +342,7 @@ def test_frozen_head_skips_weight_and_bias_gradients(backend):
     empty tensors for them, and still gives the reference's d(hidden). A trainable head runs one addmm_ per chunk."""
     hidden, weight, bias, targets, masks = _inputs(2, 13, 8, 50)
     config = LossConfig()
-    chunk, n_chunks = 13, 4  # the loss reduces whole rows per chunk: one row of 13 tokens per chunk
+    chunk, n_chunks = 7, math.ceil(2 * 2 * 13 / 7)
 
     def backward(w_grad: bool):
         h = hidden.clone().requires_grad_()
@@ -456,15 +456,15 @@ def test_fused_row_sums_equal_trl_at_alpha_zero(backend, normalization):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_row_sums_ragged_row_chunks(backend, dtype):
-    """Chunks of several whole rows with a ragged last one (6 rows of 7 tokens, 4 rows per chunk): loss and
-    gradients equal the reference within its own bf16 error."""
+def test_fused_row_sums_chunks_across_rows(backend, dtype):
+    """Chunks that cut rows (6 rows of 7 tokens, 10 tokens per chunk, the last one ragged): loss and gradients
+    equal the reference within its own bf16 error."""
     hidden, weight, bias, targets, masks = (t.to(dtype) if t.is_floating_point() and i < 3 else t
                                             for i, t in enumerate(_inputs(3, 7, 8, 50)))
     config = LossConfig(label_smoothing=0.05)
 
     def fused(h, w, b):
-        return fused_obj_simpo_loss(h, w, b, targets, masks, config, backend=backend, chunk_tokens=28)
+        return fused_obj_simpo_loss(h, w, b, targets, masks, config, backend=backend, chunk_tokens=10)
 
     def ref_fn(h, w, b):
         return fused_obj_simpo_loss_ref(h, w, b, targets, masks, config)

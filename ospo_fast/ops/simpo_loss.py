@@ -24,11 +24,12 @@ subtracted), ``accuracy`` the fraction of pairs with r(y_w) > r(y_l). Those four
 Entry points:
 - ``obj_simpo_loss(logits, ...)``: from materialised (2P, T, V) logits.
 - ``fused_obj_simpo_loss(hidden, weight, bias, ...)``: from the head's last hidden states, in one custom op each
-  way (``ospo_fast::simpo_fused_row_sums``): each chunk of whole rows computes its log-probs and at once its rows'
-  sums sum_t w_t logp_t and sum_t logp_t, so only O(P) scalars leave the op (sum_t w_t needs no log-probs); its
-  backward forms d loss / d logp_t = g_weighted[row] w_t + g_plain[row] per chunk from those scalars' gradients.
+  way (``ospo_fast::simpo_fused_row_sums``): the per-token log-probs stay a scratch buffer inside the op, reduced
+  there to each row's sum_t w_t logp_t and sum_t logp_t, so only O(P) scalars leave it (sum_t w_t needs no
+  log-probs); its backward forms d loss / d logp_t = g_weighted[row] w_t + g_plain[row] from those scalars'
+  gradients and runs the chunked head backward (no autograd nodes per token, no (2P, T) round trip).
   The (2P*T, V) logits are never materialised: tokens are processed ``chunk_tokens`` at a time
-  (``default_chunk_tokens``: 512 on a CPU, larger on a GPU; rounded to whole rows; the kernels walk the vocabulary
+  (``default_chunk_tokens``: 512 on a CPU, larger on a GPU; the kernels walk the vocabulary
   in blocks with an online log-sum-exp); the backward recomputes
   each chunk's logits, turns them in place into d(logits) and accumulates dH = dlogits @ W and, only where autograd
   asks for them (a frozen head, the LoRA default, skips both), dW += dlogits^T @ H and db += sum dlogits, added
@@ -187,6 +188,12 @@ def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
 def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
               chunk_tokens: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (N, D), weight (V, D), bias (V,) | None, targets (N,) -> (logp (N,) f32, lse (N,) f32)."""
+    return _head_forward(hidden, weight, bias, targets, chunk_tokens, backend)
+
+
+def _head_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                  chunk_tokens: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused head's forward, ``chunk_tokens`` rows of logits at a time: (logp (N,) f32, lse (N,) f32)."""
     fwd = _kernels(backend)[0]
     logp = hidden.new_empty(hidden.shape[:1], dtype=torch.float32)
     lse = torch.empty_like(logp)
@@ -250,9 +257,8 @@ def _fused_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.T
                        targets: torch.Tensor, lse: torch.Tensor, chunk_tokens: int, backend: str,
                        needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad (N,) f32 -> (dH (N, D), dW (V, D), db (V,)); see ``_head_backward`` (``needs`` = [dH, dW, db])."""
-    grad = grad.float().contiguous()
     return _head_backward(hidden, weight, bias, targets, lse, _chunks(hidden.shape[0], chunk_tokens),
-                          lambda s, e: grad[s:e], backend, needs)
+                          _slicer(grad.float().contiguous()), backend, needs)
 
 
 @_fused_backward_op.register_fake
@@ -280,14 +286,8 @@ _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Custom op 3: the fused head with the loss's token reduction inside (issue 19 b): only O(rows) scalars leave it
+# Custom op 3: the fused head with the loss's token reduction inside: only O(rows) scalars leave it
 # ---------------------------------------------------------------------------------------------------------------
-
-def _row_chunks(rows: int, row_len: int, chunk_tokens: int) -> list[tuple[int, int]]:
-    """Token ranges of whole rows, about ``chunk_tokens`` tokens each (at least one row)."""
-    per = max(1, chunk_tokens // row_len)
-    return [(r * row_len, min(r + per, rows) * row_len) for r in range(0, rows, per)]
-
 
 @torch.library.custom_op("ospo_fast::simpo_fused_row_sums", mutates_args=())
 def _row_sums_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
@@ -295,21 +295,13 @@ def _row_sums_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (R, T, D), weight (V, D), bias (V,) | None, targets (R, T), token_weights (R, T) f32 ->
     (weighted (R,) = sum_t w_t logp_t, plain (R,) = sum_t logp_t, lse (R, T)), all f32; lse is kept for the
-    backward only. Each chunk of whole rows is reduced as soon as its log-probs exist."""
-    fwd = _kernels(backend)[0]
+    backward only. The per-token log-probs are a scratch buffer inside the op, reduced in two ops after the last
+    chunk: they never become an autograd tensor."""
     rows, row_len = targets.shape
-    flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, D), (N,)
-    weighted = hidden.new_empty(rows, dtype=torch.float32)
-    plain = torch.empty_like(weighted)
-    lse = hidden.new_empty(rows * row_len, dtype=torch.float32)
-    for s, e in _row_chunks(rows, row_len, chunk_tokens):
-        logits = F.linear(flat_h[s:e], weight, bias)  # (C, V), the only logits alive
-        logp, lse[s:e] = fwd(logits, flat_y[s:e])  # (C,)
-        r0, r1 = s // row_len, e // row_len
-        logp = logp.view(r1 - r0, row_len)  # (c, T): whole rows
-        plain[r0:r1] = logp.sum(-1)
-        weighted[r0:r1] = (logp * token_weights[r0:r1]).sum(-1)
-    return weighted, plain, lse.view(rows, row_len)
+    logp, lse = _head_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), chunk_tokens,
+                              backend)  # (N,), (N,)
+    logp = logp.view(rows, row_len)
+    return (logp * token_weights).sum(-1), logp.sum(-1), lse.view(rows, row_len)
 
 
 @_row_sums_op.register_fake
@@ -324,19 +316,18 @@ def _row_sums_backward_op(grad_weighted: torch.Tensor, grad_plain: torch.Tensor,
                           weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                           token_weights: torch.Tensor, lse: torch.Tensor, chunk_tokens: int, backend: str,
                           needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(R,) f32 gradients of the row sums -> (dH (R, T, D), dW, db); d loss / d logp_t = g_weighted[r] w_t +
-    g_plain[r] is formed per chunk from the O(R) scalars (see ``_head_backward``)."""
-    rows, row_len = targets.shape
-    g_w, g_p = grad_weighted.float(), grad_plain.float()
-
-    def grad_of(s: int, e: int) -> torch.Tensor:
-        r0, r1 = s // row_len, e // row_len
-        return (g_w[r0:r1, None] * token_weights[r0:r1] + g_p[r0:r1, None]).reshape(-1)  # (C,)
-
-    d_hidden, d_weight, d_bias = _head_backward(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), lse.reshape(-1),
-        _row_chunks(rows, row_len, chunk_tokens), grad_of, backend, needs)
+    """(R,) f32 gradients of the row sums -> (dH (R, T, D), dW, db): d loss / d logp_t = g_weighted[r] w_t +
+    g_plain[r] (one fused multiply-add over the (R, T) weights), then the chunked head backward."""
+    grad = torch.addcmul(grad_plain.float()[:, None], grad_weighted.float()[:, None], token_weights)  # (R, T)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    d_hidden, d_weight, d_bias = _head_backward(flat, weight, bias, targets.reshape(-1), lse.reshape(-1),
+                                                _chunks(flat.shape[0], chunk_tokens), _slicer(grad.reshape(-1)),
+                                                backend, needs)
     return d_hidden.view(hidden.shape) if needs[0] else d_hidden, d_weight, d_bias
+
+
+def _slicer(grad: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    return lambda s, e: grad[s:e]
 
 
 @_row_sums_backward_op.register_fake
@@ -356,10 +347,11 @@ def _row_sums_backward(ctx, grad_weighted, grad_plain, grad_lse):
     needs = _needs(ctx)
     if not any(needs):
         return (None,) * 7
-    zero = hidden.new_zeros(targets.shape[0], dtype=torch.float32)
-    grads = _row_sums_backward_op(zero if grad_weighted is None else grad_weighted,
-                                  zero if grad_plain is None else grad_plain, hidden, weight, bias, targets,
-                                  token_weights, lse, ctx.chunk_tokens, ctx.backend, needs)
+    if grad_weighted is None or grad_plain is None:  # a loss that uses only one of the two sums
+        zero = hidden.new_zeros(targets.shape[0], dtype=torch.float32)
+        grad_weighted, grad_plain = (zero if g is None else g for g in (grad_weighted, grad_plain))
+    grads = _row_sums_backward_op(grad_weighted, grad_plain, hidden, weight, bias, targets, token_weights, lse,
+                                  ctx.chunk_tokens, ctx.backend, needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
