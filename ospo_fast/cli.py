@@ -148,6 +148,11 @@ def _cmd_eval_gen(args: argparse.Namespace) -> int:
                 model=model_identity(path))
     check_out(todo)  # inputs first: a bad prompt file or a mismatched --out never waits for a model to load
     writable_dir(args.out)
+    from ospo_fast.models.loader import pick_device
+    from ospo_fast.plan import resolve_auto_batches
+
+    # images.batch_size=auto -> a number (printed), from the memory free before the weights load
+    config = resolve_auto_batches(config, pick_device(config.model.device))
     bundle = load_janus(path, dtype=config.model.dtype, device=config.model.device,
                         attn_implementation=config.model.attn_implementation)
     made = generate(bundle, todo, config.images)

@@ -151,3 +151,16 @@ def test_meta_flop_count_of_the_vq_decoder_matches_a_real_forward():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.decode_image_tokens(torch.zeros(1, 64, dtype=torch.long))
     assert shape.vq_decode_flops == counter.get_total_flops() > 0
+
+
+def test_cli_eval_gen_runs_with_auto_batches(tmp_path, capsys):
+    """eval-gen hands generate_images a number, not "auto" (the janus-pro presets default to auto)."""
+    from ospo_fast.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\n")
+    out = tmp_path / "out"
+    assert main(["eval-gen", "--format", "t2i-compbench", "--prompts", str(prompts), "--out", str(out),
+                 "--samples", "1", "--preset", "tiny", "images.batch_size=auto", "model.device=cpu"]) == 0
+    assert "images.batch_size=auto ->" in capsys.readouterr().out
+    assert len(list(out.rglob("*.png"))) == 1
