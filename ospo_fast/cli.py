@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     from ospo_fast.threads import configure_cpu_threads
 
     configure_cpu_threads()  # before torch loads OpenMP: passive wait, threads from affinity and load
+    from ospo_fast.quiet import quiet_libraries
+
+    quiet_libraries()  # other libraries' known warnings, by exact message (ospo_fast/quiet.py says why)
     from ospo_fast.config import ConfigError
     from ospo_fast.evalgen import PromptFileError
     from ospo_fast.models.loader import ModelLoadError

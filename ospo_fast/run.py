@@ -128,6 +128,19 @@ def _relative(path: Path | str) -> str:
     return os.path.relpath(path)
 
 
+def _no_pairs_message(config: OSPOConfig, synth_dir: Path, iteration: int) -> str:
+    """Why stages 1-4 kept no pair (the filter's reasons; a random model's answers are noise) and what to do; writes
+    the synthesis report it names."""
+    write_report(synth_dir)
+    reasons = Counter(r["verdict"]["reason"] for r in read_jsonl(synth_dir / "vqa" / "records.jsonl"))
+    why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "no pair was scored"
+    model = (f"{config.model.path} is random-initialised, so its yes/no answers are noise and S(chosen) stays near 0 "
+             f"< filter.tau={config.filter.tau:g}; " if is_random_init(config.model.path) else "")
+    return (f"iteration {iteration}: stages 1-4 kept no pair (filter: {why}); {model}set filter.enabled=false to "
+            "exercise the machinery, or lower filter.tau "
+            f"or raise prompts.num_prompts; report: {synth_dir / 'report.html'}")
+
+
 def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -> dict:
     """Run ``config.iterations`` OSPO iterations into ``out_dir``; returns the summary (also saved). A run that
     finished with this config already returns its saved summary at once (pass ``redo`` to recompute).
@@ -160,9 +173,8 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
         synth_seconds = time.perf_counter() - start
         pairs_path = it_dir / "synth" / "pairs.jsonl"
         if not read_jsonl(pairs_path):
-            raise NoPairsError(f"iteration {iteration}: stages 1-4 kept no pair (see {it_dir / 'synth'}/manifest.json "
-                               "and report.html); lower filter.tau, raise prompts.num_prompts, or set "
-                               "filter.enabled=false for a random-initialised model")
+            raise NoPairsError(_no_pairs_message(cfg, it_dir / "synth", iteration) if dist.rank == 0 else
+                               f"iteration {iteration}: stages 1-4 kept no pair")
         start = time.perf_counter()
         result = train(cfg, pairs_path, it_dir / "train")
         train_seconds = time.perf_counter() - start

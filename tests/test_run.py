@@ -64,7 +64,10 @@ def test_no_pairs_is_a_clear_error(tmp_path, capsys):
                  "prompts.num_prompts=1", "filter.tau=1.0",  # a random model's S is near 0 < 1
                  "perturb.num_perturbations=1",
                  "eval.toy_heldout_prompts=0"])
-    assert code == 2 and "kept no pair" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "kept no pair (filter: chosen_below_tau 1)" in err
+    assert "builtin:tiny-4 is random-initialised" in err and "set filter.enabled=false" in err  # why, and what to do
+    assert (tmp_path / "iter1" / "synth" / "report.html").is_file()  # the report it names exists
 
 
 def test_toy_run_judges_before_and_after_at_each_guidance(tmp_path):
