@@ -5,8 +5,9 @@ Run alone: ``.venv/bin/python benchmarks/bench_threads.py`` (one to four minutes
 
 The same work, a KV-cached decode shaped like the toy model's image generation (6 layers, hidden 256, 16 images
 with CFG = 32 rows, ``--steps`` steps), runs in a fresh process per case, because OpenMP reads its wait policy
-only once, when torch loads it. Cases: torch's defaults (one thread per CPU, libgomp spins), the passive wait
-policy alone, and ospo_fast's policy (passive + ``cpu_thread_count()`` threads). Each runs with no added load and beside
+only once, when torch loads it. Cases: torch's defaults (one thread per CPU, libgomp spins), passive waiting with
+one thread (what shrinking the pool under load would do), and ospo_fast's policy (passive + ``cpu_thread_count()``
+threads, one per CPU of the affinity mask). Each runs with no added load and beside
 ``--competitors`` busy processes (default: one per CPU). Printed: median seconds, the slow-down that the added
 load causes, and each case's speed against torch's defaults in the same condition; the machine's load average
 before the run is printed too (on a shared machine it is part of the conditions).
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 THREAD_ENV = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
-CASES = ("torch defaults", "passive wait only", "ospo_fast policy")
+CASES = ("torch defaults", "passive, 1 thread", "ospo_fast policy")
 
 
 def decode_work(steps: int, rows: int = 32, hidden: int = 256, layers: int = 6, heads: int = 4) -> None:
@@ -83,8 +84,8 @@ def child(steps: int, repeats: int) -> None:
 
 def case_env(case: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
-    if case == "passive wait only":
-        env.update(OMP_WAIT_POLICY="PASSIVE", KMP_BLOCKTIME="0")
+    if case == "passive, 1 thread":
+        env.update(OMP_WAIT_POLICY="PASSIVE", KMP_BLOCKTIME="0", OMP_NUM_THREADS="1")
     if case == "ospo_fast policy":
         env["BENCH_THREADS_POLICY"] = "ospo_fast"
     return env

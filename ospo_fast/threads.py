@@ -7,8 +7,10 @@ at load 6-9 on 2 cores). ``configure_cpu_threads`` sets, before torch is importe
 
 - ``OMP_WAIT_POLICY=PASSIVE`` (libgomp, the OpenMP of torch's Linux wheels) and ``KMP_BLOCKTIME=0`` (Intel's
   libiomp): a waiting thread sleeps at once instead of spinning;
-- ``OMP_NUM_THREADS``: the CPUs this process may run on (``os.sched_getaffinity``) less the other processes'
-  1-minute load average, at least 1 (``cpu_thread_count``).
+- ``OMP_NUM_THREADS``: the CPUs this process may run on (``os.sched_getaffinity``), not the machine's CPU count
+  (``cpu_thread_count``). It does not shrink with the load: with passive waiting, two threads beside two busy
+  processes ran 1.8x faster than one thread (``bench_threads.py``), and a count fixed by the affinity mask keeps
+  float32 reductions, hence results and resumes, the same whatever else the machine is doing.
 
 ``benchmarks/bench_threads.py`` measures the effect under an artificial competing load. The CLI entry
 (``ospo_fast.cli.main``) calls it first; a library user who wants it calls it before ``import torch``.
@@ -16,7 +18,6 @@ at load 6-9 on 2 cores). ``configure_cpu_threads`` sets, before torch is importe
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import MutableMapping
@@ -32,17 +33,9 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def cpu_thread_count(available: int | None = None, load: float | None = None) -> int:
-    """Threads for torch's intra-op pool: ``available`` CPUs less the 1-minute ``load`` average (rounded to the
-    nearest whole CPU), clamped to 1..available. Defaults: ``available_cpus()`` and ``os.getloadavg()[0]``."""
-    available = available_cpus() if available is None else available
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):  # no load average on this platform
-            load = 0.0
-    free = math.floor(available - load + 0.5)
-    return max(1, min(available, free))
+def cpu_thread_count(available: int | None = None) -> int:
+    """Threads for torch's intra-op pool: the ``available`` CPUs (default ``available_cpus()``), at least 1."""
+    return max(1, available_cpus() if available is None else available)
 
 
 def configure_cpu_threads(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
