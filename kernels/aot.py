@@ -56,7 +56,7 @@ def _simpo_launches() -> list[Launch]:
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        block = {"BLOCK_V": k._block_v(V_JANUS)}
+        block = {}  # BLOCK_V and num_warps come from each autotune configuration
         out.append(Launch(k.__name__, "_logp_fwd_kernel", f"{name} V={V_JANUS}", dict(
             logits_ptr=dtype, targets_ptr=torch.int64, logp_ptr=torch.float32, lse_ptr=torch.float32,
             stride_row=V_JANUS, n_vocab=V_JANUS), block))

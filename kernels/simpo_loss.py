@@ -9,9 +9,15 @@ whatever the logits' dtype.
   logits' dtype, optionally in place over the logits (the fused head path recomputes a chunk's logits and turns
   them into their gradient without a second buffer).
 
-The weighted reduction over tokens (``sum_t w_t logp_t``) is done by the caller on the (2P, T) log-probs: it is
-O(T) work and keeps these kernels shared by the plain and the fused loss. Launchers take 2-D ``(N, V)`` logits
-with a unit stride along V; callers flatten.
+The weighted reduction over tokens (``sum_t w_t logp_t``) is done by the caller (inside the fused op for the fused
+loss): it is O(T) work and keeps these kernels shared by the plain and the fused loss. Launchers take 2-D ``(N, V)``
+logits with a unit stride along V; callers flatten.
+
+Both kernels are autotuned per vocabulary size over ``CONFIGS`` (block size x warps; Janus's V = 16,384 fits one
+block of 16,384, as Liger-Kernel takes it); blocks wider than the vocabulary are pruned. The interpreter has no
+warps and no GPU to time on: it runs the first configuration, 4,096 wide, so CI walks several blocks of an 8,200
+vocabulary through the online log-sum-exp. The backward restores its output between timed runs, since it may
+write over the logits. ``ospo_fast.kernels.aot`` compiles every configuration for sm_80 and sm_90.
 """
 
 from __future__ import annotations
@@ -20,7 +26,24 @@ import torch
 import triton
 import triton.language as tl
 
+# (BLOCK_V, num_warps); the first is the interpreter's
+CONFIGS = ((4096, 8), (1024, 4), (4096, 4), (8192, 8), (16384, 16), (16384, 32))
 
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop blocks wider than the vocabulary needs (at least 1,024); under the interpreter keep only the first."""
+    n_vocab = {**named_args, **kwargs}["n_vocab"]  # positional launches fill named_args, keyword ones kwargs
+    widest = max(1024, triton.next_power_of_2(n_vocab))
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] <= widest] or configs[:1]
+    return kept[:1] if triton.knobs.runtime.interpret else kept
+
+
+def _autotune(**extra):
+    return triton.autotune(configs=[triton.Config({"BLOCK_V": b}, num_warps=w) for b, w in CONFIGS],
+                           key=["n_vocab"], prune_configs_by={"early_config_prune": _prune}, **extra)
+
+
+@_autotune()
 @triton.jit
 def _logp_fwd_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, stride_row, n_vocab, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -51,6 +74,7 @@ def _round_to_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@_autotune(restore_value=["out_ptr"])
 @triton.jit
 def _logp_bwd_kernel(grad_ptr, logits_ptr, targets_ptr, lse_ptr, out_ptr, stride_row, stride_out, n_vocab,
                      BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):
@@ -72,10 +96,6 @@ def _logp_bwd_kernel(grad_ptr, logits_ptr, targets_ptr, lse_ptr, out_ptr, stride
         tl.store(out + cols, dz.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _block_v(n_vocab: int) -> int:
-    return min(4096, triton.next_power_of_2(n_vocab))
-
-
 def _check_2d(logits: torch.Tensor, targets: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be 2-D (N, V) with unit stride along V, got shape {tuple(logits.shape)} "
@@ -91,8 +111,7 @@ def token_logprobs_fwd_triton(logits: torch.Tensor, targets: torch.Tensor) -> tu
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows:
-        _logp_fwd_kernel[(n_rows,)](logits, targets.contiguous(), logp, lse, logits.stride(0), n_vocab,
-                                    BLOCK_V=_block_v(n_vocab))
+        _logp_fwd_kernel[(n_rows,)](logits, targets.contiguous(), logp, lse, logits.stride(0), n_vocab)
     return logp, lse
 
 
@@ -111,6 +130,5 @@ def token_logprobs_bwd_triton(grad: torch.Tensor, logits: torch.Tensor, targets:
                          f"got {tuple(out.shape)} strides {out.stride()}")
     if n_rows:
         _logp_bwd_kernel[(n_rows,)](grad.contiguous(), logits, targets.contiguous(), lse.contiguous(), out,
-                                    logits.stride(0), out.stride(0), n_vocab, BLOCK_V=_block_v(n_vocab),
-                                    ROUND_BF16=out.dtype == torch.bfloat16)
+                                    logits.stride(0), out.stride(0), n_vocab, ROUND_BF16=out.dtype == torch.bfloat16)
     return out
