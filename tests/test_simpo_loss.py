@@ -504,3 +504,20 @@ def test_opcheck_row_sums_op():
     torch.library.opcheck(torch.ops.ospo_fast.simpo_fused_row_sums.default,
                           (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), targets,
                            1.0 + masks, 7, backend))
+
+
+def test_triton_autotune_configs(monkeypatch):
+    """Both kernels tune (BLOCK_V, warps), one block of 16,384 included (Janus's V, as Liger-Kernel takes it);
+    blocks wider than V are pruned; the interpreter runs only the first, 4,096 wide (several blocks of V = 8,200)."""
+    triton = pytest.importorskip("triton")
+    from ospo_fast.kernels import simpo_loss as k
+
+    for kernel in (k._logp_fwd_kernel, k._logp_bwd_kernel):
+        blocks = [(c.kwargs["BLOCK_V"], c.num_warps) for c in kernel.configs]
+        assert blocks == list(k.CONFIGS) and (16384, 16) in blocks
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    configs = k._logp_fwd_kernel.configs
+    assert len(k._prune(configs, {"n_vocab": 16384})) == len(configs)
+    assert {c.kwargs["BLOCK_V"] for c in k._prune(configs, {}, n_vocab=131)} == {1024}
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
+    assert [c.kwargs["BLOCK_V"] for c in k._prune(configs, {"n_vocab": 8200})] == [4096]
