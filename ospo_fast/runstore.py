@@ -248,11 +248,16 @@ class RunStore:
         atomic_write_json(self.root / "manifest.json", manifest)
 
     def read_final(self, name: str, fix: str = "pass --redo select to rewrite it") -> list[dict]:
+        """The records of a committed top-level output, checked with the images it names against the manifest."""
         entry = self.manifest()["outputs"].get(name)
+        commit = self.root / "manifest.json"
         if entry is None:
-            raise StoreError(f"{self.root / name} was not committed (no entry in manifest.json); {fix}")
+            raise StoreError(f"{self.root / name} was not committed (no entry in {commit}); {fix}")
         path = self.root / name
-        return parse_jsonl(self._read_checked(path, entry["sha256"], self.root / "manifest.json", fix), path, fix)
+        records = parse_jsonl(self._read_checked(path, entry["sha256"], commit, fix), path, fix)
+        for rel, sha in entry.get("images", {}).items():
+            self._read_checked(self.root / rel, sha, commit, "pass --redo images to recompute the images")
+        return records
 
     def write_final(self, name: str, records: list[dict], extra: dict | None = None) -> Path:
         """A top-level output such as pairs.jsonl, then its manifest entry (the commit) with image checksums."""

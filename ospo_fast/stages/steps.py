@@ -141,13 +141,35 @@ def _union_masks(ctx: StageContext, maps: torch.Tensor, counts: list[int]) -> np
     return result.union.cpu().numpy()
 
 
+def fit_context(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
+    """(records whose every prompt -- dense base, dense perturbed, base for the mask pass -- leaves room for the
+    image tokens within the model's max_position_embeddings, rejects "prompt_too_long" naming the record)."""
+    from ospo_fast.engine.prompts import prompt_token_ids
+
+    bundle = ctx.bundle
+    limit = bundle.model.config.text_config.max_position_embeddings
+    fits, rejects = [], []
+    for record in records:
+        prompts = {record["dense_base"], record["dense_prompt"], record["base_prompt"]}
+        need = max(len(prompt_token_ids(bundle.processor, p)) for p in prompts) + bundle.num_image_tokens
+        if need > limit:
+            rejects.append({"id": record["id"], "stage": "images", "reason": "prompt_too_long",
+                            "detail": f"{need} positions (prompt + {bundle.num_image_tokens} image tokens) > "
+                                      f"max_position_embeddings {limit}"})
+        else:
+            fits.append(record)
+    return fits, rejects
+
+
 def images_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
-    """Both images of every pair in one batch (chosen rows then rejected rows), then their object masks."""
+    """Both images of every pair in one batch (chosen rows then rejected rows), then their object masks. Pairs
+    whose prompts do not fit the model's positions are rejected (``fit_context``), not generated."""
     from ospo_fast.engine.image_gen import generate_images
     from ospo_fast.ops.object_masks import select_layers
 
     cfg, mcfg = ctx.config.images, ctx.config.masks
     bundle = ctx.bundle
+    records, rejects = fit_context(ctx, records)
     layers = select_layers(bundle.num_layers, mcfg.skip_layers)
     out: list[dict] = []
     for start in range(0, len(records), max(1, cfg.batch_size // 2)):
@@ -178,7 +200,7 @@ def images_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
                 "mask": unions[i].reshape(-1).astype(int).tolist()}, rejected={
                 "image": result.pixels[j].cpu().numpy(), "tokens": tokens[j],
                 "mask": unions[j].reshape(-1).astype(int).tolist()}))
-    return out, []
+    return out, rejects
 
 
 # ---------------------------------------------------------------- stage 4
