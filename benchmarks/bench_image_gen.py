@@ -4,11 +4,15 @@ Cases (same prompts, same model, same run):
 1. reference loop: in the style of the Janus reference script: interleaved cond/uncond rows, a growing
    DynamicCache, one language-model forward per token, ``torch.multinomial`` (the baseline);
 2. transformers ``generate(generation_mode="image")`` + VQ decode;
-3. ``ospo_fast.engine.generate_images`` (static cache; CUDA graphs on CUDA) + VQ decode;
-4. the engine with in-flight object-attention capture (mask capture overhead).
-Images/s, peak memory and ratios. CPU default: ``builtin:tiny`` (8x8 grid), 4 prompts (``--threads 1`` gives
-stable figures on a shared machine). On a GPU:
-``--model janus-pro-1b-shape --device cuda --prompts 16 --dtype bfloat16``.
+3. ``ospo_fast.engine.generate_images`` eager (``images.compile=false``) + VQ decode;
+4. the engine with its decode step compiled (``images.compile=true``: inductor on CPU, CUDA graphs on CUDA);
+5. the eager engine with in-flight object-attention capture (mask capture overhead).
+Images/s, ms per decode step, peak memory and ratios; compile time is excluded (warm-up).
+Then a synthesis study: ``--synthesis-prompts`` (64) prompts of mixed lengths, ``--synthesis-batch`` (16) per
+batch with a ragged last batch, both mask contexts, compiled: how many graphs ``torch._dynamo`` compiled
+(``counters["stats"]["unique_graphs"]``; the engine promises one per context) and the graph breaks (none).
+CPU default: ``builtin:tiny`` (8x8 grid), 4 prompts (``--threads 1`` gives stable figures on a shared machine).
+On a GPU: ``--model janus-pro-1b-shape --device cuda --prompts 16 --dtype bfloat16``.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import Measurement, measure, report  # noqa: E402
+from benchmarks.harness import Measurement, append_rows, measure, report  # noqa: E402
 from ospo_fast.config import ImageConfig  # noqa: E402
 from ospo_fast.engine.image_gen import (  # noqa: E402
     generate_images,
@@ -36,15 +41,36 @@ COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink"]
 THINGS = ["car", "bench", "dog", "cat", "apple", "chair", "table", "book", "lamp", "tree", "boat", "clock"]
 
 
-def make_prompts(n: int) -> tuple[list[str], list[list[str]]]:
-    """n prompts of mixed lengths (1-3 objects) and their object words."""
+def make_prompts(n: int, max_objects: int = 3) -> tuple[list[str], list[list[str]]]:
+    """n prompts of mixed lengths (1..max_objects distinct objects) and their object words."""
     prompts, objects = [], []
     for i in range(n):
-        words = [THINGS[(i + 5 * j) % len(THINGS)] for j in range(1 + i % 3)]
+        words = [THINGS[(i + j) % len(THINGS)] for j in range(1 + i % max_objects)]
         parts = [f"a {COLORS[(i + j) % len(COLORS)]} {w}" for j, w in enumerate(words)]
         prompts.append(" and ".join(parts) + (" on a table" if i % 2 else ""))
         objects.append(words)
     return prompts, objects
+
+
+def synthesis_graphs(bundle, n: int, batch_size: int) -> list[dict]:
+    """Compiled synthesis of n mixed-length prompts in both mask contexts: graphs compiled, breaks, seconds."""
+    from torch._dynamo.utils import counters
+
+    prompts, objects = make_prompts(n, max_objects=6)
+    lengths = [len(bundle.tokenizer(p)["input_ids"]) for p in prompts]
+    config = ImageConfig(compile=True, batch_size=batch_size)
+    rows = []
+    for context, objs in (("no masks", None), ("in-flight masks", objects)):
+        torch._dynamo.reset()
+        counters.clear()
+        start = time.perf_counter()
+        generate_images(bundle, prompts, list(range(n)), config, objects=objs)
+        rows.append({"case": f"{n}-prompt synthesis, {context}", "prompts": n, "batch_size": batch_size,
+                     "batches": -(-n // batch_size), "prompt_tokens": f"{min(lengths)}-{max(lengths)}",
+                     "graphs": counters["stats"]["unique_graphs"],
+                     "graph_breaks": sum(counters["graph_break"].values()),
+                     "seconds_with_compile": round(time.perf_counter() - start, 2)})
+    return rows
 
 
 def _to_uint8(bundle, decoded: torch.Tensor) -> torch.Tensor:
@@ -113,7 +139,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--no-compile", action="store_true", help="CUDA: run the engine without CUDA graphs")
+    parser.add_argument("--synthesis-prompts", type=int, default=64, help="prompts of the graph study (0: skip)")
+    parser.add_argument("--synthesis-batch", type=int, default=16)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,27 +149,36 @@ def main() -> None:
     bundle = load_janus(path, dtype=args.dtype, device=args.device)
     prompts, objects = make_prompts(args.prompts)
     seeds = list(range(len(prompts)))
-    config = ImageConfig(compile=not args.no_compile, batch_size=len(prompts))
-    n = len(prompts)
+    eager = ImageConfig(compile=False, batch_size=len(prompts))
+    compiled = ImageConfig(compile=True, batch_size=len(prompts))
+    n, steps = len(prompts), bundle.num_image_tokens
     cases = [
-        ("reference loop (DynamicCache)", lambda: reference_loop(bundle, prompts, config)),
-        ("transformers generate", lambda: transformers_generate(bundle, prompts, config)),
-        ("engine generate_images", lambda: generate_images(bundle, prompts, seeds, config)),
-        ("engine + in-flight masks", lambda: generate_images(bundle, prompts, seeds, config, objects=objects)),
+        ("reference loop (DynamicCache)", lambda: reference_loop(bundle, prompts, eager)),
+        ("transformers generate", lambda: transformers_generate(bundle, prompts, eager)),
+        ("engine eager", lambda: generate_images(bundle, prompts, seeds, eager)),
+        ("engine compiled", lambda: generate_images(bundle, prompts, seeds, compiled)),
+        ("engine eager + in-flight masks", lambda: generate_images(bundle, prompts, seeds, eager, objects=objects)),
     ]
     results = interleaved(cases, device, args.repeats)
     for m in results:
         m.extra["images_per_s"] = n / m.median_s
+        m.extra["ms_per_step"] = 1e3 * m.median_s / steps  # prefill and VQ decode included
     report("image_gen", results, baseline="reference loop (DynamicCache)", device=device,
-           config={"model": path, "dtype": args.dtype, "prompts": n, "tokens": bundle.num_image_tokens,
-                   "compile": config.compile and device.type == "cuda"})
+           config={"model": path, "dtype": args.dtype, "prompts": n, "tokens": steps})
     by = {r.name: r for r in results}
     for r in results:
-        print(f"   {r.name:<34}{r.extra['images_per_s']:>10.3f} images/s")
-    engine, hf = by["engine generate_images"], by["transformers generate"]
-    print(f"   engine vs transformers generate: {hf.median_s / engine.median_s:.2f}x faster")
-    overhead = by["engine + in-flight masks"].median_s / engine.median_s - 1
-    print(f"   in-flight mask capture overhead: {100 * overhead:+.1f}%")
+        print(f"   {r.name:<34}{r.extra['images_per_s']:>10.3f} images/s{r.extra['ms_per_step']:>10.2f} ms/step")
+    engine, hf = by["engine eager"], by["transformers generate"]
+    print(f"   engine (eager) vs transformers generate: {hf.median_s / engine.median_s:.2f}x faster")
+    print(f"   compiled vs eager decode: {engine.median_s / by['engine compiled'].median_s:.2f}x faster")
+    overhead = by["engine eager + in-flight masks"].median_s / engine.median_s - 1
+    print(f"   in-flight mask capture overhead (eager): {100 * overhead:+.1f}%")
+    if args.synthesis_prompts:
+        rows = synthesis_graphs(bundle, args.synthesis_prompts, args.synthesis_batch)
+        table = "\n".join(f"   {r['case']:<36} prompt tokens {r['prompt_tokens']:>7}, {r['batches']} batches: "
+                          f"{r['graphs']} graph(s), {r['graph_breaks']} breaks, {r['seconds_with_compile']} s"
+                          for r in rows)
+        append_rows("image_gen_graphs", rows, table, device=device, config={"model": path, "dtype": args.dtype})
 
 
 if __name__ == "__main__":
