@@ -168,6 +168,23 @@ def test_decode_step_is_one_graph_without_breaks_and_moves_no_python_state(bundl
     assert int(decoder.index) == 1  # the counter advanced on the device, inside the step
 
 
+def test_a_new_decoder_of_the_same_shape_reuses_the_graph(bundle):
+    """Decoders evicted from the pool and built again (new tensors, new cache) hit the same graph: the graph
+    count is bounded by the shapes, not by the batches or calls (dynamo only, backend "eager": no inductor)."""
+    from torch._dynamo.utils import counters
+
+    from ospo_fast.engine.image_gen import _decode_step
+
+    step = torch.compile(_decode_step, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        decoder = _no_capture_decoder(bundle, rows=2)
+        step(decoder)
+        step(decoder)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
 @pytest.mark.slow  # one inductor compile of the capturing step: about 60 s on 2 idle cores, 3 min on loaded ones
 def test_compiled_synthesis_equals_eager_in_one_graph(bundle):
     """compile=True on the CPU (inductor): mixed prompt lengths, a ragged last batch, in-flight object maps;
