@@ -43,7 +43,9 @@ QUESTIONS_PER_IMAGE = 4  # expected atomic questions per base prompt (questions.
 @dataclass(frozen=True)
 class Device:
     """One accelerator: memory (bytes), memory bandwidth (bytes/s), dense bf16 matmul peak (FLOP/s), the fractions
-    of them that kernels reach (``*_efficiency``), and a fixed overhead per decode step (s; 0 with CUDA graphs)."""
+    of them that kernels reach (``*_efficiency``; ``conv_efficiency`` for the VQ decoder's convolutions), and the
+    host cost of launching one op (s; ``op_overhead`` x ``HostOps`` is added to every piece; 0 on GPUs, where CUDA
+    graphs replay the decode step and the host runs ahead of the device elsewhere)."""
 
     name: str
     memory: float
@@ -52,7 +54,8 @@ class Device:
     source: str
     bandwidth_efficiency: float = 0.8
     matmul_efficiency: float = 0.5
-    step_overhead: float = 0.0
+    conv_efficiency: float = 0.5
+    op_overhead: float = 0.0
 
 
 # NVIDIA datasheets, SXM parts, dense (no sparsity) bf16 tensor-core peak:
@@ -100,6 +103,7 @@ class ModelShape:
     params: dict = field(hash=False)
     vq_top_channels: int = 128  # VQ decoder channels at full resolution (base channels x first multiplier)
     vq_decode_flops: float = 0.0  # one image (B=1), counted on the meta device
+    vq_decode_bytes: float = 0.0  # bytes its ops read and write (float32), counted on the meta device
     vision_flops: float = 0.0  # SigLIP tower + aligner for one image
 
     @property
@@ -153,6 +157,25 @@ def part_params(model) -> dict[str, int]:
     return parts
 
 
+def _meta_traffic(fn) -> float:
+    """Bytes every op inside ``fn`` reads and writes (its tensor inputs + outputs), run on meta tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Traffic(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            Traffic.total += sum(t.numel() * t.element_size() for t in tensors)
+            return out
+
+    with Traffic(), torch.no_grad():
+        fn()
+    return float(Traffic.total)
+
+
 def _meta_flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -166,10 +189,11 @@ def model_shape(config, count_flops: bool = True) -> ModelShape:
     VQ decode and vision encoding counted there too (``count_flops=False`` skips them: 0)."""
     text, vision = config.text_config, config.vision_config
     model = meta_model(config)
-    vq_flops = vision_flops = 0.0
+    vq_flops = vision_flops = vq_bytes = 0.0
     if count_flops:
         n, size = vision.num_image_tokens, vision.image_size
-        vq_flops = _meta_flops(lambda: model.decode_image_tokens(torch.zeros(1, n, dtype=torch.long, device="meta")))
+        decode = lambda: model.decode_image_tokens(torch.zeros(1, n, dtype=torch.long, device="meta"))
+        vq_flops, vq_bytes = _meta_flops(decode), _meta_traffic(decode)
         vision_flops = _meta_flops(lambda: model.model.get_image_features(
             torch.zeros(1, 3, size, size, device="meta")))
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -181,7 +205,7 @@ def model_shape(config, count_flops: bool = True) -> ModelShape:
         vision_intermediate=vision.intermediate_size, vision_layers=vision.num_hidden_layers,
         vision_heads=vision.num_attention_heads, params=part_params(model),
         vq_top_channels=config.vq_config.base_channels * config.vq_config.channel_multiplier[0],
-        vq_decode_flops=vq_flops,
+        vq_decode_flops=vq_flops, vq_decode_bytes=vq_bytes,
         vision_flops=vision_flops)
 
 
@@ -441,15 +465,86 @@ def forward_flops(shape: ModelShape, rows: int, tokens: int, context: int | None
 def decode_time(steps: int, step_params: int, rows: int, start_context: int, shape: ModelShape, device: Device,
                 dtype_bytes: int) -> tuple[float, float, float]:
     """Seconds, FLOPs and bytes of ``steps`` decode steps (context grows from ``start_context``; the mean context
-    is used): per step max(bytes / (bandwidth x eff), FLOPs / (peak x eff)) + the device's step overhead."""
+    is used): per step max(bytes / (bandwidth x eff), FLOPs / (peak x eff)) (roofline)."""
     flops, bytes_ = decode_step_cost(step_params, rows, start_context + steps / 2, shape, dtype_bytes)
     per_step = max(bytes_ / (device.bandwidth * device.bandwidth_efficiency),
-                   flops / (device.peak_flops * device.matmul_efficiency)) + device.step_overhead
+                   flops / (device.peak_flops * device.matmul_efficiency))
     return per_step * steps, flops * steps, bytes_ * steps
 
 
 def compute_time(flops: float, device: Device) -> float:
     return flops / (device.peak_flops * device.matmul_efficiency)
+
+
+@dataclass(frozen=True)
+class HostOps:
+    """Op launches (aten ops) of each piece, counted by running it once (benchmarks/bench_calibrate.py); they
+    matter where each op costs host time (``Device.op_overhead``, the CPU), not on GPUs. prefill, step, mask_pass,
+    vq_decode: per image batch; vqa: per Self-VQA batch; train: per micro-batch (forward + backward)."""
+
+    prefill: int = 0
+    step: int = 0
+    mask_pass: int = 0
+    vq_decode: int = 0
+    vqa: int = 0
+    train: int = 0
+
+
+NO_OPS = HostOps()
+
+
+def image_batch_seconds(shape: ModelShape, images: int, device: Device, dtype: str = "bfloat16",
+                        prompt_len: int = IMAGE_PROMPT_TOKENS, mask_pass: bool = True,
+                        ops: HostOps = NO_OPS) -> dict[str, float]:
+    """Seconds of one stage-3 batch of ``images`` images, per piece: prefill of 2R rows (FLOPs), N - 1 decode steps
+    (roofline), the base-context mask pass (R rows x (base prompt + N), FLOPs; ``mask_pass=False``: 0), the VQ
+    decode of R images (its convolution FLOPs at the convolution rate + the bytes its ops move at the bandwidth:
+    GroupNorm, SiLU and additions on full-resolution maps are memory bound; both counted on the meta device,
+    bytes scaled from float32 to ``dtype``); each + its op launches x ``device.op_overhead``."""
+    b, n, o = DTYPE_BYTES[dtype], shape.image_tokens, device.op_overhead
+    head = 2 * shape.params["generation_head"]  # the generation head at the last position, per row
+    decode, _, _ = decode_time(n - 1, shape.image_step_params, 2 * images, prompt_len, shape, device, b)
+    return {
+        "prefill": compute_time(forward_flops(shape, 2 * images, prompt_len) + 2 * images * head, device)
+        + ops.prefill * o,
+        "decode": decode + (n - 1) * ops.step * o,
+        "mask_pass": (compute_time(forward_flops(shape, images, BASE_PROMPT_TOKENS + n), device) + ops.mask_pass * o)
+        if mask_pass else 0.0,
+        "vq_decode": images * (shape.vq_decode_flops / (device.peak_flops * device.conv_efficiency)
+                               + shape.vq_decode_bytes * b / 4 / (device.bandwidth * device.bandwidth_efficiency))
+        + ops.vq_decode * o,
+    }
+
+
+def vqa_batch_seconds(shape: ModelShape, images: int, questions: int, device: Device,
+                      ops: HostOps = NO_OPS, suffix_tokens: int = 16) -> float:
+    """Seconds of one Self-VQA batch (``engine.vqa``): SigLIP + aligner per image, the (system + image) prefix
+    prefill once per image, ``questions`` suffixes of ``suffix_tokens`` per image against that prefix, the
+    language-model head at one position per question (FLOPs), + op launches."""
+    prefix = shape.image_tokens + VQA_TEXT_TOKENS
+    head = 2 * questions * shape.params["lm_head"]
+    flops = images * (shape.vision_flops + forward_flops(shape, 1, prefix)
+                      + forward_flops(shape, questions, suffix_tokens, prefix) + head)
+    return compute_time(flops, device) + ops.vqa * device.op_overhead
+
+
+def train_flops_per_pair(shape: ModelShape, lora: bool = True, checkpointing: bool = True,
+                         prompt_len: int = BASE_PROMPT_TOKENS) -> float:
+    """FLOPs of one training pair (2 sequences of prompt + N tokens): per token LoRA 6 x params (forward, the
+    recompute under checkpointing, input gradients; adapter weight gradients are negligible), full fine-tuning
+    8 x params (+ weight gradients); 2 x params less without checkpointing; + the generation head (x3: forward,
+    input and weight gradients of the fused loss)."""
+    mult = (6 if lora else 8) - (0 if checkpointing else 2)
+    tokens = prompt_len + shape.image_tokens
+    seq = mult / 2 * forward_flops(shape, 1, tokens) + 3 * 2 * shape.image_tokens * shape.params["generation_head"]
+    return 2 * seq
+
+
+def train_step_seconds(shape: ModelShape, pairs: int, device: Device, lora: bool = True, checkpointing: bool = True,
+                       ops: HostOps = NO_OPS, prompt_len: int = BASE_PROMPT_TOKENS) -> float:
+    """Seconds of one micro-batch of ``pairs`` pairs (FLOPs / (peak x eff) + op launches)."""
+    return (compute_time(pairs * train_flops_per_pair(shape, lora, checkpointing, prompt_len), device)
+            + ops.train * device.op_overhead)
 
 
 @dataclass
@@ -491,11 +586,11 @@ def images_stage(config, shape: ModelShape, device: Device, devices: int, batch:
     images = config.prompts.num_prompts * config.perturb.num_perturbations * 2
     batches = math.ceil(images / devices / batch)
     prefill = forward_flops(shape, 2 * batch, IMAGE_PROMPT_TOKENS)
-    seconds, flops, bytes_ = decode_time(n - 1, shape.image_step_params, 2 * batch, IMAGE_PROMPT_TOKENS, shape,
-                                         device, b)
+    _, flops, bytes_ = decode_time(n - 1, shape.image_step_params, 2 * batch, IMAGE_PROMPT_TOKENS, shape, device, b)
     mask = forward_flops(shape, batch, BASE_PROMPT_TOKENS + n) if config.masks.context == "base" else 0.0
     vq = batch * shape.vq_decode_flops
-    per_batch = seconds + compute_time(prefill + mask + vq, device)
+    per_batch = sum(image_batch_seconds(shape, batch, device, config.model.dtype,
+                                        mask_pass=config.masks.context == "base").values())
     memory = images_memory(shape, batch, **_stage_kwargs(config, "images"))
     return StagePlan("images", images, float(images * 2 * (IMAGE_PROMPT_TOKENS + n)),
                      (flops + prefill + mask + vq) * batches * devices, bytes_ * batches * devices, batch,
@@ -507,25 +602,21 @@ def vqa_stage(config, shape: ModelShape, device: Device, devices: int, batch: in
     images = config.prompts.num_prompts * config.perturb.num_perturbations * 2
     k = min(QUESTIONS_PER_IMAGE, config.questions.max_questions)
     prefix = shape.image_tokens + VQA_TEXT_TOKENS
-    per_image = shape.vision_flops + forward_flops(shape, 1, prefix) + forward_flops(shape, k, 16, prefix) + (
-        2 * k * shape.params["lm_head"])
     memory = vqa_memory(shape, batch, **_stage_kwargs(config, "vqa"))
-    flops = per_image * images
+    seconds = vqa_batch_seconds(shape, 1, k, device)  # FLOPs are linear in the images of a batch
+    flops = seconds * device.peak_flops * device.matmul_efficiency * images
     return StagePlan("vqa", images, float(images * (prefix + 16 * k)), flops, 0.0, batch, memory.total,
-                     compute_time(flops / devices, device), f"{k} questions per image")
+                     seconds * math.ceil(images / devices), f"{k} questions per image (memory: "
+                     f"{config.questions.max_questions})")
 
 
 def train_stage(config, shape: ModelShape, device: Device, devices: int, batch: int) -> StagePlan:
-    """Stage 5: max_steps x per_device_batch x grad_accum pairs per device, 2 sequences each; FLOPs per token:
-    LoRA 6 x params (forward, recompute under checkpointing, input gradients; adapter weight gradients are
-    negligible), full fine-tuning 8 x params (+ weight gradients); 6 -> 4 and 8 -> 6 without checkpointing."""
+    """Stage 5: max_steps x per_device_batch x grad_accum pairs per device (``train_flops_per_pair``); every
+    device runs its own micro-batches (DDP), so the hours do not shrink with more devices."""
     tc = config.train
     tokens_per_seq = BASE_PROMPT_TOKENS + shape.image_tokens
     pairs_per_device = tc.max_steps * tc.per_device_batch * tc.grad_accum
-    mult = (6 if tc.lora else 8) - (0 if tc.gradient_checkpointing else 2)
-    seq_flops = mult / 2 * forward_flops(shape, 1, tokens_per_seq) + 3 * 2 * shape.image_tokens * (
-        shape.params["generation_head"])
-    flops_device = pairs_per_device * 2 * seq_flops
+    flops_device = pairs_per_device * train_flops_per_pair(shape, tc.lora, tc.gradient_checkpointing)
     memory = train_memory(shape, batch, **_stage_kwargs(config, "train"))
     return StagePlan("train", tc.max_steps, float(pairs_per_device * devices * 2 * tokens_per_seq),
                      flops_device * devices, 0.0, batch, memory.total, compute_time(flops_device, device),

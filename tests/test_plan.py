@@ -71,7 +71,7 @@ def test_kv_term_equals_the_engines_static_cache(tiny_bundle):
 
 def test_decode_time_is_the_roofline_of_hand_numbers(tiny_shape):
     device = plan.Device("test", memory=1e9, bandwidth=1e9, peak_flops=1e12, source="test",
-                         bandwidth_efficiency=1.0, matmul_efficiency=1.0, step_overhead=0.0)
+                         bandwidth_efficiency=1.0, matmul_efficiency=1.0)
     params = tiny_shape.image_step_params
     flops, bytes_ = plan.decode_step_cost(params, rows=4, context=100, shape=tiny_shape, dtype_bytes=4)
     assert flops == 2 * params * 4 + 4 * 4 * 100 * 12 * 4 * 32
