@@ -255,7 +255,7 @@ class TrainConfig:
     grad_accum: int = setting(2, COUNT)
     max_steps: int = setting(600, COUNT)
     epochs: int = setting(0, at_least(0))  # 0: run max_steps; >0: run this many passes (max_steps then caps it)
-    bf16: bool = setting(True)  # autocast on CUDA only
+    bf16: bool = setting(True)  # bf16 autocast on the training device (CUDA or CPU)
     gradient_checkpointing: bool = setting(True)
     save_every: int = setting(100, COUNT)
     log_every: int = setting(1, COUNT)
