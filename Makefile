@@ -8,10 +8,15 @@ STAMP := $(VENV)/.ospo_fast_installed
 
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/cuda/*.cu)
 	test -x $(PY) || python3 -m venv $(VENV)
+	@echo "== installing requirements.txt into $(VENV) (about a minute)"
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	# --no-build-isolation: build the C++ extension against the torch just installed (no second torch)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@echo "== compiling the C++ extension ospo_fast._C from csrc/ (minutes on 2 cores; each g++ line as it starts)"
+	# setup.py directly, not through pip (pip shows a build's output only with -v), against the torch just
+	# installed; --force: a new torch needs a new build. Then the package itself, editable, without a second build.
+	$(PY) setup.py build_ext --inplace --force
+	@echo "== installing ospo_fast (editable)"
+	OSPO_FAST_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -12,6 +12,7 @@ installed (an isolated build would download a second torch).
 import glob
 import os
 import shutil
+import time
 
 from setuptools import find_packages, setup
 
@@ -24,7 +25,7 @@ def _extensions() -> tuple[list, dict]:
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/*.cpp"))
-    extra = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
+    extra = {"cxx": ["-O3", "-fopenmp", "-std=c++20"]}  # torch 2.13 headers are C++20 (c++17 warns)
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     has_nvcc = cpp_extension.CUDA_HOME is not None and shutil.which("nvcc") is not None
     if cuda_sources and torch.version.cuda is not None and has_nvcc:
@@ -37,7 +38,23 @@ def _extensions() -> tuple[list, dict]:
         ext = cpp_extension.CppExtension(
             "ospo_fast._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": _announced(cpp_extension.BuildExtension).with_options(use_ninja=False)}
+
+
+def _announced(build_ext: type) -> type:
+    """``build_ext`` that says which sources it compiles before it starts (compiling takes minutes on 2 cores and
+    pip shows nothing meanwhile unless -v) and how long it took."""
+
+    class AnnouncedBuildExtension(build_ext):
+        def build_extension(self, ext):
+            names = ", ".join(os.path.basename(s) for s in ext.sources)
+            print(f"ospo_fast: compiling {ext.name} from {len(ext.sources)} sources ({names}); about 40 s a file "
+                  "on 2 cores", flush=True)
+            start = time.perf_counter()
+            super().build_extension(ext)
+            print(f"ospo_fast: built {ext.name} in {time.perf_counter() - start:.0f} s", flush=True)
+
+    return AnnouncedBuildExtension
 
 
 ext_modules, cmdclass = _extensions()
