@@ -2,6 +2,7 @@
 StaticCache, parameter counts against a real model, hand-checked numbers, ``images.batch_size=auto`` end to end
 through the config and the pipeline, and ``ospo-fast plan``."""
 
+import dataclasses
 import re
 
 import pytest
@@ -164,3 +165,28 @@ def test_cli_eval_gen_runs_with_auto_batches(tmp_path, capsys):
                  "--samples", "1", "--preset", "tiny", "images.batch_size=auto", "model.device=cpu"]) == 0
     assert "images.batch_size=auto ->" in capsys.readouterr().out
     assert len(list(out.rglob("*.png"))) == 1
+
+
+def test_narrow_model_has_the_host_ops_of_the_full_width_one():
+    """bench_fullsize counts host ops on a 64-wide model of the same structure: one decode step, the VQ decode and
+    the prefill dispatch exactly as many aten ops as on the real width (here tiny-24, widths 128)."""
+    from benchmarks.bench_calibrate import image_host_ops
+    from benchmarks.bench_fullsize import build_bundle, narrow_sizes
+    from ospo_fast.models.factory import sizes_for
+
+    sizes = dataclasses.replace(sizes_for("tiny", 8), layers=3, vq_base_channels=64, vq_latent_channels=64)
+    config = ImageConfig(batch_size=2, compile=False)
+    counts = [image_host_ops(build_bundle(s, torch.float32), ["a red cube", "a cat"], [0, 1], config)[0]
+              for s in (sizes, narrow_sizes(sizes))]
+    assert counts[0] == counts[1] and counts[0].step > 0
+    assert narrow_sizes(sizes).hidden == 64 and narrow_sizes(sizes).layers == sizes.layers
+
+
+def test_fullsize_memory_plan_prints_every_stage():
+    from benchmarks.bench_fullsize import memory_plan
+
+    text = memory_plan("tiny", 8, "float32")
+    shape = plan.model_shape(plan.kind_config("tiny", 8))
+    assert f"({shape.params['total']:,})" in text
+    for name in ("stage 3 images", "stage 4 Self-VQA", "LoRA training (ckpt)", "h100: images"):
+        assert name in text
