@@ -22,7 +22,7 @@ from ospo_fast.stages import prompts as S1
 from ospo_fast.stages import steps
 from ospo_fast.stages.context import StageContext
 from ospo_fast.stages.select import best_vs_worst, select_best
-from ospo_fast.store import check_fingerprint, config_fingerprint, file_identity
+from ospo_fast.store import StoreError, check_fingerprint, config_fingerprint, file_identity
 
 STAGES = ("prompts", "perturb", "densify", "images", "questions", "vqa", "select")
 
@@ -76,7 +76,7 @@ class Pipeline:
         self.ctx = StageContext(config, device=str(self.dist.device))
         self.progress = progress and self.dist.rank == 0
         if redo is not None and redo not in STAGES:
-            raise ValueError(f"redo={redo!r} is not a stage; stages: {list(STAGES)}")
+            raise StoreError(f"--redo {redo!r} is not a stage; give one of {list(STAGES)}")
         self.fingerprints = stage_fingerprints(config)
         if self.dist.rank == 0:
             if redo == STAGES[0]:

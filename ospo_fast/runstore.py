@@ -88,7 +88,7 @@ class RunStore:
         worlds = {p.name.split("-of-")[1] for p in (self.root / stage).glob("rank*-of-*")}
         other = sorted(worlds - {f"{self.world:03d}"})
         if other:
-            raise ValueError(f"stage {stage!r} in {self.root} was started with {int(other[0])} process(es), this run "
+            raise StoreError(f"stage {stage!r} in {self.root} was started with {int(other[0])} process(es), this run "
                              f"has {self.world}; resume with the same number of processes or pass --redo {stage}")
 
     def _marker(self, stage: str, index: int) -> Path:

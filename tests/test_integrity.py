@@ -183,6 +183,19 @@ def test_cli_prints_one_line_for_a_damaged_run(reference, tmp_path, capsys):
     assert "images/records.jsonl does not match its sha256" in err and "--redo images" in err
 
 
+def test_cli_prints_one_line_for_a_wrong_redo_or_process_count(tmp_path, capsys):
+    from ospo_fast.cli import main
+
+    with pytest.raises(StoreError, match=r"^--redo 'imagez' is not a stage; give one of \['prompts', "):
+        _pipeline(tmp_path, redo="imagez")
+    runstore.RunStore(tmp_path, rank=0, world=2).write_chunk("perturb", 0, [{"id": "a"}], [])
+    assert main(["synth", "--preset", "tiny", "--out", str(tmp_path), *OVERRIDES]) == 2
+    err = capsys.readouterr().err  # after the prompts stage's progress bar
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("ospo-fast: error: stage 'perturb'")
+    assert "was started with 2 process(es)" in errors[0] and "--redo perturb" in errors[0]
+
+
 def test_read_jsonl_treats_a_torn_or_damaged_line_as_an_error(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2}\n')
