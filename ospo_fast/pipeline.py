@@ -5,6 +5,11 @@ id-sorted input), in fixed chunks; a finished chunk is a file, so a re-run skips
 rank 0 merges the chunks (sorted by id) and the others wait at a barrier. With ``torchrun --nproc_per_node=N`` the
 process group comes from the environment (``ospo_fast.distributed``: nccl only when every rank has a CUDA device of
 its own, else gloo); alone, world = 1 and nothing is initialised.
+
+Resume is checked, never assumed: each stage's fingerprint (``stage_fingerprints``: its settings, the model's
+identity, the prompt file's checksum) is recorded before its first chunk, and a later run with other settings stops
+before it writes anything, naming the keys that differ and the ``--redo`` that recomputes the stage. What a stage
+reads back is checked against the checksums it was committed with (``ospo_fast.runstore``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Callable
 
 from ospo_fast.config import OSPOConfig, save_config
 from ospo_fast.distributed import Dist, init_distributed
+from ospo_fast.overlap import BackgroundWriter
 from ospo_fast.plan import resolve_auto_batches
 from ospo_fast.runstore import RunStore
 from ospo_fast.stages import prompts as S1
@@ -75,6 +81,7 @@ class Pipeline:
         self.store = RunStore(out_dir, self.dist.rank, self.dist.world)
         self.ctx = StageContext(config, device=str(self.dist.device))
         self.progress = progress and self.dist.rank == 0
+        self.overlap_writes = True  # False: write each chunk in series (benchmarks/bench_pipeline compares)
         if redo is not None and redo not in STAGES:
             raise StoreError(f"--redo {redo!r} is not a stage; give one of {list(STAGES)}")
         self.fingerprints = stage_fingerprints(config)
@@ -111,10 +118,12 @@ class Pipeline:
         start = time.perf_counter()
         mine = items[self.dist.rank::self.dist.world]
         chunks = [mine[i:i + chunk_size] for i in range(0, len(mine), chunk_size)]
-        for index, chunk in enumerate(self._bar(chunks, stage)):
-            if not self.store.chunk_done(stage, index):
-                records, rejects = fn(chunk)
-                self.store.write_chunk(stage, index, records, rejects)
+        # a chunk's PNGs and files are written on a worker thread while the next chunk computes (ospo_fast.overlap)
+        with BackgroundWriter(self.store.write_chunk, enabled=self.overlap_writes) as writer:
+            for index, chunk in enumerate(self._bar(chunks, stage)):
+                if not self.store.chunk_done(stage, index):
+                    records, rejects = fn(chunk)
+                    writer.submit(stage, index, records, rejects)
         self.dist.barrier()
         if self.dist.rank == 0:
             self.store.merge(stage, seconds=time.perf_counter() - start)
@@ -191,7 +200,9 @@ class Pipeline:
         return self._select(scored)
 
     def _select(self, scored: list[dict]) -> list[dict]:
+        written = False
         if self.dist.rank == 0 and not self.store.final_done("pairs.jsonl"):
+            written = True
             self._start_stage("select")
             start = time.perf_counter()
             by_prompt: dict[str, list[dict]] = defaultdict(list)
@@ -211,7 +222,7 @@ class Pipeline:
             self.store.merge("select", seconds=time.perf_counter() - start)
             self.store.write_final("pairs.jsonl", pairs)  # its manifest entry commits the selection
         self.dist.barrier()
-        return self.store.read_final("pairs.jsonl")
+        return self.store.read_final("pairs.jsonl", images=not written)  # a resume checks every PNG of the pairs
 
 
 def _dedup_merged(stage: str, merged: list[dict], rejects: list[dict], limit: int) -> tuple[list[dict], list[dict]]:

@@ -247,15 +247,16 @@ class RunStore:
         manifest["outputs"].pop(name, None)
         atomic_write_json(self.root / "manifest.json", manifest)
 
-    def read_final(self, name: str, fix: str = "pass --redo select to rewrite it") -> list[dict]:
-        """The records of a committed top-level output, checked with the images it names against the manifest."""
+    def read_final(self, name: str, fix: str = "pass --redo select to rewrite it", images: bool = True) -> list[dict]:
+        """The records of a committed top-level output, checked against the manifest, with the images it names
+        (``images=False``: not those, e.g. right after this process wrote them)."""
         entry = self.manifest()["outputs"].get(name)
         commit = self.root / "manifest.json"
         if entry is None:
             raise StoreError(f"{self.root / name} was not committed (no entry in {commit}); {fix}")
         path = self.root / name
         records = parse_jsonl(self._read_checked(path, entry["sha256"], commit, fix), path, fix)
-        for rel, sha in entry.get("images", {}).items():
+        for rel, sha in entry.get("images", {}).items() if images else ():
             self._read_checked(self.root / rel, sha, commit, "pass --redo images to recompute the images")
         return records
 
