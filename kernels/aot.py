@@ -73,7 +73,14 @@ def _object_masks_launches() -> list[Launch]:
     # the launcher hands the kernel float32 maps (bf16 maps are cast first) or float64 maps as they are
     return [Launch(k.__name__, "_object_masks_otsu_kernel", f"{str(dtype).removeprefix('torch.')} P={P_JANUS}", dict(
         x_ptr=dtype, norm_ptr=torch.float32, thr_ptr=torch.float32, mask_ptr=torch.int8, P=P_JANUS,
-        otsu_scale=0.8), dict(NBINS=k.NBINS)) for dtype in (torch.float32, torch.float64)]
+        otsu_scale=0.8), dict(NBINS=k.NBINS)) for dtype in (torch.float32, torch.float64)] + [
+        # the fused op (issue 19a): the capture's float32 sums, 4 objects x 4 sub-tokens (the engine's buckets),
+        # 16 heads (Janus-Pro-1B), a 5x5 Gaussian
+        Launch(k.__name__, "_object_masks_from_scores_kernel", f"float32 P={P_JANUS} O=4 S=4", dict(
+            sums_ptr=torch.float32, counts_ptr=torch.float32, tvalid_ptr=torch.int8, ovalid_ptr=torch.int8,
+            taps_ptr=torch.float64, norm_ptr=torch.float32, thr_ptr=torch.float32, mask_ptr=torch.int8,
+            union_ptr=torch.int8, soft_ptr=torch.float32, n_obj=4, n_tok=4, G2=24, P=P_JANUS, heads=16,
+            otsu_scale=0.8), dict(NBINS=k.NBINS, KERNEL=5))]
 
 
 LAUNCHES = {"ospo_fast.kernels.object_masks": _object_masks_launches,

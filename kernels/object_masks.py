@@ -3,6 +3,10 @@
 and the binary mask, all on the device with no host synchronisation. Runs on CUDA tensors, or on CPU tensors under
 ``TRITON_INTERPRET=1``. Union and smoothing are done by the caller.
 
+``_object_masks_from_scores_kernel`` is the fused op (issue 19a): one program per image, one launch per batch,
+from the capture's sums over heads and layers (B, O, S, P) to the maps, thresholds, masks, union and the
+Gaussian-smoothed, min-max normalised soft mask (see ``ospo_fast/ops/object_masks.py``).
+
 Launch configuration: a map is one block (Otsu needs its whole histogram), so ``BLOCK`` is the next power of two of
 the map size (a heuristic: 1,024 for Janus's 24x24 grid) and the autotuner picks the warps per map, once per map
 size on a GPU. The interpreter has no warps: it runs the first configuration without benchmarking. Every kernel is
@@ -18,6 +22,9 @@ import triton.language as tl
 
 NBINS = 256
 WARPS = (4, 2, 8)  # autotuned per map size; the interpreter runs the first
+# the fused kernel holds several float64 blocks per object at once: at 2 or 4 warps a 24x24 map (BLOCK 1,024)
+# spills registers on sm_80/sm_90 (kernels/aot.py), from 8 warps it does not
+FUSED_WARPS = (8, 16)
 
 
 def _block(args: dict) -> int:
@@ -90,3 +97,111 @@ def object_masks_otsu_triton(maps: torch.Tensor, otsu_scale: float) -> tuple[tor
     scale = float(np.float32(otsu_scale))  # a float32 value, as the kernel's scalar is on a GPU and in the interpreter
     _object_masks_otsu_kernel[(n,)](x, norm, thresholds, masks, p, scale, NBINS=NBINS)
     return norm, thresholds, masks.view(torch.bool)
+
+
+# -- the fused op: captured scores -> maps, masks, union, soft mask (issue 19a) -------------------------------------
+@triton.jit
+def _reflect101(i, n):
+    """Reflect-101 index (cv2's BORDER_REFLECT_101) of i in [0, n), for |i| < 2n - 1."""
+    i = tl.abs(i)
+    return tl.where(i >= n, 2 * (n - 1) - i, i)
+
+
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in FUSED_WARPS],
+                 key=["P", "n_obj", "n_tok"], prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"BLOCK": _block})
+@triton.jit
+def _object_masks_from_scores_kernel(sums_ptr, counts_ptr, tvalid_ptr, ovalid_ptr, taps_ptr, norm_ptr, thr_ptr,
+                                     mask_ptr, union_ptr, soft_ptr, n_obj, n_tok, G2, P, heads, otsu_scale,
+                                     BLOCK: tl.constexpr, NBINS: tl.constexpr, KERNEL: tl.constexpr):
+    """One program per image: every object's map (float64 mean over heads, layers and real sub-tokens, added in
+    ascending sub-token order), min-max, Otsu x scale, mask; the union over valid objects; the 5x5 (KERNEL)
+    Gaussian-smoothed union, min-max normalised. sums (B, O, S, P), counts (B, P), tvalid (B, O, S) int8,
+    ovalid (B, O) int8, taps (KERNEL,) float64."""
+    img = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    inside = offs < P
+    counts = tl.load(counts_ptr + img * P + offs, mask=inside, other=0.0).to(tl.float64)  # (BLOCK,)
+    union = tl.zeros([BLOCK], dtype=tl.int32)
+    idx = tl.arange(0, NBINS)
+    centers = (idx.to(tl.float64) * 2.0 + 1.0) / (2.0 * NBINS)
+    for o in range(n_obj):
+        bo = img * n_obj + o
+        ov = tl.load(ovalid_ptr + bo) != 0
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+        n_real = 0
+        for s in range(n_tok):
+            tv = tl.load(tvalid_ptr + bo * n_tok + s) != 0
+            x = tl.load(sums_ptr + (bo * n_tok + s) * P + offs, mask=inside, other=0.0).to(tl.float64)
+            acc += tl.where(tv, x, 0.0)
+            n_real += tv.to(tl.int32)
+        denom = counts * (heads * n_real).to(tl.float64)  # layers x heads x real sub-tokens
+        v = acc / tl.where(denom > 0.0, denom, 1.0)
+        v = tl.where(denom > 0.0, v, float("nan"))  # a never-captured cell: NaN, reported by the caller
+        v = tl.where(ov & inside, v, 0.0)  # a padded object: a constant map
+        lo = tl.min(tl.where(inside, v, float("inf")), axis=0)
+        hi = tl.max(tl.where(inside, v, float("-inf")), axis=0)
+        n_bad = tl.sum(tl.where(inside & ((v != v) | (tl.abs(v) == float("inf"))), 1, 0), axis=0)
+        span = hi - lo
+        constant = span <= 0.0
+        norm = tl.where(constant, 0.0, (v - lo) / tl.where(constant, 1.0, span))  # float64, as the reference
+        finite = tl.where(norm == norm, norm, 0.0)  # a NaN map gets a NaN threshold below; its bins do not matter
+        bins = tl.maximum(tl.minimum(tl.floor(finite * NBINS).to(tl.int32), NBINS - 1), 0)
+        counts_h = tl.histogram(bins, NBINS, mask=inside).to(tl.int64)  # (NBINS,)
+        w1 = tl.cumsum(counts_h, axis=0)
+        s1 = tl.cumsum(counts_h.to(tl.float64) * centers, axis=0)
+        total_w = tl.sum(counts_h, axis=0)
+        total_s = tl.sum(counts_h.to(tl.float64) * centers, axis=0)
+        w2 = total_w - w1
+        d = s1 / tl.maximum(w1, 1).to(tl.float64) - (total_s - s1) / tl.maximum(w2, 1).to(tl.float64)
+        variance = tl.where(idx < NBINS - 1, (w1 * w2).to(tl.float64) * (d * d), -1.0)
+        best = tl.argmax(variance, axis=0, tie_break_left=True)
+        threshold = tl.where(constant, 0.0, (best * 2 + 1).to(tl.float64) * (1.0 / (2 * NBINS)) * otsu_scale)
+        threshold = tl.where(n_bad > 0, float("nan"), threshold)
+        mask = (norm > threshold) & ov
+        union = union | mask.to(tl.int32)
+        tl.store(norm_ptr + bo * P + offs, norm.to(tl.float32), mask=inside)
+        tl.store(mask_ptr + bo * P + offs, mask.to(tl.int8), mask=inside)
+        tl.store(thr_ptr + bo, threshold.to(tl.float32))
+    tl.store(union_ptr + img * P + offs, union.to(tl.int8), mask=inside)
+    tl.debug_barrier()  # the union is read back at neighbouring cells below
+    row, col = offs // G2, offs % G2
+    g1 = P // G2
+    smooth = tl.zeros([BLOCK], dtype=tl.float64)
+    for dr in tl.static_range(KERNEL):
+        rr = _reflect101(row + dr - KERNEL // 2, g1)
+        tap_r = tl.load(taps_ptr + dr)
+        for dc in tl.static_range(KERNEL):
+            cc = _reflect101(col + dc - KERNEL // 2, G2)
+            u = tl.load(union_ptr + img * P + rr * G2 + cc, mask=inside, other=0)
+            smooth += tl.where(u != 0, tap_r * tl.load(taps_ptr + dc), 0.0)
+    lo_s = tl.min(tl.where(inside, smooth, float("inf")), axis=0)
+    span_s = tl.max(tl.where(inside, smooth, float("-inf")), axis=0) - lo_s
+    soft = tl.where(span_s > 0.0, (smooth - lo_s) / tl.where(span_s > 0.0, span_s, 1.0), 0.0)
+    tl.store(soft_ptr + img * P + offs, soft.to(tl.float32), mask=inside)
+
+
+def object_masks_from_scores_triton(sums: torch.Tensor, counts: torch.Tensor, token_valid: torch.Tensor,
+                                    object_valid: torch.Tensor, heads: int, otsu_scale: float, taps: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch for B images. sums (B, O, S, G1, G2) float32/float64, counts (B, G1, G2), token_valid (B, O, S)
+    bool, object_valid (B, O) bool, taps (K,) float64 -> maps (B, O, G1, G2) float32, thresholds (B, O) float32
+    (NaN: non-finite map), masks (B, O, G1, G2) bool, union (B, G1, G2) bool, soft (B, G1, G2) float32."""
+    if sums.dim() != 5:
+        raise ValueError(f"object_masks_from_scores_triton expects sums (B, O, S, G1, G2), got {tuple(sums.shape)}")
+    b, o, s, g1, g2 = sums.shape
+    x = (sums if sums.dtype == torch.float64 else sums.to(torch.float32)).contiguous()
+    dev = x.device
+    norm = torch.empty(b, o, g1, g2, dtype=torch.float32, device=dev)
+    thresholds = torch.empty(b, o, dtype=torch.float32, device=dev)
+    masks = torch.empty(b, o, g1, g2, dtype=torch.int8, device=dev)
+    union = torch.empty(b, g1, g2, dtype=torch.int8, device=dev)
+    soft = torch.empty(b, g1, g2, dtype=torch.float32, device=dev)
+    if b == 0:
+        return norm, thresholds, masks.view(torch.bool), union.view(torch.bool), soft
+    scale = float(np.float32(otsu_scale))
+    _object_masks_from_scores_kernel[(b,)](
+        x, counts.to(torch.float32).contiguous(), token_valid.to(torch.int8).contiguous(),
+        object_valid.to(torch.int8).contiguous(), taps.to(torch.float64).contiguous(), norm, thresholds, masks,
+        union, soft, o, s, g2, g1 * g2, int(heads), scale, NBINS=NBINS, KERNEL=int(taps.numel()))
+    return norm, thresholds, masks.view(torch.bool), union.view(torch.bool), soft

@@ -202,3 +202,179 @@ def test_aggregate_columns_means_heads_layers_tokens():
     valid = torch.tensor([True, False])
     torch.testing.assert_close(aggregate_columns(cols, valid), cols[:, :, 0].mean(dim=(0, 1)))
     torch.testing.assert_close(aggregate_columns(cols), cols.mean(dim=(0, 1, 2)))
+
+
+# -- the fused op: captured scores -> masks and soft masks (issue 19a) --------------------------------------------
+def _scores(b=3, o=5, s=7, g1=11, g2=13, heads=4, layers=3, seed=0):
+    """Raw per-layer, per-head attention columns (L, H, B, O, S, G1, G2) float32 (softmax-like, large dynamic
+    range), the capture's sums over layers and heads, ragged sub-token and object padding, and the counts."""
+    from ospo_fast.ops.object_masks import CapturedScores
+
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.softmax(3 * torch.randn(layers, heads, b, o, s, g1 * g2, generator=g), -1)
+    cols = cols.view(layers, heads, b, o, s, g1, g2) * 1e-2
+    n_real = torch.randint(1, s + 1, (b, o), generator=g)
+    token_valid = torch.arange(s)[None, None, :] < n_real[..., None]  # (B, O, S)
+    cols = torch.where(token_valid[None, None, :, :, :, None, None], cols, float("nan"))  # padding never read
+    object_valid = torch.ones(b, o, dtype=torch.bool)
+    object_valid[0, o - 2:] = False
+    object_valid[b - 1, o - 1] = False
+    sums = cols.sum(dim=(0, 1))  # (B, O, S, G1, G2) float32, as the capture accumulates
+    counts = torch.full((b, g1, g2), float(layers))
+    return cols, CapturedScores(sums, counts, heads, token_valid), object_valid
+
+
+def _numpy_maps(scores, object_valid) -> np.ndarray:
+    """float64 maps in the op's defined order: sub-tokens added in ascending order, one division."""
+    x, tv = scores.sums.numpy().astype(np.float64), scores.token_valid.numpy()
+    acc = np.zeros(x.shape[:2] + x.shape[3:])
+    for s in range(x.shape[2]):
+        acc = acc + np.where(tv[:, :, s, None, None], x[:, :, s], 0.0)
+    denom = scores.counts.numpy().astype(np.float64)[:, None] * (tv.sum(-1) * scores.heads)[:, :, None, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(object_valid.numpy()[:, :, None, None], acc / denom, 0.0)
+
+
+def _soft_scipy(union: np.ndarray) -> np.ndarray:
+    out = np.zeros(union.shape)
+    for i in range(union.shape[0]):
+        smooth = gaussian_filter(union[i].astype(np.float64), sigma=1.0, mode="mirror", truncate=2.0)
+        span = smooth.max() - smooth.min()
+        out[i] = (smooth - smooth.min()) / span if span > 0 else 0.0
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_scores_equals_skimage_and_reference(backend):
+    """3 images x 5 objects x 7 sub-tokens on an 11x13 grid, padded sub-tokens and objects: maps are the mean
+    over heads, layers and real sub-tokens (today's aggregate_columns), thresholds and masks are skimage's bit for
+    bit, the soft mask is scipy's Gaussian of the union, and every backend equals the reference."""
+    from ospo_fast.ops.object_masks import object_masks_from_scores, object_masks_from_scores_ref
+
+    cols, scores, valid = _scores()
+    dev = backend_device(backend)
+    on_dev = type(scores)(scores.sums.to(dev), scores.counts.to(dev), scores.heads, scores.token_valid.to(dev))
+    out = object_masks_from_scores(on_dev, backend=backend, object_valid=valid.to(dev))
+    maps = _numpy_maps(scores, valid)
+    for b, o in [(1, 0), (2, 3)]:  # the mean is today's aggregate_columns over (L, H, S, Q) columns
+        want = aggregate_columns(cols[:, :, b, o].flatten(-2), scores.token_valid[b, o]).double()
+        np.testing.assert_allclose(maps[b, o].reshape(-1), want.numpy(), rtol=1e-5)
+    norm = _numpy_minmax(maps)
+    thr, masks = _skimage_masks(norm, 0.8)
+    masks &= valid.numpy()[:, :, None, None]
+    np.testing.assert_array_equal(out.maps.cpu().numpy(), norm.astype(np.float32))
+    np.testing.assert_array_equal(out.thresholds.cpu().numpy(), thr.astype(np.float32))
+    np.testing.assert_array_equal(out.masks.cpu().numpy(), masks)
+    np.testing.assert_array_equal(out.union.cpu().numpy(), masks.any(axis=1))
+    np.testing.assert_allclose(out.soft.cpu().numpy(), _soft_scipy(masks.any(axis=1)), atol=1e-6)
+    ref = object_masks_from_scores_ref(scores, object_valid=valid)
+    for name in ("maps", "thresholds", "masks", "union"):
+        torch.testing.assert_close(getattr(out, name).cpu(), getattr(ref, name), atol=0, rtol=0)
+    torch.testing.assert_close(out.soft.cpu(), ref.soft, atol=1e-6, rtol=0)
+    assert not out.masks[0, 3:].any() and not out.masks[2, 4].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_scores_constant_empty_and_uncaptured(backend):
+    """A constant map gives an empty mask; an image whose maps are all constant a zero soft mask; a cell never
+    captured (count 0) or a NaN score is a ValueError naming the image and object."""
+    from ospo_fast.ops.object_masks import CapturedScores, object_masks_from_scores
+
+    dev = backend_device(backend)
+    _, scores, valid = _scores(b=2, o=3, s=2, g1=8, g2=8, seed=1)
+    sums = scores.sums.clone()
+    sums[0] = 0.5  # image 0: every object constant
+    out = object_masks_from_scores(CapturedScores(sums.to(dev), scores.counts.to(dev), 4,
+                                                  scores.token_valid.to(dev)), backend=backend)
+    assert torch.all(out.thresholds[0] == 0) and not out.masks[0].any() and torch.all(out.soft[0] == 0)
+    assert out.union[1].any() and out.soft[1].max() == 1
+    counts = scores.counts.clone()
+    counts[1, 3, 4] = 0  # never captured
+    with pytest.raises(ValueError, match="image 1, object 0"):
+        object_masks_from_scores(CapturedScores(scores.sums.to(dev), counts.to(dev), 4, scores.token_valid.to(dev)),
+                                 backend=backend)
+    sums = scores.sums.clone()
+    sums[1, 2, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="image 1, object 2"):
+        object_masks_from_scores(CapturedScores(sums.to(dev), scores.counts.to(dev), 4, scores.token_valid.to(dev)),
+                                 backend=backend)
+
+
+def test_from_scores_bad_shapes_raise():
+    from ospo_fast.ops.object_masks import CapturedScores, object_masks_from_scores
+
+    _, s, _ = _scores(b=2, o=2, s=2, g1=8, g2=8)
+    with pytest.raises(ValueError, match=r"\(B, O, S, G1, G2\)"):
+        object_masks_from_scores(CapturedScores(s.sums[0], s.counts, 4, s.token_valid))
+    with pytest.raises(ValueError, match="counts"):
+        object_masks_from_scores(CapturedScores(s.sums, s.counts[:, :4], 4, s.token_valid))
+    with pytest.raises(ValueError, match="token_valid"):
+        object_masks_from_scores(CapturedScores(s.sums, s.counts, 4, s.token_valid[:, :1]))
+    with pytest.raises(ValueError, match="gaussian kernel 5"):
+        object_masks_from_scores(CapturedScores(s.sums[..., :2, :], s.counts[:, :2], 4, s.token_valid))
+
+
+def test_from_scores_custom_op_fake_and_compiles():
+    """The op has a fake implementation (opcheck) and runs whole inside torch.compile(fullgraph=True)."""
+    from ospo_fast.ops.object_masks import _from_scores_op, object_masks_from_scores_ref
+
+    _, s, valid = _scores(b=2, o=3, s=2, g1=8, g2=8)
+    torch.library.opcheck(_from_scores_op, (s.sums, s.counts, s.token_valid, valid, 4, 0.8, 5, 1.0, "ref"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def fused(sums, counts, token_valid, valid):
+        return _from_scores_op(sums, counts, token_valid, valid, 4, 0.8, 5, 1.0, "ref")
+
+    got = torch.compile(fused, fullgraph=True, backend="eager")(s.sums, s.counts, s.token_valid, valid)
+    ref = object_masks_from_scores_ref(s, object_valid=valid)
+    assert torch.equal(got[3], ref.union) and torch.equal(got[2], ref.masks)
+    torch.testing.assert_close(got[4], ref.soft, atol=0, rtol=0)
+
+
+def _eager_maps(bundle, prompts, tokens, objects) -> torch.Tensor:
+    """The reference code's method on a real (tiny) Janus: eager attention with output_attentions=True, mean over
+    heads, the selected layers and each object's sub-tokens, queries whose input is image token j."""
+    from ospo_fast.engine.object_attention import object_token_positions, teacher_forced_inputs
+
+    batch = teacher_forced_inputs(bundle, prompts, tokens)
+    positions = object_token_positions(bundle.tokenizer, batch["input_ids"], objects)
+    lm = bundle.model.model.language_model
+    lm.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = lm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], output_attentions=True, use_cache=False)
+    finally:
+        lm.set_attn_implementation("sdpa")
+    t = batch["input_ids"].shape[1]
+    attn = torch.stack([out.attentions[i] for i in select_layers(bundle.num_layers)])[:, :, :, t:]
+    attn = attn.mean(dim=2).mean(dim=0)  # (B, N, Tk)
+    maps = torch.zeros(*positions.shape[:2], tokens.shape[1])
+    for b in range(positions.shape[0]):
+        for o in range(positions.shape[1]):
+            keys = positions[b, o][positions[b, o] >= 0]
+            if len(keys):
+                maps[b, o] = attn[b][:, keys].mean(dim=-1)
+    return maps.view(*positions.shape[:2], bundle.grid, bundle.grid)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_scores_of_a_real_capture_equal_eager_and_skimage(tiny_bundle, backend):
+    """The stage's path: a teacher-forced capture of the tiny Janus -> the fused op gives the masks and union of
+    the eager output_attentions maps thresholded by object_masks_ref (skimage's Otsu), padded objects ignored."""
+    from ospo_fast.engine.object_attention import objects_valid, teacher_forced_object_scores
+    from ospo_fast.ops.object_masks import CapturedScores, object_masks_from_scores
+
+    prompts = ["a red car and a blue bench near a tree", "a dog", "two cats beside a lamp"]
+    objects = [["car", "bench", "tree"], ["dog"], ["cats", "lamp"]]
+    tokens = torch.randint(0, tiny_bundle.model.config.vq_config.num_embeddings, (3, tiny_bundle.grid ** 2),
+                           generator=torch.Generator().manual_seed(0))
+    scores = teacher_forced_object_scores(tiny_bundle, prompts, tokens, objects)
+    valid = objects_valid(objects)
+    dev = backend_device(backend)
+    out = object_masks_from_scores(CapturedScores(scores.sums.to(dev), scores.counts.to(dev), scores.heads,
+                                                  scores.token_valid.to(dev)), backend=backend,
+                                   object_valid=valid.to(dev))
+    want = object_masks_ref(_eager_maps(tiny_bundle, prompts, tokens, objects), object_valid=valid)
+    assert torch.equal(out.masks.cpu(), want.masks) and torch.equal(out.union.cpu(), want.union)
+    torch.testing.assert_close(out.soft.cpu(), want.soft, atol=1e-6, rtol=0)

@@ -30,6 +30,17 @@ Defined edge cases:
 Backends: ``object_masks_ref`` (plain torch, the oracle), ``kernels/object_masks.py`` (Triton, one program per
 map, no host synchronisation) and ``csrc/object_masks.cpp`` (C++ with OpenMP over maps). Union and smoothing are
 shared torch code. The public op is a ``torch.library`` custom op with a fake implementation.
+
+The fused op (issue 19a), ``object_masks_from_scores``: from what the attention capture accumulates
+(``CapturedScores``: per image, object, sub-token and cell, the probabilities summed over heads and the recorded
+layers, and the layers recorded per cell) one call per batch (one Triton launch, or one C++ call with OpenMP over
+images) forms the maps, the Otsu masks, the union and the soft mask. The map of a valid object is, in float64,
+``(sum over its real sub-tokens s, in ascending s, of sums[s]) / (counts * heads * n_real_sub_tokens)``: the mean
+over heads, layers and sub-tokens, with the same float64 operations in the same order in every backend, so the
+maps, thresholds and masks are bit-identical across backends and equal to skimage on that map. A cell never captured
+(count 0) gives a NaN map value and the NaN error below. ``object_masks_from_scores_ref`` is the oracle:
+``maps_from_scores_ref`` then ``object_masks_ref``. The fused backends smooth in float64 (soft masks equal the
+reference's float32 matrix smoothing within 1e-6).
 """
 
 from __future__ import annotations
@@ -260,6 +271,118 @@ def _(maps, valid, otsu_scale, kernel, sigma, backend):
     return (maps.new_empty((b, o, g1, g2), **f32), maps.new_empty((b, o), **f32),
             maps.new_empty((b, o, g1, g2), dtype=torch.bool), maps.new_empty((b, g1, g2), dtype=torch.bool),
             maps.new_empty((b, g1, g2), **f32))
+
+
+@dataclass
+class CapturedScores:
+    """What the object-attention capture accumulates for B images, O objects, S sub-tokens and a G1 x G2 grid.
+
+    sums: (B, O, S, G1, G2) float32 (float64 kept), attention probabilities of each cell's query to each sub-token
+    key, summed over heads and the recorded layers; counts: (B, G1, G2) float, layers recorded per cell (0: never
+    captured); heads: attention heads per layer; token_valid: (B, O, S) bool, False for padded sub-tokens.
+    """
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    heads: int
+    token_valid: torch.Tensor
+
+
+def maps_from_scores_ref(scores: CapturedScores, object_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, O, G1, G2) float64 maps: mean over heads, recorded layers and real sub-tokens, in the fused backends'
+    order (sub-tokens added in ascending order, then one division); padded objects are zeros. Never-captured
+    cells are NaN (0 / 0)."""
+    valid = _check_scores(scores, object_valid)
+    x, tv = scores.sums, scores.token_valid.to(device=scores.sums.device, dtype=torch.bool)
+    acc = torch.zeros(x.shape[:2] + x.shape[3:], dtype=torch.float64, device=x.device)  # (B, O, G1, G2)
+    for s in range(x.shape[2]):
+        acc = acc + torch.where(tv[:, :, s, None, None], x[:, :, s].double(), 0.0)
+    per_cell = (tv.sum(-1) * int(scores.heads)).double()  # (B, O): heads x real sub-tokens
+    maps = acc / (scores.counts.double()[:, None] * per_cell[:, :, None, None])
+    return torch.where(valid[:, :, None, None], maps, 0.0)
+
+
+def _check_scores(scores: CapturedScores, object_valid: torch.Tensor | None) -> torch.Tensor:
+    """Shape checks of the fused op's inputs; returns object_valid as (B, O) bool (all True if None)."""
+    x = scores.sums
+    if x.dim() != 5 or not x.is_floating_point():
+        raise ValueError(f"scores.sums must be a floating (B, O, S, G1, G2) tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}; take it from ObjectAttentionCapture.scores()")
+    b, o, s, g1, g2 = x.shape
+    if tuple(scores.counts.shape) != (b, g1, g2):
+        raise ValueError(f"scores.counts must be (B, G1, G2) = {(b, g1, g2)}, got {tuple(scores.counts.shape)}")
+    if tuple(scores.token_valid.shape) != (b, o, s):
+        raise ValueError(f"scores.token_valid must be (B, O, S) = {(b, o, s)}, got "
+                         f"{tuple(scores.token_valid.shape)}")
+    if int(scores.heads) < 1:
+        raise ValueError(f"scores.heads={scores.heads} must be >= 1 (attention heads per layer)")
+    valid = torch.ones(b, o, dtype=torch.bool, device=x.device) if object_valid is None else object_valid
+    if tuple(valid.shape) != (b, o):
+        raise ValueError(f"object_valid must be (B, O) = {(b, o)}, got {tuple(valid.shape)}")
+    return valid.to(device=x.device, dtype=torch.bool)
+
+
+def _check_kernel_fits(kernel: int, g1: int, g2: int) -> None:
+    if kernel // 2 >= min(g1, g2):  # reflect-101 needs pad < side
+        raise ValueError(f"gaussian kernel {kernel} needs a grid larger than {kernel // 2} cells per side, "
+                         f"got {g1}x{g2}")
+
+
+def object_masks_from_scores_ref(scores: CapturedScores, config: MaskConfig | None = None,
+                                 object_valid: torch.Tensor | None = None) -> ObjectMasks:
+    """The fused op's oracle, composed of today's functions: ``maps_from_scores_ref`` then ``object_masks_ref``."""
+    valid = _check_scores(scores, object_valid)
+    return object_masks_ref(maps_from_scores_ref(scores, valid), config, object_valid=valid)
+
+
+@torch.library.custom_op("ospo_fast::object_masks_from_scores", mutates_args=())
+def _from_scores_op(sums: torch.Tensor, counts: torch.Tensor, token_valid: torch.Tensor, object_valid: torch.Tensor,
+                    heads: int, otsu_scale: float, kernel: int, sigma: float, backend: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend in ("cpp", "triton"):
+        taps = gaussian_kernel1d(kernel, sigma, dtype=torch.float64, device=sums.device)  # (K,)
+        if backend == "cpp":
+            return torch.ops.ospo_fast_C.object_masks_from_scores(sums, counts, token_valid, object_valid, heads,
+                                                                  float(otsu_scale), taps)
+        from ospo_fast.kernels.object_masks import object_masks_from_scores_triton
+
+        return object_masks_from_scores_triton(sums, counts, token_valid, object_valid, heads, otsu_scale, taps)
+    maps = maps_from_scores_ref(CapturedScores(sums, counts, heads, token_valid), object_valid)
+    norm, thr, masks = _per_map_ref(_prepare(maps, object_valid), otsu_scale)
+    return _finish(norm, thr, masks, object_valid, maps.shape, kernel, sigma)
+
+
+@_from_scores_op.register_fake
+def _(sums, counts, token_valid, object_valid, heads, otsu_scale, kernel, sigma, backend):
+    b, o, _, g1, g2 = sums.shape
+    f32 = dict(dtype=torch.float32, device=sums.device)
+    return (sums.new_empty((b, o, g1, g2), **f32), sums.new_empty((b, o), **f32),
+            sums.new_empty((b, o, g1, g2), dtype=torch.bool), sums.new_empty((b, g1, g2), dtype=torch.bool),
+            sums.new_empty((b, g1, g2), **f32))
+
+
+def object_masks_from_scores(scores: CapturedScores, config: MaskConfig | None = None, backend: str = "auto",
+                             object_valid: torch.Tensor | None = None) -> ObjectMasks:
+    """Object masks and soft masks of B images straight from the capture's accumulators, in one op (issue 19a).
+
+    scores: ``CapturedScores`` (sums (B, O, S, G1, G2), counts (B, G1, G2), heads, token_valid (B, O, S));
+    object_valid: (B, O) bool, False for padded objects (default all valid); backend: "auto" | "ref" | "cpp" |
+    "triton" ("auto": ``config.backend``). Returns ObjectMasks whose maps are the min-max normalised means over
+    heads, layers and sub-tokens (see the module docstring). Raises ValueError naming the image and object of a map
+    with NaN/inf values or never-captured cells.
+    """
+    config = config or MaskConfig()
+    if backend == "auto":
+        backend = config.backend
+    valid = _check_scores(scores, object_valid)
+    _check_kernel_fits(int(config.gaussian_kernel), *scores.sums.shape[3:])
+    sums = scores.sums if scores.sums.dtype == torch.float64 else scores.sums.float()
+    resolved = pick_backend(backend, sums)
+    out = ObjectMasks(*_from_scores_op(sums, scores.counts.float(), scores.token_valid.to(torch.bool), valid,
+                                       int(scores.heads), float(config.otsu_scale), int(config.gaussian_kernel),
+                                       float(config.gaussian_sigma), resolved))
+    _check_finite(out.thresholds)
+    return out
 
 
 def object_masks(maps: torch.Tensor, config: MaskConfig | None = None, backend: str = "auto",
