@@ -371,3 +371,16 @@ def test_prompt_longer_than_the_model_positions_is_rejected_with_its_id(tmp_path
     rejects = pipe.store.read_rejects("images")
     assert [r["id"] for r in rejects] == ["long-n0"] and rejects[0]["reason"] == "prompt_too_long"
     assert "max_position_embeddings 2048" in rejects[0]["detail"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.5, -1])
+def test_pairs_file_with_a_nan_or_soft_mask_is_refused_with_the_pair_id(reference, tmp_path, value):
+    """Was (NaN): accepted, and the NaN weights acted like a zero mask."""
+    from ospo_fast.train.data import PairsFileError, read_pairs
+
+    pair = json.loads(json.dumps(reference[1][0]))
+    pair["rejected"]["mask"][5] = value
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(pair) + "\n")  # json writes NaN, and json.loads reads it back
+    with pytest.raises(PairsFileError, match=rf"^{re.escape(str(path))}:1: pair '{pair['pair_id']}': rejected\.mask "):
+        read_pairs(path)

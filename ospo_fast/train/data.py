@@ -90,8 +90,8 @@ def _check_side(path: Path, line: int, record: dict, side: str, grid: int, codeb
                     f"(min {min(tokens)}, max {max(tokens)}); were they sampled by a different model?")
     bad_mask = [m for m in entry["mask"] if m not in (0, 1) or isinstance(m, bool)]
     if bad_mask:
-        raise _fail(path, line, f"{side}.mask must hold 0 or 1 per image token (the thresholded object mask), "
-                    f"got {bad_mask[0]!r}")
+        raise _fail(path, line, f"pair {record.get('pair_id')!r}: {side}.mask must hold 0 or 1 per image token (the "
+                    f"thresholded object mask), got {bad_mask[0]!r}")
 
 
 def read_pairs(path: str | Path, grid: int | None = None, codebook: int | None = None) -> list[dict]:
