@@ -199,9 +199,22 @@ def check_fingerprint(stored: Mapping[str, Any] | None, current: Mapping[str, An
         raise FingerprintMismatch(f"{what} was made with other settings ({shown}); {fix}")
 
 
+def _head_tail_sha256(path: Path, block: int) -> str:
+    """sha256 of a large file's size, first and last ``block`` bytes: changes when weights are retrained (every
+    value moves), costs two reads."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(block))
+        handle.seek(max(0, size - block))
+        digest.update(handle.read(block))
+    return f"head-tail:{digest.hexdigest()}"
+
+
 def file_identity(path: str | Path, small: int = 1 << 20) -> dict[str, Any]:
-    """What identifies a file or a model directory cheaply: sha256 of every file up to ``small`` bytes, name and
-    size of larger ones (weights); ``{"name": path}`` for something that is not on disk (a hub id, ``builtin:``)."""
+    """What identifies a file or a model directory cheaply: sha256 of a file, or for a directory of every file up
+    to ``small`` bytes and of the size, first and last ``small`` bytes of larger ones (weights); ``{"name": path}``
+    for something that is not on disk (a hub id, ``builtin:``)."""
     path = Path(path)
     if path.is_file():
         return {"sha256": sha256_file(path)}
@@ -209,6 +222,6 @@ def file_identity(path: str | Path, small: int = 1 << 20) -> dict[str, Any]:
         return {"name": str(path)}
     files = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        size = file.stat().st_size
-        files[file.relative_to(path).as_posix()] = sha256_file(file) if size <= small else f"{size} bytes"
+        small_file = file.stat().st_size <= small
+        files[file.relative_to(path).as_posix()] = sha256_file(file) if small_file else _head_tail_sha256(file, small)
     return {"files": files}

@@ -384,3 +384,20 @@ def test_pairs_file_with_a_nan_or_soft_mask_is_refused_with_the_pair_id(referenc
     path.write_text(json.dumps(pair) + "\n")  # json writes NaN, and json.loads reads it back
     with pytest.raises(PairsFileError, match=rf"^{re.escape(str(path))}:1: pair '{pair['pair_id']}': rejected\.mask "):
         read_pairs(path)
+
+
+def test_model_directory_identity_changes_with_retrained_weights_not_with_its_location(tmp_path):
+    from ospo_fast.store import file_identity
+
+    rng = __import__("numpy").random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"hidden_size": 8}')
+    weights = rng.standard_normal(600_000).astype("float32").tobytes()  # 2.4 MB: past the 1 MB full-hash limit
+    (tmp_path / "a" / "model.safetensors").write_bytes(weights)
+    (tmp_path / "b" / "model.safetensors").write_bytes(weights)
+    assert file_identity(tmp_path / "a") == file_identity(tmp_path / "b")
+    retrained = (rng.standard_normal(600_000).astype("float32") * 1.01).tobytes()  # same size, every value moved
+    (tmp_path / "b" / "model.safetensors").write_bytes(retrained)
+    assert file_identity(tmp_path / "a") != file_identity(tmp_path / "b")
+    assert file_identity("builtin:tiny") == {"name": "builtin:tiny"}
