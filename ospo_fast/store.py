@@ -83,7 +83,11 @@ def sha256_file(path: Path) -> str:
 def parse_jsonl(data: bytes, path: Path, fix: str, error: type[ValueError] = StoreError) -> list[dict[str, Any]]:
     """Records of a JSONL file the project wrote. A torn last line (no final newline), a line that is not JSON or
     not an object raises ``error`` naming ``path``, the line and ``fix``: damage is never read as end of file."""
-    text = data.decode("utf-8", errors="replace")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = data[:err.start].count(b"\n") + 1
+        raise error(f"{path}:{line_no} is damaged (not UTF-8 at byte {err.start}); {fix}") from err
     if text and not text.endswith("\n"):
         raise error(f"{path} ends in a torn line (no final newline: the file was cut); {fix}")
     records = []

@@ -206,6 +206,9 @@ def test_read_jsonl_treats_a_torn_or_damaged_line_as_an_error(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
     with pytest.raises(StoreError, match=r"x.jsonl:2 is damaged"):
         read_jsonl(path)
+    path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')  # a flipped bit inside a string: still JSON-shaped
+    with pytest.raises(StoreError, match=r"x.jsonl:2 is damaged \(not UTF-8"):
+        read_jsonl(path)
 
 
 # ---------------------------------------------------------------- crash windows
