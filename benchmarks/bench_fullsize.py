@@ -16,7 +16,12 @@ what is measured.
    counted on a narrow model of the same structure (same layers, grid and blocks, widths 64), so the 1B run is
    not repeated for counting.
 
+3. ``--overlap``: stage 3 through the pipeline (``Pipeline.run`` on the tiny preset with ``builtin:tiny-24``,
+   384 px PNGs) with the chunk writes (PNG encoding, hashing, files) on a worker thread vs in series, same
+   process, alternating; reports the images stage's seconds (from the manifest) and the write time itself.
+
   .venv/bin/python benchmarks/bench_fullsize.py --shape 7b             # memory plan only (seconds)
+  .venv/bin/python benchmarks/bench_fullsize.py --overlap --prompts 2  # stage 3 with and without overlapped writes
   .venv/bin/python benchmarks/bench_fullsize.py --shape tiny           # the rehearsal's logic on the tiny shape
   OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_fullsize.py --shape 1b --prompts 1 --steps 1   # tens of min
 """
@@ -321,13 +326,61 @@ def rehearse(name: str, pairs: int, steps: int, dtype: str) -> tuple[str, list[d
     return "\n".join(lines), rows
 
 
+def overlap_run(prompts: int, overlap: bool, batch: int) -> dict:
+    """One pipeline run (tiny preset, builtin:tiny-24); the images stage's seconds and the seconds spent writing."""
+    import json
+
+    from ospo_fast.config import load_config
+    from ospo_fast.pipeline import Pipeline
+
+    config = load_config("tiny", [f"prompts.num_prompts={prompts}", "model.path=builtin:tiny-24", "model.device=cpu",
+                                  f"images.batch_size={batch}", "filter.enabled=false"])
+    with tempfile.TemporaryDirectory() as out:
+        pipeline = Pipeline(config, out, progress=False)
+        pipeline.overlap_writes = overlap
+        spent = [0.0]
+        write = pipeline.store.write_chunk
+
+        def timed_write(*args):
+            start = time.perf_counter()
+            write(*args)
+            spent[0] += time.perf_counter() - start
+
+        pipeline.store.write_chunk = timed_write
+        pipeline.run()
+        manifest = json.loads((Path(out) / "manifest.json").read_text())
+    stage = manifest["stages"]["images"]
+    return {"overlap": overlap, "images_stage_s": stage["seconds"], "write_s": spent[0], "prompts": prompts,
+            "images": prompts * config.perturb.num_perturbations * 2, "batch": batch}
+
+
+def overlap_check(prompts: int, repeats: int, batch: int) -> tuple[str, list[dict]]:
+    rows = [overlap_run(prompts, overlap, batch) for _ in range(repeats) for overlap in (False, True)]
+    lines = [f"   stage 3, {rows[0]['images']} images of 384 px, {batch} per batch (tiny-24), {repeats} runs each",
+             f"   {'writes':<22}{'images stage s':>16}{'of which writing s':>20}"]
+    for r in rows:
+        lines.append(f"   {'worker thread' if r['overlap'] else 'in series':<22}{r['images_stage_s']:>16.2f}"
+                     f"{r['write_s']:>20.2f}")
+    best = {o: min(r["images_stage_s"] for r in rows if r["overlap"] == o) for o in (False, True)}
+    lines.append(f"   fastest: in series {best[False]:.2f} s, overlapped {best[True]:.2f} s "
+                 f"(ratio {best[False] / best[True]:.3f})")
+    return "\n".join(lines), rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="7b", choices=sorted(SHAPES), help="7b: the memory plan only")
     parser.add_argument("--prompts", type=int, default=1, help="pairs rehearsed (2 images each)")
     parser.add_argument("--steps", type=int, default=1, help="LoRA training steps")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--overlap", action="store_true", help="stage 3 with and without overlapped writes only")
+    parser.add_argument("--repeats", type=int, default=2, help="--overlap: alternating runs of each mode")
+    parser.add_argument("--batch", type=int, default=4, help="--overlap: images.batch_size")
     args = parser.parse_args(argv)
+    if args.overlap:
+        text, rows = overlap_check(args.prompts, args.repeats, args.batch)
+        append_rows("fullsize_overlap", rows, text, config={"prompts": args.prompts, "batch": args.batch})
+        return 0
     kind, grid = SHAPES[args.shape]
     table = memory_plan("janus-pro-7b-shape", 24, "bfloat16")
     if args.shape != "7b":
