@@ -118,6 +118,15 @@ def test_damaged_stage_output_is_named_with_its_fix(reference, tmp_path, how, st
         assert _pipeline(run, redo=stage).run() == reference[1]
 
 
+def test_damaged_chunk_marker_is_named_with_its_fix(cut_at_images_merge, tmp_path):
+    run = _copy(cut_at_images_merge, tmp_path)
+    marker = run / "images" / "rank000-of-001" / "chunk-00000.done.json"
+    _damage(marker, "cut_mid_file")
+    expected = rf"^{re.escape(str(marker))} is damaged .*; delete {re.escape(str(marker))} to recompute that chunk"
+    with pytest.raises(StoreError, match=expected):
+        _pipeline(run).run()
+
+
 def test_damaged_rejects_file_is_an_error(reference, tmp_path):
     run = _copy(reference[0], tmp_path)
     (run / "prompts" / "rejects.jsonl").write_text('{"id": "x", "reason": "made up"}\n')
