@@ -2,7 +2,14 @@
 
 1. Batched Otsu + union for 4,096 maps of 24x24 (1,024 images x 4 objects): C++, torch reference and Triton (on
    CUDA) against a loop of ``skimage.filters.threshold_otsu`` over the maps (the reference code's method).
-2. Teacher-forced object maps for 16 images: the capturing attention (one batched forward, no attention matrix)
+2. The fused op (issue 19a) against today's split, per batch of 16 images x 4 objects x 4 sub-tokens, 24x24, 16
+   heads, 14 layers (Janus-Pro-1B's selection): from the capture's sums over heads and layers, ``object_masks_from_
+   scores`` (one op: maps, Otsu, union, soft mask) vs the split (the capture's averaging as torch ops, then the Otsu
+   op, the union and the Gaussian as separate torch ops). Time per batch and compute ops dispatched (torch.profiler:
+   leaf ops that compute, views/allocations/no-op casts not counted; a Triton or C++ kernel is one op), C++ and the
+   torch reference on the CPU; with ``--triton-ops`` under TRITON_INTERPRET=1 also the Triton path's torch ops and
+   kernel launches (counted at the launcher), on CUDA its time.
+3. Teacher-forced object maps for 16 images: the capturing attention (one batched forward, no attention matrix)
    against transformers' eager ``output_attentions=True`` forward, one image at a time (the reference code's
    method) and batched. CPU default: ``builtin:tiny`` (8x8) and ``builtin:tiny-24`` (24x24); on a GPU:
    ``--model builtin:janus-pro-1b-shape --device cuda``.
@@ -11,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import measure, report  # noqa: E402
 from ospo_fast._backend import cpp_available, triton_available  # noqa: E402
-from ospo_fast.ops.object_masks import object_masks, select_layers  # noqa: E402
+from ospo_fast.ops.object_masks import (  # noqa: E402
+    CapturedScores,
+    object_masks,
+    object_masks_from_scores,
+    select_layers,
+)
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink"]
 THINGS = ["car", "bench", "dog", "cat", "apple", "chair", "table", "book", "lamp", "tree", "boat", "clock"]
@@ -62,6 +75,120 @@ def bench_otsu(device: torch.device, repeats: int) -> None:
                                device=device, repeats=repeats))
     report("object_masks_otsu_union", results, baseline="skimage loop (reference)", device=device,
            config={"maps": 4096, "grid": 24, "threads": torch.get_num_threads()})
+
+
+NON_COMPUTE = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view", "aten::reshape",
+               "aten::expand", "aten::as_strided", "aten::t", "aten::transpose", "aten::slice", "aten::select",
+               "aten::unsqueeze", "aten::squeeze", "aten::flatten", "aten::detach", "aten::alias", "aten::_unsafe_view",
+               "aten::lift_fresh", "aten::to", "aten::contiguous", "aten::resolve_conj", "aten::resolve_neg",
+               "aten::view_as", "aten::permute", "aten::_reshape_alias", "aten::result_type", "aten::is_nonzero",
+               "aten::item", "aten::_local_scalar_dense", "aten::numpy_T", "aten::unbind", "aten::split"}
+
+
+def compute_ops(fn) -> int:
+    """Leaf ops of one call of ``fn`` that compute (a kernel each on a GPU): profiler events with no computing child,
+    views, allocations and no-op casts left out; ``aten::item`` (a host read) is left out too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def computes(event) -> bool:
+        return event.name not in NON_COMPUTE and not any(computes(c) for c in event.cpu_children)
+
+    return sum(1 for e in prof.events() if computes(e))
+
+
+def captured_batch(images: int = 16, objects: int = 4, subtokens: int = 4, grid: int = 24, heads: int = 16,
+                   layers: int = 14) -> tuple[CapturedScores, torch.Tensor]:
+    """What the capture holds after one batch: softmax-like probabilities summed over heads and layers, ragged
+    sub-tokens (1..subtokens real), every cell recorded by every layer; and object_valid (B, O), one padded object
+    in every other image."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(images, objects, subtokens, grid * grid, generator=g), -1)
+    sums = (probs * heads * layers).view(images, objects, subtokens, grid, grid)  # (B, O, S, G, G) float32
+    n_real = torch.randint(1, subtokens + 1, (images, objects), generator=g)
+    token_valid = torch.arange(subtokens)[None, None] < n_real[..., None]
+    valid = torch.ones(images, objects, dtype=torch.bool)
+    valid[::2, -1] = False
+    token_valid &= valid[..., None]
+    counts = torch.full((images, grid, grid), float(layers))
+    return CapturedScores(sums, counts, heads, token_valid), valid
+
+
+def split_masks(scores: CapturedScores, valid: torch.Tensor, backend: str):
+    """Today's split: the capture's averaging (heads and sub-token weights per layer in the decode step, then the
+    layer mean in ``maps()``), then ``object_masks`` (the Otsu op, then the union and the Gaussian as torch ops)."""
+    tv = scores.token_valid
+    weights = tv.float() / tv.sum(-1, keepdim=True).clamp(min=1)  # (B, O, S) sub-token mean
+    maps = (scores.sums * weights[..., None, None]).sum(2) / scores.heads  # (B, O, G, G) head and sub-token mean
+    counts = scores.counts[:, None]
+    maps = torch.where(counts > 0, maps / counts.clamp(min=1), float("nan"))  # layer mean, capture.maps()
+    return object_masks(maps, backend=backend, object_valid=valid)
+
+
+class _LaunchCounter:
+    """Counts launches of the fused and split Triton kernels (wraps their ``run``)."""
+
+    def __init__(self):
+        from ospo_fast.kernels import object_masks as k
+
+        self.kernels = [k._object_masks_from_scores_kernel, k._object_masks_otsu_kernel]
+        self.count = 0
+
+    def __enter__(self):
+        self.saved = [kernel.run for kernel in self.kernels]
+        for kernel, run in zip(self.kernels, self.saved):
+            kernel.run = self._wrap(run)
+        return self
+
+    def _wrap(self, run):
+        def counted(*args, **kwargs):
+            self.count += 1
+            return run(*args, **kwargs)
+        return counted
+
+    def __exit__(self, *exc):
+        for kernel, run in zip(self.kernels, self.saved):
+            kernel.run = run
+
+
+def bench_fused(device: torch.device, repeats: int, triton_ops: bool) -> None:
+    scores, valid = captured_batch()
+    want = object_masks_from_scores(scores, backend="ref", object_valid=valid)
+    backends = ["ref"] + (["cpp"] if cpp_available() else [])
+    results, ops = [], {}
+    for backend in backends:
+        fused = object_masks_from_scores(scores, backend=backend, object_valid=valid)
+        assert torch.equal(fused.union, want.union) and torch.equal(fused.masks, want.masks), backend
+        split = split_masks(scores, valid, backend)
+        ops[f"split {backend}"] = compute_ops(lambda b=backend: split_masks(scores, valid, b))
+        ops[f"fused {backend}"] = compute_ops(lambda b=backend: object_masks_from_scores(scores, backend=b,
+                                                                                         object_valid=valid))
+        ops[f"union cells differing split vs fused {backend}"] = int((split.union != fused.union).sum())
+        results.append(timed(f"split (today) {backend} (cpu)", lambda b=backend: split_masks(scores, valid, b),
+                             torch.device("cpu"), repeats))
+        results.append(timed(f"fused {backend} (cpu)", lambda b=backend: object_masks_from_scores(
+            scores, backend=b, object_valid=valid), torch.device("cpu"), repeats))
+    if triton_ops and triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
+        for name, fn in [("split triton", lambda: split_masks(scores, valid, "triton")),
+                         ("fused triton", lambda: object_masks_from_scores(scores, backend="triton",
+                                                                           object_valid=valid))]:
+            with _LaunchCounter() as counter:
+                ops[f"{name} torch ops"] = compute_ops(fn)
+            ops[f"{name} kernel launches"] = counter.count
+    if device.type == "cuda" and triton_available():
+        dev = CapturedScores(scores.sums.to(device), scores.counts.to(device), scores.heads,
+                             scores.token_valid.to(device))
+        dev_valid = valid.to(device)
+        for name, fn in [("split (today) triton (cuda)", lambda: split_masks(dev, dev_valid, "triton")),
+                         ("fused triton (cuda)", lambda: object_masks_from_scores(dev, backend="triton",
+                                                                                 object_valid=dev_valid))]:
+            results.append(measure(name, fn, device=device, repeats=repeats))
+    baseline = "split (today) cpp (cpu)" if cpp_available() else "split (today) ref (cpu)"
+    report("object_masks_fused", results, baseline=baseline, device=device,
+           config={"images": 16, "objects": 4, "subtokens": 4, "grid": 24, "heads": 16, "layers": 14,
+                   "threads": torch.get_num_threads(), **{f"ops: {k}": v for k, v in ops.items()}})
 
 
 def _prompts(n: int) -> tuple[list[str], list[list[str]]]:
@@ -137,6 +264,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-otsu", action="store_true")
+    parser.add_argument("--skip-teacher-forced", action="store_true")
+    parser.add_argument("--triton-ops", action="store_true", help="count the Triton path's ops and launches under "
+                        "TRITON_INTERPRET=1 (slow: the interpreter)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     args = parser.parse_args()
     if args.threads:
@@ -144,7 +274,8 @@ def main() -> None:
     device = torch.device(args.device)
     if not args.skip_otsu:
         bench_otsu(device, args.repeats)
-    for model in args.model or ["builtin:tiny", "builtin:tiny-24"]:
+    bench_fused(device, args.repeats, args.triton_ops)
+    for model in [] if args.skip_teacher_forced else args.model or ["builtin:tiny", "builtin:tiny-24"]:
         bench_teacher_forced(model, device, args.images, args.repeats, batched_eager=model.endswith("tiny"))
 
 

@@ -378,3 +378,24 @@ def test_from_scores_of_a_real_capture_equal_eager_and_skimage(tiny_bundle, back
     want = object_masks_ref(_eager_maps(tiny_bundle, prompts, tokens, objects), object_valid=valid)
     assert torch.equal(out.masks.cpu(), want.masks) and torch.equal(out.union.cpu(), want.union)
     torch.testing.assert_close(out.soft.cpu(), want.soft, atol=1e-6, rtol=0)
+
+
+def test_from_scores_of_in_flight_capture_equal_eager_and_skimage():
+    """The stage's ``generation`` context: scores captured during decoding (batches of 2, the last one ragged)
+    -> the fused op gives the masks of the eager output_attentions maps of the same tokens (object_masks_ref)."""
+    from ospo_fast.config import ImageConfig
+    from ospo_fast.engine.image_gen import generate_images
+    from ospo_fast.engine.object_attention import objects_valid
+    from ospo_fast.models import load_janus
+    from ospo_fast.ops.object_masks import object_masks_from_scores
+
+    bundle = load_janus("builtin:tiny-4", device="cpu")
+    prompts = ["a red car", "a blue bench and a green apple near the tall tree", "a cat"]
+    objects = [["car"], ["bench", "apple", "tree"], ["cat"]]
+    batch = generate_images(bundle, prompts, [7, 11, 7], ImageConfig(batch_size=2, compile=False), objects=objects)
+    valid = objects_valid(objects)
+    out = object_masks_from_scores(batch.object_scores, backend="ref", object_valid=valid)
+    want = object_masks_ref(_eager_maps(bundle, prompts, batch.tokens, objects), object_valid=valid)
+    assert torch.equal(out.masks, want.masks) and torch.equal(out.union, want.union)
+    torch.testing.assert_close(batch.object_maps, _eager_maps(bundle, prompts, batch.tokens, objects), atol=1e-6,
+                               rtol=1e-4)

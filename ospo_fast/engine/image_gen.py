@@ -48,11 +48,14 @@ MAX_GRAPHS = 32  # compiled: graphs of the decode step per process before it ref
 @dataclass
 class ImageBatch:
     """Generated images. tokens: (B, N) int64 VQ codes in raster order; pixels: (B, H, W, 3) uint8;
-    object_maps: (B, O, G, G) float32 mean attention of image-token queries to each object's words, or None."""
+    object_maps: (B, O, G, G) float32 mean attention of image-token queries to each object's words, or None;
+    object_scores: the capture's accumulators behind them (``CapturedScores``, sums (B, O, S, G, G)) for the fused
+    mask op ``object_masks_from_scores``, or None."""
 
     tokens: torch.Tensor
     pixels: torch.Tensor
     object_maps: torch.Tensor | None = None
+    object_scores: object | None = None  # ospo_fast.ops.object_masks.CapturedScores
 
 
 @dataclass(frozen=True)
@@ -311,18 +314,24 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
         tokens.append(batch_tokens)
         maps.append(batch_maps)
     tokens = torch.cat(tokens)
-    object_maps = None
+    object_maps = object_scores = None
     if objects is not None:
+        from ospo_fast.ops.object_masks import CapturedScores, maps_from_scores_ref
+
         width = max(1, max(len(words) for words in objects))  # drop the bucket's padding objects
-        object_maps = torch.cat(maps)[:, :width].reshape(len(prompts), width, bundle.grid, bundle.grid)
+        object_scores = CapturedScores(sums=torch.cat([m.sums for m in maps])[:, :width],
+                                       counts=torch.cat([m.counts for m in maps]), heads=maps[0].heads,
+                                       token_valid=torch.cat([m.token_valid for m in maps])[:, :width])
+        object_maps = maps_from_scores_ref(object_scores, object_scores.token_valid.any(-1)).float()  # (B, O, G, G)
     pixels = decode_pixels(bundle, tokens, config.batch_size)
-    return ImageBatch(tokens=tokens, pixels=pixels, object_maps=object_maps)
+    return ImageBatch(tokens=tokens, pixels=pixels, object_maps=object_maps, object_scores=object_scores)
 
 
 def _decode_batch(bundle, decoder: _Decoder, ids: torch.Tensor, mask: torch.Tensor, seeds: list[int],
                   key_positions: torch.Tensor | None, compiled: bool):
     """One batch: ids/mask (b, T) with b <= rows, padded to the decoder's rows; prefill, then N - 1 decode steps
-    (+1 capture step). Returns tokens (b, N) int64 and maps (b, O, N) float32 or None, on CPU."""
+    (+1 capture step). Returns tokens (b, N) int64 and the capture's CapturedScores (b rows, copies) or None, on
+    CPU."""
     device, rows, num_tokens = bundle.device, decoder.shape.rows, decoder.shape.num_tokens
     n = ids.shape[0]
     pad_id, bos_id, boi_id = _special_ids(bundle)
@@ -338,7 +347,10 @@ def _decode_batch(bundle, decoder: _Decoder, ids: torch.Tensor, mask: torch.Tens
     with capture.recording(bundle.model):
         decoder.start(ids2, mask2, seeds_t, _pad_rows(key_positions, rows))
         _run_steps(decoder, num_tokens, compiled)  # one more query: the one whose input is the last image token
-    return _detach_tokens(decoder, n), capture.maps()[:n].cpu()
+    scores = capture.scores((bundle.grid, bundle.grid))  # views of buffers the next batch overwrites: copy
+    return _detach_tokens(decoder, n), type(scores)(
+        sums=scores.sums[:n].to("cpu", copy=True), counts=scores.counts[:n].to("cpu", copy=True),
+        heads=scores.heads, token_valid=scores.token_valid[:n].to("cpu", copy=True))
 
 
 def _detach_tokens(decoder: _Decoder, n: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ospo_fast.engine.prompts import image_prompt_inputs, position_ids_from_mask
-from ospo_fast.ops.object_masks import select_layers
+from ospo_fast.ops.object_masks import CapturedScores, maps_from_scores_ref, select_layers
 
 ATTENTION_NAME = "ospo_object_capture"
 CPU_CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 scores: stays in a CPU core's caches
@@ -99,7 +99,9 @@ class ObjectAttentionCapture:
     CFG the unconditional rows follow them). ``set_cells(start)`` says that the queries of the next forwards are
     cells start, start+1, ...; start is an int, or a 0-d int64 tensor on the device that the caller advances in
     place (the compiled decode step's own counter). Cells outside [0, num_cells) are ignored. Accumulators are
-    float32 (B, O, num_cells) sums and (num_cells,) per-cell layer counts, updated with ``index_add_``.
+    float32 (B, O*S, num_cells) sums over heads and layers per sub-token and (num_cells,) per-cell layer counts,
+    updated with ``index_add_``; ``scores(grid)`` hands them to ``ospo_fast.ops.object_masks.object_masks_from_scores``
+    (heads, layers and sub-tokens are averaged there), ``maps()`` averages them here.
     ``chunk_elements`` bounds the score block (queries x keys x heads x rows) held at once; default
     ``capture_chunk_elements(device of key_positions)``.
     """
@@ -118,9 +120,9 @@ class ObjectAttentionCapture:
         self.chunk_elements = int(chunk_elements or capture_chunk_elements(device))
         b, o, s = key_positions.shape
         self.key_positions = torch.full((b, o, s), -1, dtype=torch.long, device=device)
-        self._weights = torch.zeros(b, o, s, device=device)  # (B, O, S) sub-token mean
         self._gather = torch.zeros(b, 1, 1, o * s, dtype=torch.long, device=device)  # (B, 1, 1, O*S)
-        self._sums = torch.zeros(b, o, self.num_cells, device=device)  # (B, O, N) float32
+        self._sums = torch.zeros(b, o * s, self.num_cells, device=device)  # (B, O*S, N) float32, over heads, layers
+        self._heads = torch.ones((), dtype=torch.long, device=device)  # heads of the recorded layers
         self._counts = torch.zeros(self.num_cells, device=device)  # (N,) layers recorded per cell
         self._start: int | torch.Tensor | None = None
         self.load(key_positions)
@@ -133,16 +135,14 @@ class ObjectAttentionCapture:
                              f"{tuple(self.key_positions.shape)}; build a new capture")
         self._max_position = int(key_positions.max()) if key_positions.numel() else -1
         positions = key_positions.to(self.key_positions.device, torch.long)
-        valid = positions >= 0
         self.key_positions.copy_(positions)
-        self._weights.copy_(valid.float() / valid.sum(-1, keepdim=True).clamp(min=1))
         self._gather.copy_(positions.clamp(min=0).view(self._gather.shape))
         self._sums.zero_()
         self._counts.zero_()
 
     def tensors(self) -> list[torch.Tensor]:
         """The state tensors (to mark as static addresses for CUDA graphs)."""
-        return [self.key_positions, self._weights, self._gather, self._sums, self._counts]
+        return [self.key_positions, self._gather, self._sums, self._counts, self._heads]
 
     @property
     def batch_size(self) -> int:
@@ -180,7 +180,21 @@ class ObjectAttentionCapture:
             cell = int((self._counts > len(self.layers)).nonzero()[0])
             raise RuntimeError(f"cell {cell} was recorded {int(self._counts[cell])} times by {len(self.layers)} "
                                "layers; call capture.set_cells(start) before every forward")
-        return torch.where(self._counts > 0, self._sums / self._counts.clamp(min=1), float("nan"))
+        scores = self.scores((self.num_cells, 1))
+        maps = maps_from_scores_ref(scores, scores.token_valid.any(-1))  # (B, O, N, 1) float64; padded objects 0
+        return torch.where(self._counts > 0, maps[..., 0].float(), float("nan"))
+
+    def scores(self, grid: tuple[int, int]) -> CapturedScores:
+        """The accumulators as the fused mask op reads them: sums (B, O, S, G1, G2) float32 over heads and layers,
+        counts (B, G1, G2), heads, token_valid (B, O, S); grid: (G1, G2) with G1 * G2 = num_cells. Views, not
+        copies (one host read: the head count)."""
+        b, o, s = self.key_positions.shape
+        g1, g2 = grid
+        if g1 * g2 != self.num_cells:
+            raise ValueError(f"grid {grid} has {g1 * g2} cells, this capture has {self.num_cells}")
+        return CapturedScores(sums=self._sums.view(b, o, s, g1, g2),
+                              counts=self._counts.view(1, g1, g2).expand(b, g1, g2), heads=int(self._heads),
+                              token_valid=self.key_positions >= 0)
 
     # -- recording ------------------------------------------------------------------------------------------------
     def _record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
@@ -190,18 +204,19 @@ class ObjectAttentionCapture:
         b, tq = self.batch_size, query.shape[2]
         if query.shape[0] < b:
             raise ValueError(f"the forward has {query.shape[0]} rows but the capture expects at least {b} images")
+        self._heads.fill_(query.shape[1])  # a tensor, so the compiled step keeps no Python state
         if isinstance(self._start, int):  # cells known on the host: compute only the queries that are cells
             q0, q1 = max(0, -self._start), min(tq, self.num_cells - self._start)
             if q0 >= q1:
                 return
             self._check_keys(key.shape[2])
-            columns = self._object_columns(query[:b], key[:b], mask, scaling, q0, q1)  # (B, O, q1 - q0)
+            columns = self._object_columns(query[:b], key[:b], mask, scaling, q0, q1)  # (B, O*S, q1 - q0)
             cells = slice(self._start + q0, self._start + q1)
             self._sums[:, :, cells] += columns
             self._counts[cells] += 1
             return
         # cells from a device counter (compiled decode): every query, those outside the grid weighted 0
-        columns = self._object_columns(query[:b], key[:b], mask, scaling, 0, tq)  # (B, O, Tq)
+        columns = self._object_columns(query[:b], key[:b], mask, scaling, 0, tq)  # (B, O*S, Tq)
         cells = self._start + torch.arange(tq, device=query.device)  # (Tq,)
         inside = ((cells >= 0) & (cells < self.num_cells)).float()  # (Tq,)
         index = cells.clamp(0, self.num_cells - 1)
@@ -215,13 +230,13 @@ class ObjectAttentionCapture:
 
     def _object_columns(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
                         q0: int, q1: int) -> torch.Tensor:
-        """Queries q0:q1 of (B, H, Tq, D) against keys (B, Hkv, Tk, D) -> (B, O, q1 - q0) float32 head/sub-token
-        means."""
+        """Queries q0:q1 of (B, H, Tq, D) against keys (B, Hkv, Tk, D) -> (B, O*S, q1 - q0) float32 sums over
+        heads of each sub-token key's probability."""
         b, h, tq, d = query.shape
         hkv, tk = key.shape[1], key.shape[2]
         groups = h // hkv
         o, s = self.key_positions.shape[1:]
-        gather_idx, weights = self._gather, self._weights  # (B, 1, 1, O*S), (B, O, S)
+        gather_idx = self._gather  # (B, 1, 1, O*S)
         k = key.float()
         chunk = max(1, self.chunk_elements // max(1, b * h * tk))
         out = []
@@ -232,8 +247,7 @@ class ObjectAttentionCapture:
             scores = scores + self._additive_mask(mask, b, tq, tk, c0, c1, query.device)
             lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, C, 1)
             picked = scores.gather(-1, gather_idx.expand(b, h, c1 - c0, o * s))  # (B, H, C, O*S)
-            probs = torch.exp(picked - lse).mean(dim=1).view(b, c1 - c0, o, s)  # (B, C, O, S)
-            out.append((probs * weights[:, None]).sum(-1).transpose(1, 2))  # (B, O, C)
+            out.append(torch.exp(picked - lse).sum(dim=1).transpose(1, 2))  # (B, O*S, C)
         return torch.cat(out, dim=-1)
 
     @staticmethod
@@ -331,6 +345,24 @@ def teacher_forced_object_maps(bundle, prompts: list[str], image_tokens: torch.T
     prompts: B prompt strings; image_tokens: (B, N) long VQ tokens (N = G*G); objects: B lists of object words.
     Cell j is the query whose input is image token j. Returns (B, O, G, G) float32 (padded objects: zeros).
     """
+    capture = _teacher_forced_capture(bundle, prompts, image_tokens, objects, skip_layers)
+    grid = int(round(capture.num_cells ** 0.5))
+    return capture.maps().view(len(prompts), -1, grid, grid)
+
+
+@torch.no_grad()
+def teacher_forced_object_scores(bundle, prompts: list[str], image_tokens: torch.Tensor, objects: list[list[str]],
+                                 skip_layers: int = 5) -> CapturedScores:
+    """As ``teacher_forced_object_maps``, but the capture's accumulators (sums (B, O, S, G, G) over heads and
+    layers, counts, heads, token_valid) for ``ospo_fast.ops.object_masks.object_masks_from_scores``."""
+    capture = _teacher_forced_capture(bundle, prompts, image_tokens, objects, skip_layers)
+    grid = int(round(capture.num_cells ** 0.5))
+    return capture.scores((grid, grid))
+
+
+def _teacher_forced_capture(bundle, prompts: list[str], image_tokens: torch.Tensor, objects: list[list[str]],
+                            skip_layers: int) -> ObjectAttentionCapture:
+    """The capture after one batched teacher-forced forward of [prompt + <begin_of_image>] + image tokens."""
     if image_tokens.dim() != 2 or image_tokens.shape[0] != len(prompts) or len(objects) != len(prompts):
         raise ValueError(f"need image_tokens (B, N) and B prompts and object lists; got {tuple(image_tokens.shape)}, "
                          f"{len(prompts)} prompts, {len(objects)} object lists")
@@ -348,7 +380,7 @@ def teacher_forced_object_maps(bundle, prompts: list[str], image_tokens: torch.T
                                           attention_mask=inputs["attention_mask"],
                                           position_ids=inputs["position_ids"], use_cache=False,
                                           object_capture=capture)
-    return capture.maps().view(len(prompts), -1, grid, grid)
+    return capture
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ reference's float32 matrix smoothing within 1e-6).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -335,12 +336,18 @@ def object_masks_from_scores_ref(scores: CapturedScores, config: MaskConfig | No
     return object_masks_ref(maps_from_scores_ref(scores, valid), config, object_valid=valid)
 
 
+@functools.lru_cache(maxsize=8)
+def _taps(kernel: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """(kernel,) float64 Gaussian taps on ``device``, made once per setting (no per-call host work)."""
+    return gaussian_kernel1d(kernel, sigma, dtype=torch.float64, device=device)
+
+
 @torch.library.custom_op("ospo_fast::object_masks_from_scores", mutates_args=())
 def _from_scores_op(sums: torch.Tensor, counts: torch.Tensor, token_valid: torch.Tensor, object_valid: torch.Tensor,
                     heads: int, otsu_scale: float, kernel: int, sigma: float, backend: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend in ("cpp", "triton"):
-        taps = gaussian_kernel1d(kernel, sigma, dtype=torch.float64, device=sums.device)  # (K,)
+        taps = _taps(kernel, sigma, sums.device)  # (K,) float64
         if backend == "cpp":
             return torch.ops.ospo_fast_C.object_masks_from_scores(sums, counts, token_valid, object_valid, heads,
                                                                   float(otsu_scale), taps)

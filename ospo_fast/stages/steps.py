@@ -131,13 +131,16 @@ def mask_objects(record: dict, side: str, context: str) -> list[str]:
     return present or list(record["structure"]["objects"])
 
 
-def _union_masks(ctx: StageContext, maps: torch.Tensor, counts: list[int]) -> np.ndarray:
-    from ospo_fast.ops.object_masks import object_masks
+def _union_masks(ctx: StageContext, scores, counts: list[int]) -> np.ndarray:
+    """(B, G, G) bool unions from the capture's accumulators (``CapturedScores``) in one fused op: maps, Otsu
+    masks, union (and soft masks) of the whole batch; ``counts``: real objects per row."""
+    from ospo_fast.ops.object_masks import object_masks_from_scores
 
-    valid = torch.zeros(maps.shape[:2], dtype=torch.bool)
+    valid = torch.zeros(scores.sums.shape[:2], dtype=torch.bool)
     for row, count in enumerate(counts):
         valid[row, :count] = True
-    result = object_masks(maps.float(), ctx.config.masks, backend=ctx.config.masks.backend, object_valid=valid)
+    result = object_masks_from_scores(scores, ctx.config.masks, backend=ctx.config.masks.backend,
+                                      object_valid=valid.to(scores.sums.device))
     return result.union.cpu().numpy()
 
 
@@ -185,13 +188,13 @@ def images_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
         result = generate_images(bundle, prompts, seeds, cfg, objects=objects if in_flight else None,
                                  mask_layers=layers if in_flight else None)
         if in_flight:
-            maps = result.object_maps
+            scores = result.object_scores
         else:
-            from ospo_fast.engine.object_attention import teacher_forced_object_maps
+            from ospo_fast.engine.object_attention import teacher_forced_object_scores
 
-            maps = teacher_forced_object_maps(bundle, [r["base_prompt"] for r in batch] * 2, result.tokens,
-                                              objects, skip_layers=mcfg.skip_layers)
-        unions = _union_masks(ctx, maps, [len(o) for o in objects])
+            scores = teacher_forced_object_scores(bundle, [r["base_prompt"] for r in batch] * 2, result.tokens,
+                                                  objects, skip_layers=mcfg.skip_layers)
+        unions = _union_masks(ctx, scores, [len(o) for o in objects])
         tokens = result.tokens.cpu().tolist()
         for i, record in enumerate(batch):
             j = i + len(batch)
