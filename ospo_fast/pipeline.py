@@ -81,7 +81,7 @@ class Pipeline:
         self.store = RunStore(out_dir, self.dist.rank, self.dist.world)
         self.ctx = StageContext(config, device=str(self.dist.device))
         self.progress = progress and self.dist.rank == 0
-        self.overlap_writes = True  # False: write each chunk in series (benchmarks/bench_pipeline compares)
+        self.overlap_writes = True  # False: write each chunk in series (bench_fullsize.py --overlap compares)
         if redo is not None and redo not in STAGES:
             raise StoreError(f"--redo {redo!r} is not a stage; give one of {list(STAGES)}")
         self.fingerprints = stage_fingerprints(config)
