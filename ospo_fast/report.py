@@ -15,6 +15,7 @@ images that failed to load and says so on the page (``data-images-failed`` on ``
 from __future__ import annotations
 
 import html
+import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -218,8 +219,6 @@ def _gallery_pairs(synth_dir: Path) -> list[tuple[str, Path, Path]]:
 
 def _gallery_rows(before_dir: Path, after_dir: Path, page_dir: Path, size: int = 128) -> tuple[list, dict]:
     """Rows (HTML cells) of a before/after gallery, changed verdicts first; and the counts."""
-    import os
-
     before, after = read_jsonl(before_dir / "verdicts.jsonl"), read_jsonl(after_dir / "verdicts.jsonl")
     if [(r["prompt"], r["seed"]) for r in before] != [(r["prompt"], r["seed"]) for r in after]:
         raise ValueError(f"{before_dir} and {after_dir} hold different prompts or seeds; re-run the evaluation")
@@ -246,9 +245,10 @@ def _gallery_rows(before_dir: Path, after_dir: Path, page_dir: Path, size: int =
     return rows, counts
 
 
-def _gallery_title(key: str, counts: dict) -> tuple[str, str]:
-    """(heading, counts line) of one gallery."""
-    weight = f", CFG {key[len('@cfg'):]}" if key.startswith("@cfg") else ""
+def _gallery_title(key: str, counts: dict, guidance: object) -> tuple[str, str]:
+    """(heading, counts line) of one gallery; ``guidance``: the run's images.guidance_scale (key "")."""
+    main = f"{guidance:g}" if isinstance(guidance, (int, float)) else str(guidance)
+    weight = f", CFG {key[len('@cfg'):] if key.startswith('@cfg') else main}"
     n = counts["n"]
     return (f"Before / after OSPO on held-out prompts{weight}",
             f"<p>Judged by the exact judge: strict {counts['strict'][0]}/{n} &rarr; {counts['strict'][1]}/{n}, loose "
@@ -265,14 +265,14 @@ def _gallery_table(rows: list[list[str]]) -> str:
     return f'<table class="gallery"><tr>{head}</tr>{body}</table>'
 
 
-def _write_galleries(synth_dir: Path, pages: Path) -> tuple[list[str], list[str]]:
+def _write_galleries(synth_dir: Path, pages: Path, guidance: object) -> tuple[list[str], list[str]]:
     """Write the gallery pages into ``pages``; returns the index's preview sections (HTML) and the pages' names."""
     preview, names = [], []
     for key, before, after in _gallery_pairs(synth_dir):
         rows, counts = _gallery_rows(before, after, pages)
         name = f"gallery{_slug(key)}.html"
         names.append(name)
-        title, line = _gallery_title(key, counts)
+        title, line = _gallery_title(key, counts, guidance)
         body = [f'<p><a href="../report.html">&larr; report</a></p><h1>{title}</h1>', line,
                 '<p class="small">The same prompts and sampling seeds, drawn by the starting model and by the model '
                 "after OSPO, judged by the exact judge; verdicts that changed come first.</p>", _gallery_table(rows)]
@@ -284,14 +284,13 @@ def _write_galleries(synth_dir: Path, pages: Path) -> tuple[list[str], list[str]
     return preview, names
 
 
-def _run_settings(root: Path) -> tuple[object, object]:
-    """(filter.tau, loss.alpha) from the synthesis dir's config.yaml ("?" when absent)."""
+def _run_settings(root: Path) -> dict:
+    """The synthesis dir's config.yaml as a dict ({} when absent)."""
     import yaml
 
     path = root / "config.yaml"
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    saved = saved if isinstance(saved, dict) else {}
-    return (saved.get("filter", {}).get("tau", "?"), saved.get("loss", {}).get("alpha", "?"))
+    return saved if isinstance(saved, dict) else {}
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -307,7 +306,9 @@ def write_report(run_dir: str | Path) -> Path:
     stage_rows = [[name, e["records"], e["rejects"], ", ".join(f"{k}: {v}" for k, v in e["reject_reasons"].items()),
                    f"{e['seconds']:.1f}"] for name, e in sorted(stages.items(), key=lambda x: _order(STAGES, x[0]))]
     name = f"{root.parent.name}/{root.name}"  # no absolute path in the page
-    parts = [f"<h1>OSPO run: {html.escape(name)}</h1>", _legend(*_run_settings(root)),
+    settings = _run_settings(root)
+    parts = [f"<h1>OSPO run: {html.escape(name)}</h1>",
+             _legend(settings.get("filter", {}).get("tau", "?"), settings.get("loss", {}).get("alpha", "?")),
              "<h2>Stages</h2>", _table(stage_rows, ["stage", "records", "rejects", "reasons", "seconds"])]
     scored = store.read_stage("vqa") if store.stage_done("vqa") else []
     selected = {p["pair_id"] for p in store.read_stage("select")} if store.stage_done("select") else set()
@@ -340,7 +341,7 @@ def write_report(run_dir: str | Path) -> Path:
     metrics = root.parent / "train" / "metrics.jsonl"
     if root.name == "synth" and metrics.is_file():
         parts += _loss_section(metrics)
-    galleries, names = _write_galleries(root, pages)
+    galleries, names = _write_galleries(root, pages, settings.get("images", {}).get("guidance_scale", "?"))
     parts += galleries
     written += names
     for stale in pages.glob("*.html"):  # pages of an earlier report that this one no longer has
