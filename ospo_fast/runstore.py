@@ -44,7 +44,7 @@ IMAGE_KEY = "image"
 IMAGE_SHA_KEY = "image_sha256"
 Finalize = Callable[[list[dict], list[dict]], tuple[list[dict], list[dict]]]
 
-__all__ = ["RunStore", "StoreError", "png_bytes", "sha256_file"]
+__all__ = ["RunStore", "StoreError", "check_committed", "png_bytes", "sha256_file"]
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -55,6 +55,20 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def check_committed(path: str | Path) -> None:
+    """If ``path`` is a top-level output of a run directory (listed in the ``manifest.json`` beside it), raise a
+    StoreError unless it still matches the sha256 it was committed with; a file outside a run is not checked."""
+    path = Path(path)
+    manifest_path = path.parent / "manifest.json"
+    if not manifest_path.is_file():
+        return
+    entry = RunStore(path.parent).manifest()["outputs"].get(path.name)
+    if entry is not None and sha256_file(path) != entry["sha256"]:
+        raise StoreError(f"{path} does not match its sha256 in {manifest_path} (changed after the run wrote it); "
+                         f"run `ospo-fast synth --out {path.parent} --redo select` with the run's config to rewrite "
+                         "it")
 
 
 class RunStore:

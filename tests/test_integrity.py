@@ -413,3 +413,18 @@ def test_model_directory_identity_changes_with_retrained_weights_not_with_its_lo
     (tmp_path / "b" / "model.safetensors").write_bytes(retrained)
     assert file_identity(tmp_path / "a") != file_identity(tmp_path / "b")
     assert file_identity("builtin:tiny") == {"name": "builtin:tiny"}
+
+
+def test_training_refuses_pairs_changed_after_the_run_committed_them(reference, tmp_path):
+    """Was: a pairs.jsonl changed after the run (still valid JSON, or one line fewer) trained without a word."""
+    from ospo_fast.train.data import read_pairs
+
+    run = _copy(reference[0], tmp_path)
+    pairs = run / "pairs.jsonl"
+    assert len(read_pairs(pairs)) == 1
+    pair = read_jsonl(pairs)[0]
+    pairs.write_text(json.dumps(dict(pair, prompt=pair["prompt"] + " and a dog")) + "\n")
+    with pytest.raises(StoreError, match=rf"^{re.escape(str(pairs))} does not match its sha256 .*--redo select"):
+        read_pairs(pairs)
+    (tmp_path / "loose.jsonl").write_text(pairs.read_text())  # outside a run directory: nothing to check against
+    assert len(read_pairs(tmp_path / "loose.jsonl")) == 1

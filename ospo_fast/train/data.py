@@ -100,6 +100,9 @@ def read_pairs(path: str | Path, grid: int | None = None, codebook: int | None =
     if not path.is_file():
         raise PairsFileError(f"pairs file {path} does not exist; run the pipeline up to the selection stage "
                              "(it writes <run_dir>/pairs.jsonl) or pass the path of an existing pairs.jsonl")
+    from ospo_fast.runstore import check_committed
+
+    check_committed(path)  # inside a run directory: the pairs as selection committed them, not a damaged copy
     records = []
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
