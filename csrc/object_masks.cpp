@@ -8,6 +8,7 @@
 //   -> (Tensor normalised (N, P) float32, Tensor thresholds (N,) float32, Tensor masks (N, P) bool)
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -139,28 +140,33 @@ void scores_one_image(const T* sums, const float* counts, const bool* token_vali
     int64_t nv = 0;
     for (int64_t s = 0; s < a.s; ++s) nv += tv[s] ? 1 : 0;
     const double per_cell = static_cast<double>(a.heads * nv);  // heads x real sub-tokens
+    std::fill(map.begin(), map.end(), 0.0);
+    for (int64_t s = 0; s < a.s; ++s) {  // per cell: sub-tokens added in ascending order, as the reference
+      if (!tv[s]) continue;  // adding 0.0 for a padded sub-token leaves the sum as it is
+      for (int64_t i = 0; i < p; ++i) map[i] += static_cast<double>(x[s * p + i]);
+    }
     for (int64_t i = 0; i < p; ++i) {
-      double acc = 0.0;
-      for (int64_t s = 0; s < a.s; ++s) acc += tv[s] ? static_cast<double>(x[s * p + i]) : 0.0;
       // 0 / 0 = NaN for a cell never captured (count 0): reported by the caller, naming image and object
-      map[i] = object_valid[o] ? acc / (static_cast<double>(counts[i]) * per_cell) : 0.0;
+      map[i] = object_valid[o] ? map[i] / (static_cast<double>(counts[i]) * per_cell) : 0.0;
     }
     thr[o] = otsu_one<double>(map.data(), p, a.scale, norm + o * p, mask + o * p);
     for (int64_t i = 0; i < p; ++i) uni[i] = uni[i] || mask[o * p + i];
   }
+  // separable Gaussian, reflect-101 borders: along rows into `across`, then along columns
   const int64_t pad = a.kernel / 2;
-  std::vector<double> smooth(p);
+  std::vector<double> across(p), smooth(p);
+  for (int64_t r = 0; r < a.g1; ++r) {
+    for (int64_t c = 0; c < a.g2; ++c) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < a.kernel; ++k) acc += uni[r * a.g2 + reflect101(c + k - pad, a.g2)] ? a.taps[k] : 0.0;
+      across[r * a.g2 + c] = acc;
+    }
+  }
   double lo = std::numeric_limits<double>::infinity(), hi = -lo;
   for (int64_t r = 0; r < a.g1; ++r) {
     for (int64_t c = 0; c < a.g2; ++c) {
       double acc = 0.0;
-      for (int64_t dr = 0; dr < a.kernel; ++dr) {
-        const int64_t rr = reflect101(r + dr - pad, a.g1);
-        for (int64_t dc = 0; dc < a.kernel; ++dc) {
-          const int64_t cc = reflect101(c + dc - pad, a.g2);
-          acc += uni[rr * a.g2 + cc] ? a.taps[dr] * a.taps[dc] : 0.0;
-        }
-      }
+      for (int64_t k = 0; k < a.kernel; ++k) acc += a.taps[k] * across[reflect101(r + k - pad, a.g1) * a.g2 + c];
       smooth[r * a.g2 + c] = acc;
       lo = acc < lo ? acc : lo;
       hi = acc > hi ? acc : hi;

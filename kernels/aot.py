@@ -77,9 +77,10 @@ def _object_masks_launches() -> list[Launch]:
         # the fused op (issue 19a): the capture's float32 sums, 4 objects x 4 sub-tokens (the engine's buckets),
         # 16 heads (Janus-Pro-1B), a 5x5 Gaussian
         Launch(k.__name__, "_object_masks_from_scores_kernel", f"float32 P={P_JANUS} O=4 S=4", dict(
-            sums_ptr=torch.float32, counts_ptr=torch.float32, tvalid_ptr=torch.int8, ovalid_ptr=torch.int8,
+            sums_ptr=torch.float32, counts_ptr=torch.float32, tvalid_ptr=torch.bool, ovalid_ptr=torch.bool,
             taps_ptr=torch.float64, norm_ptr=torch.float32, thr_ptr=torch.float32, mask_ptr=torch.int8,
-            union_ptr=torch.int8, soft_ptr=torch.float32, n_obj=4, n_tok=4, G2=24, P=P_JANUS, heads=16,
+            union_ptr=torch.int8, soft_ptr=torch.float32, counts_stride=0, n_obj=4, n_tok=4, G2=24, P=P_JANUS,
+            heads=16,
             otsu_scale=0.8), dict(NBINS=k.NBINS, KERNEL=5))]
 
 

@@ -112,16 +112,17 @@ def _reflect101(i, n):
 @triton.heuristics({"BLOCK": _block})
 @triton.jit
 def _object_masks_from_scores_kernel(sums_ptr, counts_ptr, tvalid_ptr, ovalid_ptr, taps_ptr, norm_ptr, thr_ptr,
-                                     mask_ptr, union_ptr, soft_ptr, n_obj, n_tok, G2, P, heads, otsu_scale,
+                                     mask_ptr, union_ptr, soft_ptr, counts_stride, n_obj, n_tok, G2, P, heads,
+                                     otsu_scale,
                                      BLOCK: tl.constexpr, NBINS: tl.constexpr, KERNEL: tl.constexpr):
     """One program per image: every object's map (float64 mean over heads, layers and real sub-tokens, added in
     ascending sub-token order), min-max, Otsu x scale, mask; the union over valid objects; the 5x5 (KERNEL)
-    Gaussian-smoothed union, min-max normalised. sums (B, O, S, P), counts (B, P), tvalid (B, O, S) int8,
-    ovalid (B, O) int8, taps (KERNEL,) float64."""
+    Gaussian-smoothed union, min-max normalised. sums (B, O, S, P), counts (B, P) with row stride counts_stride
+    (0: one row shared by all images), tvalid (B, O, S) bool, ovalid (B, O) bool, taps (KERNEL,) float64."""
     img = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = offs < P
-    counts = tl.load(counts_ptr + img * P + offs, mask=inside, other=0.0).to(tl.float64)  # (BLOCK,)
+    counts = tl.load(counts_ptr + img * counts_stride + offs, mask=inside, other=0.0).to(tl.float64)  # (BLOCK,)
     union = tl.zeros([BLOCK], dtype=tl.int32)
     idx = tl.arange(0, NBINS)
     centers = (idx.to(tl.float64) * 2.0 + 1.0) / (2.0 * NBINS)
@@ -200,8 +201,10 @@ def object_masks_from_scores_triton(sums: torch.Tensor, counts: torch.Tensor, to
     if b == 0:
         return norm, thresholds, masks.view(torch.bool), union.view(torch.bool), soft
     scale = float(np.float32(otsu_scale))
+    c = counts.to(torch.float32).view(b, g1 * g2)  # the capture's counts are one row expanded over images: no copy
+    c = c if c.stride(1) == 1 else c.contiguous()
     _object_masks_from_scores_kernel[(b,)](
-        x, counts.to(torch.float32).contiguous(), token_valid.to(torch.int8).contiguous(),
-        object_valid.to(torch.int8).contiguous(), taps.to(torch.float64).contiguous(), norm, thresholds, masks,
-        union, soft, o, s, g2, g1 * g2, int(heads), scale, NBINS=NBINS, KERNEL=int(taps.numel()))
+        x, c, token_valid.to(torch.bool).contiguous(), object_valid.to(torch.bool).contiguous(),
+        taps.to(torch.float64).contiguous(), norm, thresholds, masks, union, soft, c.stride(0), o, s, g2, g1 * g2,
+        int(heads), scale, NBINS=NBINS, KERNEL=int(taps.numel()))
     return norm, thresholds, masks.view(torch.bool), union.view(torch.bool), soft
