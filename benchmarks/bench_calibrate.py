@@ -3,8 +3,9 @@ generation (stage 3's engine, CFG, KV cache, VQ decode) on the tiny (8x8) and ti
 
 Calibration (seconds): memory bandwidth = weight bytes / time of a GEMV (what a decode step does), matmul
 throughput = 2 n^3 / time of an n^3 GEMM, convolution throughput from a 3x3 convolution (the VQ decoder's op), op
-overhead = time per aten op of a one-token forward of a 2-layer, 16-wide transformers LlamaModel (the host cost
-every op of transformers' decoder code pays, with no arithmetic to speak of). Host ops per piece (prefill, one
+overhead = time per aten op of KV-cached decode steps of a 2-layer, 16-wide transformers LlamaModel with a
+StaticCache and a padding mask (the host cost every op of transformers' decoder code pays, with no arithmetic to
+speak of). Host ops per piece (prefill, one
 decode step, VQ decode) are counted once by a TorchDispatchMode on the same call, so the prediction is roofline +
 ops x overhead with nothing fitted to the generation being predicted. Every time is the fastest of its repeats.
 
@@ -42,17 +43,28 @@ def fastest_seconds(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def _op_overhead(dtype: torch.dtype) -> float:
-    """Seconds per aten op of a no-grad one-token forward of a 2-layer, 16-wide transformers LlamaModel."""
-    from transformers import LlamaConfig, LlamaModel
+def _op_overhead(dtype: torch.dtype, steps: int = 16) -> float:
+    """Seconds per aten op of KV-cached one-token decode steps of a 2-layer, 16-wide transformers LlamaModel with a
+    StaticCache, a padding mask and position ids (the mechanisms of a Janus decode step, no arithmetic)."""
+    from transformers import LlamaConfig, LlamaModel, StaticCache
 
     config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2, vocab_size=32)
     model = LlamaModel(config).to(dtype).eval()
+    cache = StaticCache(config=config, max_cache_len=8 + steps + 1)
+    mask = torch.ones(2, 8 + steps + 1, dtype=torch.long)
     ids = torch.zeros(2, 1, dtype=torch.long)
-    forward = lambda: model(input_ids=ids, use_cache=False)
+
+    def decode():
+        cache.reset()
+        model(input_ids=torch.zeros(2, 8, dtype=torch.long), attention_mask=mask[:, :8],
+              position_ids=torch.arange(8).expand(2, -1), past_key_values=cache, use_cache=True)
+        for t in range(8, 8 + steps):
+            model(input_ids=ids, attention_mask=mask[:, :t + 1], position_ids=torch.full((2, 1), t),
+                  past_key_values=cache, use_cache=True)
+
     with torch.no_grad():
-        return fastest_seconds(lambda: [forward() for _ in range(20)]) / 20 / count_ops(forward)
+        return fastest_seconds(decode) / count_ops(decode)
 
 
 def _conv_flops(dtype: torch.dtype, channels: int = 64, side: int = 64) -> float:

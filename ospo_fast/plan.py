@@ -463,10 +463,13 @@ def forward_flops(shape: ModelShape, rows: int, tokens: int, context: int | None
 
 
 def decode_time(steps: int, step_params: int, rows: int, start_context: int, shape: ModelShape, device: Device,
-                dtype_bytes: int) -> tuple[float, float, float]:
-    """Seconds, FLOPs and bytes of ``steps`` decode steps (context grows from ``start_context``; the mean context
-    is used): per step max(bytes / (bandwidth x eff), FLOPs / (peak x eff)) (roofline)."""
-    flops, bytes_ = decode_step_cost(step_params, rows, start_context + steps / 2, shape, dtype_bytes)
+                dtype_bytes: int, static: bool = False) -> tuple[float, float, float]:
+    """Seconds, FLOPs and bytes of ``steps`` decode steps from ``start_context`` cached tokens: per step
+    max(bytes / (bandwidth x eff), FLOPs / (peak x eff)) (roofline). Attention covers the mean context of a growing
+    cache, or with ``static`` every slot of a StaticCache of start + steps + 1 (masked slots are still read: the
+    image engine's case)."""
+    context = start_context + steps + 1 if static else start_context + steps / 2
+    flops, bytes_ = decode_step_cost(step_params, rows, context, shape, dtype_bytes)
     per_step = max(bytes_ / (device.bandwidth * device.bandwidth_efficiency),
                    flops / (device.peak_flops * device.matmul_efficiency))
     return per_step * steps, flops * steps, bytes_ * steps
@@ -503,7 +506,7 @@ def image_batch_seconds(shape: ModelShape, images: int, device: Device, dtype: s
     bytes scaled from float32 to ``dtype``); each + its op launches x ``device.op_overhead``."""
     b, n, o = DTYPE_BYTES[dtype], shape.image_tokens, device.op_overhead
     head = 2 * shape.params["generation_head"]  # the generation head at the last position, per row
-    decode, _, _ = decode_time(n - 1, shape.image_step_params, 2 * images, prompt_len, shape, device, b)
+    decode, _, _ = decode_time(n - 1, shape.image_step_params, 2 * images, prompt_len, shape, device, b, static=True)
     return {
         "prefill": compute_time(forward_flops(shape, 2 * images, prompt_len) + 2 * images * head, device)
         + ops.prefill * o,
@@ -586,7 +589,8 @@ def images_stage(config, shape: ModelShape, device: Device, devices: int, batch:
     images = config.prompts.num_prompts * config.perturb.num_perturbations * 2
     batches = math.ceil(images / devices / batch)
     prefill = forward_flops(shape, 2 * batch, IMAGE_PROMPT_TOKENS)
-    _, flops, bytes_ = decode_time(n - 1, shape.image_step_params, 2 * batch, IMAGE_PROMPT_TOKENS, shape, device, b)
+    _, flops, bytes_ = decode_time(n - 1, shape.image_step_params, 2 * batch, IMAGE_PROMPT_TOKENS, shape, device, b,
+                                   static=True)
     mask = forward_flops(shape, batch, BASE_PROMPT_TOKENS + n) if config.masks.context == "base" else 0.0
     vq = batch * shape.vq_decode_flops
     per_batch = sum(image_batch_seconds(shape, batch, device, config.model.dtype,
