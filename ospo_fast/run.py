@@ -22,6 +22,7 @@ from ospo_fast.distributed import init_distributed
 from ospo_fast.models.loader import is_random_init
 from ospo_fast.pipeline import Pipeline
 from ospo_fast.report import write_report
+from ospo_fast.runstore import RunStore
 from ospo_fast.store import atomic_write_json, read_jsonl
 
 
@@ -54,14 +55,14 @@ def _evaluate(config: OSPOConfig, model_path: str, save_to: Path | None = None) 
 def toy_mask_localisation(synth_dir: Path) -> dict:
     """Toy world only: how well the attention masks of the generated images cover the drawn objects."""
     import numpy as np
-    from PIL import Image
 
     from ospo_fast.toy.evaluate import mask_localisation
 
+    store = RunStore(synth_dir)
     images, masks = [], []
-    for record in read_jsonl(synth_dir / "images" / "records.jsonl"):
+    for record in store.read_stage("images"):  # checked against the manifest; PNGs against their sha256
         for side in ("chosen", "rejected"):
-            images.append(np.asarray(Image.open(synth_dir / record[side]["image"]).convert("RGB")))
+            images.append(store.load_image(record[side]))
             grid = int(round(len(record[side]["mask"]) ** 0.5))
             masks.append(np.asarray(record[side]["mask"], dtype=bool).reshape(grid, grid))
     return mask_localisation(images, masks)
@@ -69,11 +70,11 @@ def toy_mask_localisation(synth_dir: Path) -> dict:
 
 def stage_summary(synth_dir: Path) -> dict:
     """Counts, reasons, timings and per-category pass rates of one synthesis run, read from its files."""
-    manifest = json.loads((synth_dir / "manifest.json").read_text())
-    stages = manifest["stages"]
-    scored = read_jsonl(synth_dir / "vqa" / "records.jsonl")
-    pairs = read_jsonl(synth_dir / "pairs.jsonl")
-    base = read_jsonl(synth_dir / "prompts" / "records.jsonl")
+    store = RunStore(synth_dir)  # every file read is checked against the sha256 its manifest committed
+    stages = store.manifest()["stages"]
+    scored = store.read_stage("vqa")
+    pairs = store.read_final("pairs.jsonl", images=False)
+    base = store.read_stage("prompts")
     prompts_per_cat = Counter(r["category"] for r in base)
     kept_per_cat = Counter(p["category"] for p in pairs)
     reasons: dict[str, int] = Counter(r["verdict"]["reason"] for r in scored)
@@ -132,7 +133,7 @@ def _no_pairs_message(config: OSPOConfig, synth_dir: Path, iteration: int) -> st
     """Why stages 1-4 kept no pair (the filter's reasons; a random model's answers are noise) and what to do; writes
     the synthesis report it names."""
     write_report(synth_dir)
-    reasons = Counter(r["verdict"]["reason"] for r in read_jsonl(synth_dir / "vqa" / "records.jsonl"))
+    reasons = Counter(r["verdict"]["reason"] for r in RunStore(synth_dir).read_stage("vqa"))
     why = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "no pair was scored"
     model = (f"{config.model.path} is random-initialised, so its yes/no answers are noise and S(chosen) stays near 0 "
              f"< filter.tau={config.filter.tau:g}; " if is_random_init(config.model.path) else "")

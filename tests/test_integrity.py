@@ -428,3 +428,25 @@ def test_training_refuses_pairs_changed_after_the_run_committed_them(reference, 
         read_pairs(pairs)
     (tmp_path / "loose.jsonl").write_text(pairs.read_text())  # outside a run directory: nothing to check against
     assert len(read_pairs(tmp_path / "loose.jsonl")) == 1
+
+
+@pytest.mark.parametrize("stage", ["prompts", "vqa"])
+def test_run_summary_reads_only_committed_files(reference, tmp_path, stage):
+    """Was: the run summary read the stage files with a plain JSONL reader, so a lost last line was one record fewer
+    in the printed counts and rates."""
+    from ospo_fast.run import stage_summary
+
+    run = _copy(reference[0], tmp_path)
+    assert stage_summary(run)["pairs"] == len(reference[1])
+    _damage(run / stage / "records.jsonl", "lost_last_line")
+    with pytest.raises(StoreError, match=rf"^{re.escape(str(run / stage / 'records.jsonl'))} "):
+        stage_summary(run)
+
+
+def test_toy_mask_localisation_checks_the_pngs(reference, tmp_path):
+    from ospo_fast.run import toy_mask_localisation
+
+    run = _copy(reference[0], tmp_path)
+    _damage(run / reference[1][0]["chosen"]["image"], "flipped_byte")
+    with pytest.raises(StoreError, match="does not match its sha256"):
+        toy_mask_localisation(run)
