@@ -21,7 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ospo_fast.store import StoreError, atomic_write_bytes
+from ospo_fast.runstore import RunStore
+from ospo_fast.store import StoreError, atomic_write_bytes, sha256_bytes
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the arrow type of datasets.Image
 HF_METADATA = {"info": {"features": {"chosen": {"_type": "Image"}, "rejected": {"_type": "Image"}}}}
@@ -41,14 +42,27 @@ class RunDirError(StoreError):
     to run."""
 
 
-def _image(root: Path, rel: str) -> dict:
+def _committed_images(root: Path) -> dict[str, str]:
+    """{relative PNG path: sha256} that ``manifest.json`` committed with pairs.jsonl; {} outside a run."""
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    return RunStore(root).manifest()["outputs"].get("pairs.jsonl", {}).get("images", {})
+
+
+def _image(root: Path, rel: str, committed: dict[str, str]) -> dict:
+    """The PNG ``rel`` as a datasets Image cell, checked against its committed sha256 where the run has one."""
     path = (root / rel).resolve()
     if not path.is_relative_to(root.resolve()):
         raise RunDirError(f"{root / 'pairs.jsonl'} names image {rel!r} outside {root}; re-run the selection stage")
     if not path.is_file():
         raise RunDirError(f"image {root / rel} named in {root / 'pairs.jsonl'} does not exist; keep images/ next to "
                           "pairs.jsonl")
-    return {"bytes": path.read_bytes(), "path": rel}
+    data = path.read_bytes()
+    if rel in committed and sha256_bytes(data) != committed[rel]:
+        raise RunDirError(f"{root / rel} does not match its sha256 in {root / 'manifest.json'} (damaged after it was "
+                          f"written); pass --redo images to `ospo-fast synth --out {root}`")
+    return {"bytes": data, "path": rel}
 
 
 def synth_dirs(run_dir: str | Path) -> list[Path]:
@@ -77,11 +91,12 @@ def pairs_table(synth_dir: str | Path) -> pa.Table:
         raise RunDirError(f"{root} has no pairs.jsonl (stages 1-4 have not finished); resume them with "
                           f"`ospo-fast synth --out {root}` (or `ospo-fast run` on the run directory)")
     pairs = read_pairs(pairs_file)
+    committed = _committed_images(root)
     columns = {
         "pair_id": [p["pair_id"] for p in pairs],
         "prompt": [p["prompt"] for p in pairs],
-        "chosen": [_image(root, p["chosen"]["image"]) for p in pairs],
-        "rejected": [_image(root, p["rejected"]["image"]) for p in pairs],
+        "chosen": [_image(root, p["chosen"]["image"], committed) for p in pairs],
+        "rejected": [_image(root, p["rejected"]["image"], committed) for p in pairs],
         "chosen_prompt": [p["dense_chosen"] for p in pairs],
         "rejected_prompt": [p["dense_rejected"] for p in pairs],
         "perturbed_prompt": [p["perturbed_prompt"] for p in pairs],

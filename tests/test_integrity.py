@@ -450,3 +450,13 @@ def test_toy_mask_localisation_checks_the_pngs(reference, tmp_path):
     _damage(run / reference[1][0]["chosen"]["image"], "flipped_byte")
     with pytest.raises(StoreError, match="does not match its sha256"):
         toy_mask_localisation(run)
+
+
+def test_export_checks_the_pngs(reference, tmp_path):
+    """Was: export read the PNG bytes as they were, so a damaged image went into the Parquet file."""
+    from ospo_fast.export import RunDirError, export_parquet
+
+    run = _copy(reference[0], tmp_path)
+    _damage(run / reference[1][0]["chosen"]["image"], "flipped_byte")
+    with pytest.raises(RunDirError, match="does not match its sha256 .*--redo images"):
+        export_parquet(run)
