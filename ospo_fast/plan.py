@@ -408,8 +408,10 @@ def device_budget(device: torch.device | str) -> float:
 def resolve_auto_batches(config, device: torch.device | str, budget: float | None = None,
                          shape: ModelShape | None = None, log=print):
     """A copy of ``config`` with every ``"auto"`` batch size (images.batch_size, filter.vqa_batch_size) replaced
-    by ``auto_batch`` on ``device``'s memory (or ``budget``), the chosen plan printed once through ``log``. A
-    config without "auto" comes back unchanged (the same object)."""
+    by ``stable_batch(auto_batch(...))`` on ``device``'s memory (or ``budget``), the chosen plan printed once
+    through ``log``. A config without "auto" comes back unchanged (the same object). The number is what
+    config.yaml and the stage fingerprints record, so a resume that resolves to another number (another GPU) is
+    refused naming the key; pass the saved number to resume there."""
     wanted = [(section, key, stage) for section, key, stage in AUTO_FIELDS
               if getattr(getattr(config, section), key) == "auto"]
     if not wanted:
@@ -418,11 +420,20 @@ def resolve_auto_batches(config, device: torch.device | str, budget: float | Non
     budget = device_budget(device) if budget is None else budget
     resolved = dataclasses.replace(config)
     for section, key, stage in wanted:
-        choice = auto_batch(shape, stage, budget, **_stage_kwargs(config, stage))
-        part = dataclasses.replace(getattr(resolved, section), **{key: choice.batch})
+        kwargs = _stage_kwargs(config, stage)
+        choice = auto_batch(shape, stage, budget, **kwargs)
+        batch = stable_batch(choice.batch)
+        choice = dataclasses.replace(choice, batch=batch, memory=MEMORY_FNS[stage](shape, batch, **kwargs))
+        part = dataclasses.replace(getattr(resolved, section), **{key: batch})
         resolved = dataclasses.replace(resolved, **{section: part})
-        log(f"[ospo-fast plan] {section}.{key}=auto -> {choice.batch} on {torch.device(device)}: {choice.line()}")
+        log(f"[ospo-fast plan] {section}.{key}=auto -> {batch} on {torch.device(device)}: {choice.line()}")
     return resolved
+
+
+def stable_batch(batch: int) -> int:
+    """``batch`` rounded down to a multiple of 8 from 16 up: the same number when free memory moves a little
+    between a run and its resume (and whole tensor-core tiles)."""
+    return batch if batch < 16 else batch // 8 * 8
 
 
 AUTO_FIELDS = (("images", "batch_size", "images"), ("filter", "vqa_batch_size", "vqa"))
@@ -629,7 +640,7 @@ def train_stage(config, shape: ModelShape, device: Device, devices: int, batch: 
 
 def _batch(value, shape: ModelShape, stage: str, device: Device, config) -> int:
     if value == "auto":
-        return auto_batch(shape, stage, device.memory, **_stage_kwargs(config, stage)).batch
+        return stable_batch(auto_batch(shape, stage, device.memory, **_stage_kwargs(config, stage)).batch)
     return int(value)
 
 

@@ -93,8 +93,8 @@ def test_resolve_auto_batches_replaces_auto_and_prints_the_plan(tiny_shape):
     config = load_config("tiny", ["images.batch_size=auto", "filter.vqa_batch_size=auto"])
     lines = []
     resolved = plan.resolve_auto_batches(config, "cpu", budget=300 * MiB, shape=tiny_shape, log=lines.append)
-    assert resolved.images.batch_size == plan.auto_batch(tiny_shape, "images", 300 * MiB, dtype="float32",
-                                                         scores=False).batch
+    exact = plan.auto_batch(tiny_shape, "images", 300 * MiB, dtype="float32", scores=False).batch
+    assert resolved.images.batch_size == plan.stable_batch(exact) == exact // 8 * 8  # exact >= 16 here
     assert isinstance(resolved.filter.vqa_batch_size, int) and config.images.batch_size == "auto"
     assert len(lines) == 2 and "images.batch_size=auto ->" in lines[0] and "GiB usable" in lines[0]
     fixed = load_config("tiny")
@@ -130,8 +130,8 @@ def test_cli_plan_prints_a_table(capsys):
         "prompts", "perturb", "densify", "images", "questions", "vqa", "train")}
     assert set(rows) == {"prompts", "perturb", "densify", "images", "questions", "vqa", "train"}
     assert rows["images"][1] == "120000"  # 20,000 prompts x 3 perturbations x 2 images
-    assert int(rows["images"][5]) == plan.auto_batch(shape, "images", plan.GPUS["h100"].memory, dtype="bfloat16",
-                                                     scores=False).batch
+    assert int(rows["images"][5]) == plan.stable_batch(plan.auto_batch(
+        shape, "images", plan.GPUS["h100"].memory, dtype="bfloat16", scores=False).batch)
 
 
 def test_cli_plan_unknown_gpu_lists_the_valid_ones(capsys):
