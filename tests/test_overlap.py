@@ -79,3 +79,22 @@ def test_disabled_writes_in_series():
         assert done == [(0, True)]
     with pytest.raises(ValueError, match="depth=0"):
         BackgroundWriter(print, depth=0)
+
+
+def test_pipeline_writes_the_same_run_with_and_without_overlap(tmp_path):
+    """Stage 3 on the tiny model, 3 chunks: the overlapped writer commits byte-identical stage outputs."""
+    import json
+
+    from ospo_fast.config import load_config
+    from ospo_fast.pipeline import Pipeline
+
+    config = load_config("tiny", ["prompts.num_prompts=1", "images.batch_size=2", "filter.enabled=false",
+                                  "model.device=cpu"])
+    digests = []
+    for overlap in (False, True):
+        pipeline = Pipeline(config, tmp_path / str(overlap), progress=False)
+        pipeline.overlap_writes = overlap
+        pipeline.run()
+        stages = json.loads((tmp_path / str(overlap) / "manifest.json").read_text())["stages"]
+        digests.append({name: entry.get("sha256") for name, entry in stages.items()})
+    assert digests[0] == digests[1] and digests[0]["images"]
