@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 
 def _extensions() -> tuple[list, dict]:
@@ -63,7 +63,10 @@ setup(
     name="ospo_fast",
     version="0.1.0",
     description="Fast Object-centric Self-improving Preference Optimization for unified multimodal LLMs (Janus-Pro)",
-    packages=find_packages(include=["ospo_fast", "ospo_fast.*"]) + ["ospo_fast.kernels"],
+    # namespace packages too: presets/ and assets/ hold only data files, and setuptools warns about (and will stop
+    # installing) data folders that are not listed as packages
+    packages=find_namespace_packages(include=["ospo_fast", "ospo_fast.*"], exclude=["*.__pycache__"])
+    + ["ospo_fast.kernels"],
     package_dir={"ospo_fast.kernels": "kernels"},
     package_data={"ospo_fast": ["presets/*.yaml", "assets/**/*"]},
     include_package_data=True,
