@@ -7,10 +7,11 @@ The same work, a KV-cached decode shaped like the toy model's image generation (
 with CFG = 32 rows, ``--steps`` steps), runs in a fresh process per case, because OpenMP reads its wait policy
 only once, when torch loads it. Cases: torch's defaults (one thread per CPU, libgomp spins), passive waiting with
 one thread (what shrinking the pool under load would do), and ospo_fast's policy (``cpu_thread_count()`` threads,
-one per CPU of the affinity mask; passive waiting only when ``machine_busy()``, i.e. beside the competitors). Each runs with no added load and beside
-``--competitors`` busy processes (default: one per CPU). Printed: median seconds, the slow-down that the added
-load causes, and each case's speed against torch's defaults in the same condition; the machine's load average
-before the run is printed too (on a shared machine it is part of the conditions).
+one per CPU of the affinity mask; passive waiting only when ``machine_busy()``, i.e. beside the competitors).
+Each runs with no added load and beside ``--competitors`` busy processes (default: one per CPU). Printed: median
+seconds, the slow-down that the added load causes, and each case's speed against torch's defaults in the same
+condition; the machine's load average before the run is printed too (on a shared machine it is part of the
+conditions).
 """
 
 from __future__ import annotations
