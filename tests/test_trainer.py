@@ -658,3 +658,28 @@ def test_damaged_metrics_lines_are_errors(tmp_path, text, line):
     path.write_text(text)
     with pytest.raises(CheckpointError, match=rf"metrics.jsonl:{line} is not"):
         read(path)
+
+
+def test_gradient_checkpointing_recomputes_the_decoder_layers(tmp_path, monkeypatch):
+    """train.gradient_checkpointing runs each decoder layer through torch.utils.checkpoint (transformers 5's
+    activation_checkpointing_enable; the deprecated gradient_checkpointing_enable warned on every run)."""
+    import warnings
+
+    import transformers.modeling_utils as modeling_utils
+
+    from ospo_fast.train import train
+
+    calls = {"n": 0}
+    original = modeling_utils.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting)
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 2, seed=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="`gradient_checkpointing_enable` is deprecated")
+        train(tiny_config(max_steps=1, grad_accum=1, per_device_batch=1, gradient_checkpointing=True), pairs,
+              tmp_path / "run")
+    assert calls["n"] > 0

@@ -139,8 +139,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial adapters on every rank and in every run
         self.peft = apply_lora(janus, self.tc, base_path=config.model.path) if self.tc.lora else None
         if self.tc.gradient_checkpointing:
-            janus.model.language_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            janus.model.language_model.activation_checkpointing_enable(  # transformers 5's name
+                activation_checkpointing_kwargs={"use_reentrant": False})
         self.pairs: PairSet = load_pair_set(pairs_path, bundle, mask_mode=config.loss.mask_smoothing,
                                             kernel=config.masks.gaussian_kernel, sigma=config.masks.gaussian_sigma,
                                             token_source=self.tc.token_source)
