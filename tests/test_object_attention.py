@@ -15,6 +15,7 @@ from ospo_fast.engine.object_attention import (
     teacher_forced_object_maps,
 )
 from ospo_fast.ops.object_masks import object_masks_ref, select_layers
+from tests.eager_reference import eager_object_maps
 
 PROMPTS = ["a red car and a blue bench near a tree", "a dog", "two cats beside a lamp"]
 OBJECTS = [["car", "bench", "tree"], ["dog"], ["cats", "lamp"]]
@@ -32,28 +33,8 @@ def inputs(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def eager_maps(tiny_bundle, inputs):
-    """The reference method: eager attention with output_attentions=True; mean over heads, the selected layers
-    and the object's sub-tokens, for the queries whose input is image token j."""
     _, batch, positions = inputs
-    lm = tiny_bundle.model.model.language_model
-    original = lm.config._attn_implementation
-    lm.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = lm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], output_attentions=True, use_cache=False)
-    finally:
-        lm.set_attn_implementation(original)
-    t = batch["input_ids"].shape[1]
-    attn = torch.stack([out.attentions[i] for i in select_layers(tiny_bundle.num_layers)])  # (L, B, H, T, T)
-    attn = attn[:, :, :, t:, :].mean(dim=2).mean(dim=0)  # (B, N, Tk)
-    maps = torch.zeros(*positions.shape[:2], 64)
-    for b in range(positions.shape[0]):
-        for o in range(positions.shape[1]):
-            keys = positions[b, o][positions[b, o] >= 0]
-            if len(keys):
-                maps[b, o] = attn[b][:, keys].mean(dim=-1)
-    return maps.view(*positions.shape[:2], 8, 8)
+    return eager_object_maps(tiny_bundle, batch, positions)
 
 
 def _assert_same_masks(maps, oracle, valid):

@@ -16,6 +16,7 @@ from ospo_fast.ops.object_masks import (
     select_layers,
     soft_mask,
 )
+from tests.eager_reference import eager_object_maps
 from tests.gpu import TRITON, backend_device
 
 BACKENDS = [
@@ -332,30 +333,11 @@ def test_from_scores_custom_op_fake_and_compiles():
 
 
 def _eager_maps(bundle, prompts, tokens, objects) -> torch.Tensor:
-    """The reference code's method on a real (tiny) Janus: eager attention with output_attentions=True, mean over
-    heads, the selected layers and each object's sub-tokens, queries whose input is image token j."""
+    """The reference code's method on a real (tiny) Janus (tests.eager_reference), on prompts + image tokens."""
     from ospo_fast.engine.object_attention import object_token_positions, teacher_forced_inputs
 
     batch = teacher_forced_inputs(bundle, prompts, tokens)
-    positions = object_token_positions(bundle.tokenizer, batch["input_ids"], objects)
-    lm = bundle.model.model.language_model
-    lm.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = lm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], output_attentions=True, use_cache=False)
-    finally:
-        lm.set_attn_implementation("sdpa")
-    t = batch["input_ids"].shape[1]
-    attn = torch.stack([out.attentions[i] for i in select_layers(bundle.num_layers)])[:, :, :, t:]
-    attn = attn.mean(dim=2).mean(dim=0)  # (B, N, Tk)
-    maps = torch.zeros(*positions.shape[:2], tokens.shape[1])
-    for b in range(positions.shape[0]):
-        for o in range(positions.shape[1]):
-            keys = positions[b, o][positions[b, o] >= 0]
-            if len(keys):
-                maps[b, o] = attn[b][:, keys].mean(dim=-1)
-    return maps.view(*positions.shape[:2], bundle.grid, bundle.grid)
+    return eager_object_maps(bundle, batch, object_token_positions(bundle.tokenizer, batch["input_ids"], objects))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
