@@ -10,7 +10,6 @@ file): resume walks back from the newest checkpoint to the newest intact one and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ospo_fast.store import atomic_write_json
+from ospo_fast.store import atomic_write_json, sha256_file
 
 STATE_FILE = "trainer_state.json"
 CHECKSUM_FILE = "checksums.json"
@@ -105,14 +104,6 @@ def read_state(directory: Path) -> dict[str, Any]:
 class CheckpointError(RuntimeError):
     """The training state in an out_dir cannot be resumed (no intact checkpoint, a damaged ``metrics.jsonl``); the
     message names each damaged file and what to do."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_files(directory: Path) -> list[str]:
