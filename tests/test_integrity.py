@@ -460,3 +460,13 @@ def test_export_checks_the_pngs(reference, tmp_path):
     _damage(run / reference[1][0]["chosen"]["image"], "flipped_byte")
     with pytest.raises(RunDirError, match="does not match its sha256 .*--redo images"):
         export_parquet(run)
+
+
+def test_toy_pair_judgement_checks_what_it_reads(reference, tmp_path):
+    """Was: the toy pair judgement read the stage files and PNGs unchecked (the run summary's twin)."""
+    from ospo_fast.toy.evaluate import pair_judgement
+
+    run = _copy(reference[0], tmp_path)
+    _damage(run / "images" / "records.jsonl", "lost_last_line")
+    with pytest.raises(StoreError, match=rf"^{re.escape(str(run / 'images' / 'records.jsonl'))} "):
+        pair_judgement(run)

@@ -203,15 +203,12 @@ def test_mask_localisation_on_ground_truth():
 def test_pair_judgement_on_rendered_pairs(tmp_path):
     """Chosen = a render of the base prompt, rejected = a render of another caption: the judge says so exactly."""
     import numpy as np
-    from PIL import Image
 
-    from ospo_fast.store import atomic_write_jsonl
+    from ospo_fast.runstore import RunStore
     from ospo_fast.toy import world
     from ospo_fast.toy.evaluate import pair_judgement
 
     rng = np.random.default_rng(5)
-    (tmp_path / "prompts").mkdir()
-    (tmp_path / "images").mkdir()
     prompts, rows = [], []
     for i in range(6):
         base = world.sample_scene(rng, p_single=0.0)
@@ -220,15 +217,14 @@ def test_pair_judgement_on_rendered_pairs(tmp_path):
             other = world.sample_scene(rng, p_single=0.0)  # no shared colour: the rejected image is loosely wrong
         base_id = f"p{i:06d}"
         prompts.append({"id": base_id, "structure": world.structure(base)})
-        row = {"base_id": base_id}
-        for side, scene in (("chosen", base), ("rejected", other)):
-            rel = f"images/{base_id}-{side}.png"
-            Image.fromarray(world.render(scene)).save(tmp_path / rel)
-            row[side] = {"image": rel}
-        rows.append(row)
-    atomic_write_jsonl(tmp_path / "prompts" / "records.jsonl", prompts)
-    atomic_write_jsonl(tmp_path / "images" / "records.jsonl", rows)
-    atomic_write_jsonl(tmp_path / "pairs.jsonl", rows[:4])
+        rows.append({"id": f"{base_id}-n0", "base_id": base_id,
+                     "chosen": {"image": world.render(base)}, "rejected": {"image": world.render(other)}})
+    store = RunStore(tmp_path)  # committed as the pipeline commits a run: pair_judgement reads it checked
+    store.write_chunk("prompts", 0, prompts, [])
+    store.merge("prompts")
+    store.write_chunk("images", 0, rows, [])
+    candidates = store.merge("images")
+    store.write_final("pairs.jsonl", candidates[:4])
     judged = pair_judgement(tmp_path)
     assert judged["kept"]["n"] == 4 and judged["candidates"]["n"] == 6
     for part in judged.values():

@@ -105,17 +105,15 @@ def pair_judgement(synth_dir: Path) -> dict:
     """What the preference pairs of a synthesis run hold, by the exact judge against the base prompt: strict and
     loose rates of chosen and rejected images, and how often chosen is loosely right where rejected is not (and
     the reverse), for the kept pairs and for every candidate pair before filtering and selection."""
-    from PIL import Image
+    from ospo_fast.runstore import RunStore
 
-    from ospo_fast.store import read_jsonl
-
-    structures = {r["id"]: r["structure"] for r in read_jsonl(synth_dir / "prompts" / "records.jsonl")}
-    candidates = read_jsonl(synth_dir / "images" / "records.jsonl")
+    store = RunStore(synth_dir)  # stage files against the manifest, PNGs against their sha256
+    structures = {r["id"]: r["structure"] for r in store.read_stage("prompts")}
+    candidates = store.read_stage("images")
     verdict = {}  # image path -> judge result; kept pairs are candidates, so each image is judged once
     for r in candidates:
         for side in ("chosen", "rejected"):
-            image = np.asarray(Image.open(synth_dir / r[side]["image"]).convert("RGB"))
-            verdict[r[side]["image"]] = judge(image, structures[r["base_id"]])
+            verdict[r[side]["image"]] = judge(store.load_image(r[side]), structures[r["base_id"]])
 
     def summary(rows: list[dict]) -> dict:
         if not rows:
@@ -130,4 +128,4 @@ def pair_judgement(synth_dir: Path) -> dict:
                 "chosen_better": float(np.mean([a.loose and not b.loose for a, b in zip(w, lo)])),
                 "rejected_better": float(np.mean([b.loose and not a.loose for a, b in zip(w, lo)]))}
 
-    return {"kept": summary(read_jsonl(synth_dir / "pairs.jsonl")), "candidates": summary(candidates)}
+    return {"kept": summary(store.read_final("pairs.jsonl", images=False)), "candidates": summary(candidates)}
