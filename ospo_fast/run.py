@@ -157,7 +157,8 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
             return done
     dist = init_distributed(config.model.device)
     summary: dict = {"random_init": is_random_init(config.model.path), "model": config.model.path,
-                     "iterations": [], "alignment": {}, "fingerprint": run_fingerprint(config),
+                     "iterations": [], "alignment": {}, "alignment_change": {},
+                     "fingerprint": run_fingerprint(config),
                      "stages_off": [] if config.densify.enabled else ["densify"]}
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,12 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
             for key, result in after.items():
                 summary["alignment"][f"after_iter{iteration}{key}"] = result
             if after:
-                from ospo_fast.toy.evaluate import pair_judgement
+                from ospo_fast.toy.evaluate import pair_judgement, paired_change
+
+                heldout = out / "heldout"
+                for key in after:  # after minus before, image by image
+                    summary["alignment_change"][f"iter{iteration}{key}"] = paired_change(
+                        heldout / f"before{key}", heldout / f"after_iter{iteration}{key}")
 
                 entry["mask_localisation"] = toy_mask_localisation(it_dir / "synth")
                 entry["pair_judgement"] = pair_judgement(it_dir / "synth")
@@ -201,6 +207,20 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
 
 JUDGE_TERMS = ("strict = every object found with the right colour and shape, no extra object, relation right; "
                "loose = every colour found and relation right, shapes and extra objects ignored")
+
+
+def _cfg(alignment: dict) -> str:
+    return f"CFG {alignment['guidance_scale']:g}  " if "guidance_scale" in alignment else ""
+
+
+def _rate(alignment: dict, key: str) -> str:
+    """e.g. "12.5% +- 2.6" (the standard error, in points); summaries written before it was kept show the rate only."""
+    se = alignment.get(f"{key}_se")
+    return f"{alignment[key]:.1%}" + ("" if se is None else f" +- {100 * se:.1f}")
+
+
+def _points(change: dict, key: str) -> str:
+    return f"{100 * change[key]:+.1f} +- {100 * change[key + '_se']:.1f} points"
 
 
 def format_summary(summary: dict, out_dir: str | Path = "") -> str:
@@ -248,7 +268,11 @@ def format_summary(summary: dict, out_dir: str | Path = "") -> str:
         lines.append("-- judged alignment on held-out toy prompts (exact judge)")
         for name, a in alignment.items():
             cats = ", ".join(f"{c} {v['strict']:.1%}" for c, v in a["per_category"].items())
-            lines.append(f"   {name:<18} strict {a['strict']:.1%}  loose {a['loose']:.1%}  (n={a['n']}; strict per "
-                         f"category: {cats})")
+            lines.append(f"   {name:<18} {_cfg(a)}strict {_rate(a, 'strict')}  loose {_rate(a, 'loose')}  "
+                         f"(n={a['n']}; strict per category: {cats})")
+        for name, c in summary.get("alignment_change", {}).items():
+            weight = alignment.get(f"after_{name}", {})
+            lines.append(f"   change {name:<11} {_cfg(weight)}strict {_points(c, 'strict')}  loose "
+                         f"{_points(c, 'loose')}  (paired: same prompts and seeds, n={c['n']})")
     return "\n".join(lines)
 

@@ -230,3 +230,31 @@ def test_pair_judgement_on_rendered_pairs(tmp_path):
     for part in judged.values():
         assert part["chosen_strict"] == part["chosen_loose"] == part["chosen_better"] == 1.0
         assert part["rejected_strict"] == part["rejected_loose"] == part["rejected_better"] == 0.0
+
+
+def test_paired_change_and_standard_errors(tmp_path):
+    """The change after - before is the per-image mean difference, its error the paired one (scipy's ttest_rel
+    statistic is mean / se); the rates' errors are the binomial ones; mismatched prompts or seeds are refused."""
+    from scipy import stats
+
+    from ospo_fast.store import atomic_write_jsonl
+    from ospo_fast.toy.evaluate import paired_change, standard_error
+
+    rng = np.random.default_rng(3)
+    before, after = rng.random(40) < 0.3, rng.random(40) < 0.5
+    loose_before, loose_after = before | (rng.random(40) < 0.2), after | (rng.random(40) < 0.2)
+    for name, strict, loose in (("before", before, loose_before), ("after", after, loose_after)):
+        atomic_write_jsonl(tmp_path / name / "verdicts.jsonl",
+                           [{"prompt": f"p{i}", "seed": i, "strict": bool(s), "loose": bool(lo)}
+                            for i, (s, lo) in enumerate(zip(strict, loose))])
+    change = paired_change(tmp_path / "before", tmp_path / "after")
+    assert change["n"] == 40
+    assert change["strict"] == pytest.approx(after.mean() - before.mean())
+    assert change["loose"] == pytest.approx(loose_after.mean() - loose_before.mean())
+    t = stats.ttest_rel(after.astype(float), before.astype(float)).statistic
+    assert change["strict"] / change["strict_se"] == pytest.approx(t)
+    assert standard_error(0.25, 48) == pytest.approx(np.std([1] * 12 + [0] * 36) / np.sqrt(48))
+    assert np.isnan(standard_error(0.5, 0))
+    atomic_write_jsonl(tmp_path / "other" / "verdicts.jsonl", [{"prompt": "p0", "seed": 1, "strict": 1, "loose": 1}])
+    with pytest.raises(ValueError, match="same prompts and seeds"):
+        paired_change(tmp_path / "before", tmp_path / "other")

@@ -3,6 +3,7 @@ by the exact judge). Seeds are fixed per prompt index, so two models are compare
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,39 @@ def judged_alignment(bundle, num_prompts: int, seed: int = 0, config: ImageConfi
             bar.update(len(batch))
     if save_dir is not None:
         save_judged(Path(save_dir), records, seeds, pixels, results)
-    summary: dict = {"n": len(results), "strict": float(np.mean([r.strict for r in results])),
-                     "loose": float(np.mean([r.loose for r in results])), "per_category": {}}
+    strict, loose = float(np.mean([r.strict for r in results])), float(np.mean([r.loose for r in results]))
+    summary: dict = {"n": len(results), "guidance_scale": config.guidance_scale,
+                     "strict": strict, "strict_se": standard_error(strict, len(results)),
+                     "loose": loose, "loose_se": standard_error(loose, len(results)), "per_category": {}}
     for category in sorted({r["category"] for r in records}):
         picked = [res for res, rec in zip(results, records) if rec["category"] == category]
         summary["per_category"][category] = {"n": len(picked), "strict": float(np.mean([r.strict for r in picked])),
                                              "loose": float(np.mean([r.loose for r in picked]))}
     return summary
+
+
+def standard_error(rate: float, n: int) -> float:
+    """Binomial standard error of a rate measured on ``n`` independently sampled images (nan when n is 0)."""
+    return math.sqrt(rate * (1.0 - rate) / n) if n else float("nan")
+
+
+def paired_change(before_dir: Path, after_dir: Path) -> dict:
+    """After minus before on the same prompts and sampling seeds, from the ``verdicts.jsonl`` of two
+    ``judged_alignment`` runs with ``save_dir``: {"n", "strict", "strict_se", "loose", "loose_se"}, each change the
+    mean per-image difference (-1, 0 or 1) and its standard error sd / sqrt(n). Pairing removes the prompt-to-prompt
+    spread, so the change's error is smaller than the two rates' errors combined."""
+    from ospo_fast.store import read_jsonl
+
+    before, after = read_jsonl(Path(before_dir) / "verdicts.jsonl"), read_jsonl(Path(after_dir) / "verdicts.jsonl")
+    if not before or [(r["prompt"], r["seed"]) for r in before] != [(r["prompt"], r["seed"]) for r in after]:
+        raise ValueError(f"{before_dir} and {after_dir} must hold the same prompts and seeds (and at least one); "
+                         "judge both with the same eval settings")
+    change: dict = {"n": len(before)}
+    for key in ("strict", "loose"):
+        diff = np.array([float(a[key]) - float(b[key]) for b, a in zip(before, after)])
+        change[key] = float(diff.mean())
+        change[f"{key}_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return change
 
 
 def save_judged(save_dir: Path, records: list[dict], seeds: list[int], pixels: list[np.ndarray],
