@@ -180,3 +180,53 @@ def test_builder_is_a_recipe_outside_the_library(capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "--out" in out and "--phases" in out
+
+
+def test_patch_labels_agree_with_the_rendered_pixels():
+    """Phase vis's dense targets, read back from the render itself: a patch's colour label is the palette colour
+    covering most of it (at least a quarter), its shape label that object's shape, rows and columns row-major."""
+    from ospo_fast.toy.judge import _COLOURS, _NAMES
+
+    scenes, images = bm.scene_batch(np.random.default_rng(5), 24)
+    labels = bm.patch_labels(scenes)
+    size = bm.PATCH
+    for scene, image, colour, shape in zip(scenes, images, labels["colour"], labels["shape"]):
+        nearest = np.linalg.norm(image[:, :, None].astype(np.float32) - _COLOURS[None, None], axis=-1).argmin(-1)
+        shape_of = {o.color: o.shape for o in scene.objects}
+        for patch in range(bm.GRID * bm.GRID):
+            r, c = divmod(patch, bm.GRID)
+            cell = nearest[r * size:(r + 1) * size, c * size:(c + 1) * size]
+            counts = np.bincount(cell.ravel(), minlength=len(_NAMES))[1:]  # palette colours, background dropped
+            if counts.max() >= size * size / 4:
+                name = _NAMES[1 + counts.argmax()]
+                assert world.COLORS[int(colour[patch]) - 1] == name
+                assert world.SHAPES[int(shape[patch]) - 1] == shape_of[name]
+            else:
+                assert colour[patch] == 0 and shape[patch] == 0
+    assert labels["row"][0, 9] == 1 and labels["col"][0, 9] == 1 and labels["colour"].any()
+
+
+def test_phase_vis_trains_the_tower_only_and_resumes(tmp_path):
+    """A few seconds of phase vis lower the per-patch loss from its start, touch no weight outside the SigLIP tower,
+    and a second call with the same --work loads the saved tower instead of training again."""
+    from ospo_fast.models.tokenizer import build_tokenizer
+
+    torch.set_num_threads(1)
+    cfg = bm.BuildConfig(vis_minutes=0.1, vis_batch=8)
+    model = bm.new_model(cfg, build_tokenizer())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scenes, images = bm.scene_batch(np.random.default_rng(1), 16)
+    with torch.no_grad():
+        start, _ = bm.patch_loss(model, bm.new_patch_head(cfg), scenes, images)
+    stats = bm.train_vis(model, cfg, tmp_path, print)
+    assert stats["vis_steps"] > 5 and set(stats["vis_patch_accuracy"]) >= {"colour", "shape", "row", "col"}
+    saved = torch.load(tmp_path / "vis.pt")
+    head = bm.new_patch_head(cfg)
+    head.load_state_dict(saved["head"])
+    with torch.no_grad():
+        end, _ = bm.patch_loss(model, head, scenes, images)
+    assert end < start
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.vision_model.") for k in changed), changed
+    bm.main(["--work", str(tmp_path), "--out", str(tmp_path / "out"), "--phases", "vis"])
+    assert "loaded" in (tmp_path / "build.log").read_text()

@@ -14,6 +14,11 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    foreground pixels weighted ``fg_weight`` times in the reconstruction loss.
    ``vqdec``: then the decoder side alone on the frozen tokens (sharper shapes; tokens do not change, so it can
    run beside phase mm, as it did for the shipped build).
+1b. ``vis`` (optional, ``--vis-minutes``): the SigLIP tower alone, with a linear read-out of its last hidden states
+   trained on dense per-patch targets (``patch_labels``: the colour and shape of the object covering each patch,
+   and the patch's row and column), so that the understanding path tells shapes apart and keeps positions before
+   the decoder learns to read it. Pretraining of the understanding path only; the decoder's attention maps (the
+   object masks) are not supervised. Saves ``work/vis.pt``, which later runs in that ``--work`` load.
 2. ``mm``: one multitask model, like Janus: text-to-image (generation head on the image tokens after the
    chat-templated caption + ``<begin_of_image>``, the layout of transformers' Janus ``generate``; captions are
    replaced by pads with probability ``p_uncond`` so that classifier-free guidance has an unconditional branch)
@@ -79,6 +84,9 @@ class BuildConfig:
     fg_weight: float = 10.0
     restart_every: int = 40
     vqdec_minutes: float = 12.0
+    vis_minutes: float = 0.0  # phase vis (0: not run): dense per-patch supervision of the SigLIP tower
+    vis_batch: int = 32
+    vis_lr: float = 1e-3
     mm_minutes: float = 56.0
     mm_batch: int = 24
     mm_lr: float = 1e-3
@@ -351,6 +359,104 @@ def make_question(spec: world.SceneSpec, rng: np.random.Generator, yes: bool,
     if kind == "rel_full":
         return f"Is the {c1} {s1} {phrase} the {c2} {s2}?"
     return f"Is there a {c1} {s1} {phrase} a {c2} {s2}?"
+
+
+# ------------------------------------------------------------------------------------------------- phase vis
+
+PATCH = IMAGE_SIZE // GRID
+PATCH_TASKS = {"colour": 1 + len(world.COLORS), "shape": 1 + len(world.SHAPES), "row": GRID, "col": GRID}
+
+
+def patch_labels(scenes: list, min_cover: float = 0.25) -> dict[str, torch.Tensor]:
+    """Dense targets of the understanding path, each long (B, GRID * GRID) in the SigLIP tower's patch order
+    (row-major): the colour and the shape (0 = background, else 1 + index in ``world.COLORS`` / ``world.SHAPES``) of
+    the object that covers most of the patch, background when none covers ``min_cover`` of it; and the patch's own
+    row and column. Objects are counted as drawn (a later object hides an earlier one)."""
+    colour = torch.zeros(len(scenes), GRID * GRID, dtype=torch.long)
+    shape = torch.zeros_like(colour)
+    for row, scene in enumerate(scenes):
+        owner = np.full((IMAGE_SIZE, IMAGE_SIZE), -1)
+        for index, obj in enumerate(scene.objects):
+            owner[world.object_mask(obj)] = index
+        cells = owner.reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
+        pixels = np.stack([(cells == i).sum(-1) for i in range(len(scene.objects))])  # (objects, patches)
+        best, share = pixels.argmax(0), pixels.max(0) / (PATCH * PATCH)
+        for patch in np.nonzero(share >= min_cover)[0]:
+            obj = scene.objects[best[patch]]
+            colour[row, patch] = 1 + world.COLORS.index(obj.color)
+            shape[row, patch] = 1 + world.SHAPES.index(obj.shape)
+    position = torch.arange(GRID * GRID).expand(len(scenes), -1)
+    return {"colour": colour, "shape": shape, "row": position // GRID, "col": position % GRID}
+
+
+def new_patch_head(cfg: BuildConfig) -> torch.nn.Linear:
+    """One linear read-out of the tower's last hidden states for every task of ``PATCH_TASKS`` (a pretraining
+    head: it is not part of the shipped model)."""
+    torch.manual_seed(cfg.seed + 11)
+    return torch.nn.Linear(cfg.vision_hidden, sum(PATCH_TASKS.values()))
+
+
+def patch_logits(model, head: torch.nn.Linear, images: np.ndarray) -> dict[str, torch.Tensor]:
+    """Per-task logits (B, GRID * GRID, classes) of the SigLIP tower's last hidden states on uint8 images."""
+    hidden = model.model.vision_model(to_pixels(images), return_dict=True).last_hidden_state  # (B, P, H)
+    return dict(zip(PATCH_TASKS, head(hidden).split(list(PATCH_TASKS.values()), dim=-1)))
+
+
+def patch_loss(model, head: torch.nn.Linear, scenes: list, images: np.ndarray) -> tuple[torch.Tensor, dict]:
+    """Sum over tasks of the per-patch cross entropy, and each task's accuracy on the object patches (colour,
+    shape) or on all patches (row, col)."""
+    logits, labels = patch_logits(model, head, images), patch_labels(scenes)
+    loss, accuracy = torch.zeros(()), {}
+    on_object = labels["colour"] > 0
+    for task, value in logits.items():
+        loss = loss + F.cross_entropy(value.reshape(-1, value.shape[-1]), labels[task].reshape(-1))
+        hit = value.argmax(-1) == labels[task]
+        accuracy[task] = float(hit[on_object].float().mean() if task in ("colour", "shape") else hit.float().mean())
+    return loss, accuracy
+
+
+def train_vis(model, cfg: BuildConfig, work: Path, log) -> dict:
+    """Phase vis: the SigLIP tower (+ ``new_patch_head``) alone on dense per-patch targets (``patch_labels``) for
+    ``cfg.vis_minutes``, so the understanding path can tell shapes apart and keeps where each patch is before the
+    decoder learns to read it (the yes/no task alone carries one bit per image). The attention maps used for
+    object masks live in the decoder and are not supervised. Saves the tower to ``work/vis.pt``."""
+    tower = model.model.vision_model.train()
+    head = new_patch_head(cfg)
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vis_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    rng = np.random.default_rng([cfg.seed, 8])
+    start, step, budget, warmup = time.time(), 0, cfg.vis_minutes * 60, 50
+    while time.time() - start < budget:
+        frac = (time.time() - start) / budget
+        for group in opt.param_groups:
+            group["lr"] = cfg.vis_lr * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.95
+                                                                         + 0.05)
+        scenes, images = scene_batch(rng, cfg.vis_batch)
+        loss, accuracy = patch_loss(model, head, scenes, images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"vis step {step} loss {loss.item():.4f} accuracy "
+                + " ".join(f"{k} {v:.3f}" for k, v in accuracy.items()) + f" lr {opt.param_groups[0]['lr']:.2e}")
+    tower.eval()
+    torch.save({"tower": tower.state_dict(), "head": head.state_dict()}, work / "vis.pt")
+    return {"vis_steps": step, "vis_patch_accuracy": eval_patches(model, head, cfg.seed, 256)}
+
+
+@torch.no_grad()
+def eval_patches(model, head: torch.nn.Linear, seed: int, n: int) -> dict:
+    """Per-patch accuracy of the tower's read-out on ``n`` scenes of held-out captions; ``majority`` is what
+    always answering the commonest object class scores on the shape task (the chance to beat)."""
+    rng = np.random.default_rng([seed, 9])
+    scenes, images = scene_batch(rng, n, "heldout")
+    _, accuracy = patch_loss(model, head, scenes, images)
+    shapes = patch_labels(scenes)["shape"]
+    on_object = shapes[shapes > 0]
+    accuracy["shape_majority"] = float(torch.bincount(on_object).max() / len(on_object))
+    return {"n": n, **{k: round(v, 4) for k, v in accuracy.items()}}
 
 
 # -------------------------------------------------------------------------------------------------- phase mm
@@ -647,13 +753,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mm-minutes", type=float, default=BuildConfig.mm_minutes)
     parser.add_argument("--vqdec-minutes", type=float, default=BuildConfig.vqdec_minutes)
     parser.add_argument("--und-minutes", type=float, default=BuildConfig.und_minutes)
+    parser.add_argument("--vis-minutes", type=float, default=BuildConfig.vis_minutes,
+                        help="phase vis: per-patch pretraining of the SigLIP tower (run it with --phases vis,...)")
     parser.add_argument("--phases", default="vq,vqdec,mm,save,eval")
     parser.add_argument("--init", default=None,
                         help="start the later phases from a saved toy model (e.g. the shipped "
                              "ospo_fast/assets/toy_janus) instead of the phase checkpoints in --work")
     args = parser.parse_args(argv)
     cfg = BuildConfig(seed=args.seed, vq_minutes=args.vq_minutes, vqdec_minutes=args.vqdec_minutes,
-                      mm_minutes=args.mm_minutes, und_minutes=args.und_minutes)
+                      mm_minutes=args.mm_minutes, und_minutes=args.und_minutes, vis_minutes=args.vis_minutes)
     torch.set_num_threads(cfg.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -682,6 +790,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(model.model.vqmodel.state_dict(), vqdec_file)
         (work / "vq_stats.json").write_text(json.dumps(stats))
         log(f"saved {vqdec_file}")
+    vis_file = work / "vis.pt"
+    if vis_file.is_file():
+        model.model.vision_model.load_state_dict(torch.load(vis_file)["tower"])
+        log(f"loaded {vis_file}")
+    elif "vis" in phases:
+        vis = train_vis(model, cfg, work, log)
+        (work / "vis_stats.json").write_text(json.dumps(vis))
+        log(f"saved {vis_file}: {vis}")
     run_later_phases(model, tokenizer, cfg, work, Path(args.out), phases, log)
 
 
