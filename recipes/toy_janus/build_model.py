@@ -718,6 +718,34 @@ def eval_vqa(model, processor, split: str, seed: int, n: int, batch_size: int = 
     return {"n": n, "accuracy": float(np.mean(correct))}
 
 
+QUESTION_GROUPS = {"colour": ("there", "is_colour"), "shape": ("there_shape",),
+                   "relation": ("rel_shapes", "rel_full", "there_rel")}
+
+
+@torch.no_grad()
+def eval_vqa_per_kind(model, processor, split: str, seed: int, n: int, batch_size: int = 32) -> dict:
+    """``eval_vqa``'s accuracy for each group of ``QUESTION_GROUPS`` (``n`` balanced questions each, two-object
+    scenes for the relation questions), so a model that reads colours only is not hidden by the mix."""
+    rng = np.random.default_rng([seed, 10])
+    yes_ids, no_ids = answer_token_ids(processor.tokenizer)
+    pairs = [s for s in world.split_specs(split) if s.relation]
+    result = {}
+    for group, kinds in QUESTION_GROUPS.items():
+        correct = []
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            specs = [pairs[i] for i in rng.integers(len(pairs), size=m)]
+            scenes = [world.scene_from_spec(spec, rng) for spec in specs]
+            images = np.stack([world.render(s) for s in scenes])
+            answers = rng.random(m) < 0.5
+            questions = [make_question(spec, rng, bool(a), kinds) for spec, a in zip(specs, answers)]
+            probs = vqa_logits(model, processor, images, questions).softmax(-1)
+            score = probs[:, yes_ids].amax(-1) - probs[:, no_ids].amax(-1)
+            correct += ((score > 0).numpy() == answers).tolist()
+        result[group] = {"n": n, "accuracy": float(np.mean(correct))}
+    return result
+
+
 @torch.no_grad()
 def eval_vq(model, seed: int, n: int) -> dict:
     """Codes used over ``n`` scenes, and the judge on their reconstructions (encode -> decode)."""
