@@ -217,14 +217,14 @@ def test_phase_vis_trains_the_tower_only_and_resumes(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scenes, images = bm.scene_batch(np.random.default_rng(1), 16)
     with torch.no_grad():
-        start, _ = bm.patch_loss(model, bm.new_patch_head(cfg), scenes, images)
+        start, _ = bm.patch_loss(model, bm.new_patch_head(cfg), bm.patch_labels(scenes), images)
     stats = bm.train_vis(model, cfg, tmp_path, print)
     assert stats["vis_steps"] > 5 and set(stats["vis_patch_accuracy"]) >= {"colour", "shape", "row", "col"}
     saved = torch.load(tmp_path / "vis.pt")
     head = bm.new_patch_head(cfg)
     head.load_state_dict(saved["head"])
     with torch.no_grad():
-        end, _ = bm.patch_loss(model, head, scenes, images)
+        end, _ = bm.patch_loss(model, head, bm.patch_labels(scenes), images)
     assert end < start
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.vision_model.") for k in changed), changed

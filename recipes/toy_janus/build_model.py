@@ -402,10 +402,11 @@ def patch_logits(model, head: torch.nn.Linear, images: np.ndarray) -> dict[str, 
     return dict(zip(PATCH_TASKS, head(hidden).split(list(PATCH_TASKS.values()), dim=-1)))
 
 
-def patch_loss(model, head: torch.nn.Linear, scenes: list, images: np.ndarray) -> tuple[torch.Tensor, dict]:
-    """Sum over tasks of the per-patch cross entropy, and each task's accuracy on the object patches (colour,
-    shape) or on all patches (row, col)."""
-    logits, labels = patch_logits(model, head, images), patch_labels(scenes)
+def patch_loss(model, head: torch.nn.Linear, labels: dict[str, torch.Tensor],
+               images: np.ndarray) -> tuple[torch.Tensor, dict]:
+    """Sum over tasks of the per-patch cross entropy against ``patch_labels`` of the images' scenes, and each
+    task's accuracy on the object patches (colour, shape) or on all patches (row, col)."""
+    logits = patch_logits(model, head, images)
     loss, accuracy = torch.zeros(()), {}
     on_object = labels["colour"] > 0
     for task, value in logits.items():
@@ -432,7 +433,7 @@ def train_vis(model, cfg: BuildConfig, work: Path, log) -> dict:
             group["lr"] = cfg.vis_lr * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.95
                                                                          + 0.05)
         scenes, images = scene_batch(rng, cfg.vis_batch)
-        loss, accuracy = patch_loss(model, head, scenes, images)
+        loss, accuracy = patch_loss(model, head, patch_labels(scenes), images)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -452,8 +453,9 @@ def eval_patches(model, head: torch.nn.Linear, seed: int, n: int) -> dict:
     always answering the commonest object class scores on the shape task (the chance to beat)."""
     rng = np.random.default_rng([seed, 9])
     scenes, images = scene_batch(rng, n, "heldout")
-    _, accuracy = patch_loss(model, head, scenes, images)
-    shapes = patch_labels(scenes)["shape"]
+    labels = patch_labels(scenes)
+    _, accuracy = patch_loss(model, head, labels, images)
+    shapes = labels["shape"]
     on_object = shapes[shapes > 0]
     accuracy["shape_majority"] = float(torch.bincount(on_object).max() / len(on_object))
     return {"n": n, **{k: round(v, 4) for k, v in accuracy.items()}}
@@ -705,17 +707,23 @@ def eval_vqa(model, processor, split: str, seed: int, n: int, batch_size: int = 
     """Accuracy of sign(p(yes) - p(no)) on ``n`` balanced questions about scenes of ``split``'s captions;
     p(yes) = max(P("yes"), P("Yes")) over the full vocabulary, as SPEC stage 4."""
     rng = np.random.default_rng([seed, 4])
-    yes_ids, no_ids = answer_token_ids(processor.tokenizer)
     correct = []
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
         scenes, images = scene_batch(rng, m, split)
         answers = rng.random(m) < 0.5
         questions = [make_question(world.spec_of(s), rng, bool(a)) for s, a in zip(scenes, answers)]
-        probs = vqa_logits(model, processor, images, questions).softmax(-1)
-        score = probs[:, yes_ids].amax(-1) - probs[:, no_ids].amax(-1)  # (m,)
-        correct += ((score > 0).numpy() == answers).tolist()
+        correct += answered_right(model, processor, images, questions, answers)
     return {"n": n, "accuracy": float(np.mean(correct))}
+
+
+def answered_right(model, processor, images: np.ndarray, questions: list[str], answers: np.ndarray) -> list[bool]:
+    """Per question, whether sign(p(yes) - p(no)) matches the true answer (bool (B,)); p(yes) = max(P("yes"),
+    P("Yes")) over the full vocabulary, as SPEC stage 4."""
+    yes_ids, no_ids = answer_token_ids(processor.tokenizer)
+    probs = vqa_logits(model, processor, images, questions).softmax(-1)
+    score = probs[:, yes_ids].amax(-1) - probs[:, no_ids].amax(-1)  # (B,)
+    return ((score > 0).numpy() == answers).tolist()
 
 
 QUESTION_GROUPS = {"colour": ("there", "is_colour"), "shape": ("there_shape",),
@@ -727,7 +735,6 @@ def eval_vqa_per_kind(model, processor, split: str, seed: int, n: int, batch_siz
     """``eval_vqa``'s accuracy for each group of ``QUESTION_GROUPS`` (``n`` balanced questions each, two-object
     scenes for the relation questions), so a model that reads colours only is not hidden by the mix."""
     rng = np.random.default_rng([seed, 10])
-    yes_ids, no_ids = answer_token_ids(processor.tokenizer)
     pairs = [s for s in world.split_specs(split) if s.relation]
     result = {}
     for group, kinds in QUESTION_GROUPS.items():
@@ -739,9 +746,7 @@ def eval_vqa_per_kind(model, processor, split: str, seed: int, n: int, batch_siz
             images = np.stack([world.render(s) for s in scenes])
             answers = rng.random(m) < 0.5
             questions = [make_question(spec, rng, bool(a), kinds) for spec, a in zip(specs, answers)]
-            probs = vqa_logits(model, processor, images, questions).softmax(-1)
-            score = probs[:, yes_ids].amax(-1) - probs[:, no_ids].amax(-1)
-            correct += ((score > 0).numpy() == answers).tolist()
+            correct += answered_right(model, processor, images, questions, answers)
         result[group] = {"n": n, "accuracy": float(np.mean(correct))}
     return result
 
