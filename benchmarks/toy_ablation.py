@@ -8,6 +8,10 @@ Variants, each trained from the shipped ``builtin:toy`` model with the toy prese
 - OSPO, + SFT          : alpha = 1, sft_weight = 2 (the full method)
 - OSPO, no filter      : the full loss on unfiltered pairs (same images and scores, reselected without the filter)
 - OSPO, iteration 2    : the full method run again from its own trained model
+- guidance-aware options (beyond the paper), each the full method plus one switch: ``loss.guided_rewards`` (the
+  loss under the CFG distribution), ``loss.uncond_anchor=10`` (the unconditional branch held where it was), and
+  the full method's model with its CFG weight re-tuned over ``RETUNE`` on training captions (``*_retuned_cfg``:
+  the held-out CFG 5 condition is judged at the re-tuned weight instead; the base model gets the same treatment)
 Judged alignment (strict: colour + shape + relation; loose: colour + position) by the exact judge, on the same
 prompts and sampling seeds for every variant, under three conditions: held-out captions with CFG 5 (the SPEC's
 sampling), held-out captions without guidance (CFG 1: the conditional model alone) and training-split captions
@@ -36,14 +40,20 @@ from benchmarks.harness import RESULTS, device_name, git_commit  # noqa: E402
 from ospo_fast.config import load_config  # noqa: E402
 from ospo_fast.models import load_janus  # noqa: E402
 from ospo_fast.pipeline import Pipeline  # noqa: E402
+from ospo_fast.run import toy_mask_localisation  # noqa: E402
 from ospo_fast.store import atomic_write_json, read_jsonl  # noqa: E402
 from ospo_fast.toy.evaluate import judged_alignment, pair_judgement  # noqa: E402
 from ospo_fast.train import train  # noqa: E402
 
+FULL = ["loss.alpha=1", "loss.sft_weight=2"]
 LOSSES = {"plain_simpo": ["loss.alpha=0", "loss.sft_weight=0"], "object_simpo": ["loss.alpha=1", "loss.sft_weight=0"],
-          "object_simpo_sft": ["loss.alpha=1", "loss.sft_weight=2"]}
-VARIANTS = ("base", "best_of_n", "ospo_plain_simpo", "ospo_object_simpo", "ospo_object_simpo_sft", "ospo_no_filter",
-            "ospo_iteration2")  # table order
+          "object_simpo_sft": FULL,
+          # the guidance-aware options (LossConfig): (a) the loss under the CFG distribution, (b) the anchor
+          "guided_rewards": [*FULL, "loss.guided_rewards=true"], "uncond_anchor": [*FULL, "loss.uncond_anchor=10"]}
+RETUNE = [1.0, 2.0, 3.0, 5.0]  # option (c): the CFG weight re-tuned on training captions after training
+VARIANTS = ("base", "base_retuned_cfg", "best_of_n", "ospo_plain_simpo", "ospo_object_simpo", "ospo_object_simpo_sft",
+            "ospo_no_filter", "ospo_iteration2", "ospo_guided_rewards", "ospo_uncond_anchor",
+            "ospo_retuned_cfg")  # table order
 MODEL_DIRS = {"ospo_object_simpo_sft": "train_object_simpo_sft/merged", "ospo_iteration2": "train_iter2/merged"}
 CONDITIONS = {"heldout_cfg5": ("heldout", 5.0), "heldout_cfg1": ("heldout", 1.0), "train_cfg1": ("train", 1.0)}
 
@@ -60,18 +70,33 @@ def evaluate(model_path: str, n: int) -> dict:
     return results
 
 
+def evaluate_retuned(model_path: str, n: int, unguided: dict) -> dict:
+    """Option (c): the CFG weight of ``RETUNE`` best on ``n // 2`` training captions (``ospo_fast.run
+    .retuned_guidance``), then held-out at it in place of CFG 5; the guidance-free conditions are ``unguided``'s."""
+    from ospo_fast.run import retuned_guidance
+
+    bundle = load_janus(model_path, device="cpu")
+    config = load_config("toy", [f"eval.toy_retune_guidance={RETUNE}", f"eval.toy_retune_prompts={n // 2}"])
+    weight, tuning = retuned_guidance(bundle, config)
+    result = judged_alignment(bundle, n, seed=0, config=dataclasses.replace(config.images, guidance_scale=weight),
+                              batch_size=32, split="heldout")
+    return {**unguided, "heldout_cfg5": {k: result[k] for k in ("n", "strict", "loose")}, "retuned_weight": weight,
+            "retuned_on": tuning}
+
+
 def synth(seed: int, out: Path, prompts: int, model: str, extra: list[str]) -> Path:
     config = load_config("toy", [f"seed={seed}", f"prompts.num_prompts={prompts}", f"model.path={model}", *extra])
     Pipeline(config, out, progress=False).run()
     return out / "pairs.jsonl"
 
 
-def reselect_unfiltered(seed: int, ospo_dir: Path, out: Path, prompts: int) -> Path:
+def reselect_unfiltered(seed: int, ospo_dir: Path, out: Path, prompts: int, model: str) -> Path:
     """The OSPO run's images and Self-VQA scores, selected again with the filter off (no second generation)."""
     if not (out / "pairs.jsonl").is_file():
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(ospo_dir, out)
-        config = load_config("toy", [f"seed={seed}", f"prompts.num_prompts={prompts}", "filter.enabled=false"])
+        config = load_config("toy", [f"seed={seed}", f"prompts.num_prompts={prompts}", f"model.path={model}",
+                                     "filter.enabled=false"])
         Pipeline(config, out, redo="select", progress=False).run()
     return out / "pairs.jsonl"
 
@@ -83,45 +108,61 @@ def fit(seed: int, pairs: Path, out: Path, model: str, loss: list[str]) -> str:
     return str(train(config, pairs, out).merged_dir)
 
 
-def one_seed(seed: int, root: Path, prompts: int, eval_n: int) -> dict:
-    """Every variant for one seed; resumable: a finished seed's ``results.json`` is read back."""
+def cached(saved: Path, compute) -> dict:
+    """``compute()``'s result, saved to ``saved`` the first time (a killed seed keeps its finished variants)."""
+    if not saved.is_file():
+        atomic_write_json(saved, compute())
+    return json.loads(saved.read_text())
+
+
+def cached_evaluate(saved: Path, model_path: str, n: int) -> dict:
+    return cached(saved, lambda: evaluate(model_path, n))
+
+
+def one_seed(seed: int, root: Path, prompts: int, eval_n: int, model: str) -> dict:
+    """Every variant for one seed, from ``model``; resumable: each variant's figures are saved when measured
+    (``<root>/eval_<variant>.json``) and a finished seed's ``results.json`` is read back."""
     saved = root / "results.json"
     if saved.is_file():
         results = json.loads(saved.read_text())
-        if results["prompts"] == prompts and results["eval_n"] == eval_n:
+        if results["prompts"] == prompts and results["eval_n"] == eval_n and results.get("model") == model:
             return results
     root.mkdir(parents=True, exist_ok=True)
-    results: dict = {"prompts": prompts, "eval_n": eval_n, "variants": {"base": evaluate("builtin:toy", eval_n)}}
-    ospo = synth(seed, root / "synth_ospo", prompts, "builtin:toy", [])
-    unfiltered = reselect_unfiltered(seed, root / "synth_ospo", root / "synth_nofilter", prompts)
-    bon = synth(seed, root / "synth_bon", prompts, "builtin:toy", ["perturb.source=best_of_n"])
-    variants = results["variants"]
-    full = LOSSES["object_simpo_sft"]
-    variants["best_of_n"] = evaluate(fit(seed, bon, root / "train_bon", "builtin:toy", full), eval_n)
+    variants: dict = {"base": cached_evaluate(root / "eval_base.json", model, eval_n)}
+    variants["base_retuned_cfg"] = cached(root / "eval_base_retuned_cfg.json",
+                                          lambda: evaluate_retuned(model, eval_n, variants["base"]))
+    ospo = synth(seed, root / "synth_ospo", prompts, model, [])
+    unfiltered = reselect_unfiltered(seed, root / "synth_ospo", root / "synth_nofilter", prompts, model)
+    bon = synth(seed, root / "synth_bon", prompts, model, ["perturb.source=best_of_n"])
+
+    def trained(name: str, pairs: Path, train_dir: str, start: str, loss: list[str]) -> dict:
+        return cached(root / f"eval_{name}.json",
+                      lambda: evaluate(fit(seed, pairs, root / train_dir, start, loss), eval_n))
+
+    variants["best_of_n"] = trained("best_of_n", bon, "train_bon", model, FULL)
     for name, loss in LOSSES.items():
-        variants[f"ospo_{name}"] = evaluate(fit(seed, ospo, root / f"train_{name}", "builtin:toy", loss), eval_n)
-    variants["ospo_no_filter"] = evaluate(fit(seed, unfiltered, root / "train_nofilter", "builtin:toy", full), eval_n)
+        variants[f"ospo_{name}"] = trained(f"ospo_{name}", ospo, f"train_{name}", model, loss)
+    variants["ospo_no_filter"] = trained("ospo_no_filter", unfiltered, "train_nofilter", model, FULL)
     iter1 = str(root / "train_object_simpo_sft" / "merged")
+    variants["ospo_retuned_cfg"] = cached(root / "eval_ospo_retuned_cfg.json", lambda: evaluate_retuned(
+        iter1, eval_n, variants["ospo_object_simpo_sft"]))
     ospo2 = synth(seed, root / "synth_iter2", prompts, iter1, [])
-    variants["ospo_iteration2"] = evaluate(fit(seed, ospo2, root / "train_iter2", iter1, full), eval_n)
-    results["pairs"] = {name: pair_judgement(path.parent) for name, path in
-                        (("ospo", ospo), ("no_filter", unfiltered), ("best_of_n", bon), ("ospo_iteration2", ospo2))}
+    variants["ospo_iteration2"] = trained("ospo_iteration2", ospo2, "train_iter2", iter1, FULL)
+    results = {"prompts": prompts, "eval_n": eval_n, "model": model, "variants": variants,
+               "pairs": {name: pair_judgement(path.parent) for name, path in
+                         (("ospo", ospo), ("no_filter", unfiltered), ("best_of_n", bon), ("ospo_iteration2", ospo2))},
+               "masks": {name: toy_mask_localisation(path.parent) for name, path in
+                         (("ospo", ospo), ("ospo_iteration2", ospo2))}}
     atomic_write_json(saved, results)
     return results
 
 
-def cached_evaluate(saved: Path, model_path: str, n: int) -> dict:
-    if not saved.is_file():
-        atomic_write_json(saved, evaluate(model_path, n))
-    return json.loads(saved.read_text())
-
-
-def confirm(out: Path, seed: int, n: int) -> dict:
+def confirm(out: Path, seed: int, n: int, model: str) -> dict:
     """The base model, the full method and iteration 2 judged again on ``n`` prompts per condition (a tighter
     estimate of the comparison that matters); cached in ``<out>/confirm_base<n>.json`` (the base model does not
     depend on the seed) and ``<out>/seed<s>/confirm<n>_<variant>.json``."""
     seed_root = out / f"seed{seed}"
-    results = {"base": cached_evaluate(out / f"confirm_base{n}.json", "builtin:toy", n)}
+    results = {"base": cached_evaluate(out / f"confirm_base{n}.json", model, n)}
     for name, rel in MODEL_DIRS.items():
         results[name] = cached_evaluate(seed_root / f"confirm{n}_{name}.json", str(seed_root / rel), n)
     return results
@@ -150,6 +191,16 @@ def print_alignment(per_seed: dict[int, dict], seeds: list[int], n: int, variant
 
 def print_tables(per_seed: dict[int, dict], seeds: list[int], eval_n: int) -> list[dict]:
     rows = print_alignment({s: per_seed[s]["variants"] for s in seeds}, seeds, eval_n, list(VARIANTS))
+    for name in ("base_retuned_cfg", "ospo_retuned_cfg"):
+        print(f"   {name}: CFG re-tuned on training captions over {RETUNE}, per seed: "
+              f"{[per_seed[s]['variants'][name]['retuned_weight'] for s in seeds]} (its heldout_cfg5 row is at it)")
+    print("\n   object masks of the pairs vs the drawn objects (mean over seeds)")
+    for name in ("ospo", "ospo_iteration2"):
+        m = [per_seed[s]["masks"][name] for s in seeds if "masks" in per_seed[s]]
+        if m:
+            mean = lambda key: statistics.mean(x[key] for x in m)
+            print(f"   {name:<18} precision {mean('precision'):.1%} (chance {mean('chance'):.1%}), "
+                  f"recall {mean('recall'):.1%}")
     print("\n   what the pairs hold (exact judge vs the base prompt; mean over seeds)")
     print(f"   {'pairs':<26}{'n':>6}{'chosen strict':>15}{'chosen loose':>14}{'rejected loose':>16}"
           f"{'chosen-only right':>19}{'rejected-only right':>21}")
@@ -169,20 +220,22 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=384)
     parser.add_argument("--eval-prompts", type=int, default=160)
     parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--model", default="builtin:toy", help="the model every variant starts from")
     parser.add_argument("--confirm-prompts", type=int, default=0,
                         help="also judge base, the full method and iteration 2 on this many prompts per condition")
     args = parser.parse_args()
-    per_seed = {seed: one_seed(seed, Path(args.out) / f"seed{seed}", args.prompts, args.eval_prompts)
+    per_seed = {seed: one_seed(seed, Path(args.out) / f"seed{seed}", args.prompts, args.eval_prompts, args.model)
                 for seed in args.seeds}
     print(f"\n== toy ablation on {device_name()} ({len(args.seeds)} seeds, {args.prompts} prompts per synthesis)")
     rows = print_tables(per_seed, args.seeds, args.eval_prompts)
     if args.confirm_prompts:
-        confirmed = {s: confirm(Path(args.out), s, args.confirm_prompts) for s in args.seeds}
+        confirmed = {s: confirm(Path(args.out), s, args.confirm_prompts, args.model) for s in args.seeds}
         print(f"\n== confirmation: base vs the full method and iteration 2 on {args.confirm_prompts} prompts")
         rows += print_alignment(confirmed, args.seeds, args.confirm_prompts, ["base", *MODEL_DIRS])
     with open(RESULTS, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"bench": "toy_ablation", "device": device_name(), "commit": git_commit(),
-                                 "seeds": args.seeds, "prompts": args.prompts, "rows": rows}) + "\n")
+                                 "model": args.model, "seeds": args.seeds, "prompts": args.prompts,
+                                 "rows": rows}) + "\n")
     (Path(args.out) / "ablation.json").write_text(json.dumps(per_seed, indent=2))
 
 

@@ -232,6 +232,14 @@ class LossConfig:
     mask_smoothing: Literal["gaussian", "binary"] = setting("gaussian")
     label_smoothing: float = setting(0.0, between(0, 0.5, hi_open=True))
     fused: bool = setting(True)  # fuse the generation head's last Linear with the loss (no full logits)
+    # Guidance-aware options (beyond the paper; off by default, see BENCHMARKS.md's toy ablation):
+    # guided_rewards: the whole loss under the sampling distribution softmax(u + s (c - u)), s = images.guidance_scale,
+    #   u the logits after Janus's unconditional prompt (one more forward per row);
+    # uncond_anchor: weight of mean_chosen (r_u - r_u_ref)^2, r_u the mean log-prob per token of the chosen image
+    #   after the unconditional prompt, r_u_ref the same under the base model (LoRA adapters off), so training
+    #   leaves the unconditional branch where it was.
+    guided_rewards: bool = setting(False)
+    uncond_anchor: float = setting(0.0, at_least(0))
     backend: Literal["auto", "ref", "cpp", "triton"] = setting("auto")
 
 
@@ -275,6 +283,11 @@ class EvalConfig:
     batch_size: int = setting(32, COUNT)
     # Also judge at these CFG weights (images.guidance_scale is always judged); 1.0 = the conditional model alone
     toy_extra_guidance: list[float] = setting(rule=list_of(at_least(0)), factory=list)
+    # Re-tuned guidance (beyond the paper): pick, for each model judged, the weight of this list with the best loose
+    # (then strict) alignment on toy_retune_prompts training-split captions, and judge held-out at it (key
+    # "@retuned"); the held-out captions never choose the weight. Empty: off.
+    toy_retune_guidance: list[float] = setting(rule=list_of(at_least(0), unique=True), factory=list)
+    toy_retune_prompts: int = setting(64, COUNT)
 
 
 @dataclass
@@ -303,6 +316,9 @@ def _cross_field_problems(c: OSPOConfig) -> list[str]:
         problems.append("prompts.file='' but prompts.source=file; give prompts.file=PATH.jsonl or another source")
     if _number(c.train.min_lr) and _number(c.train.lr) and c.train.min_lr > c.train.lr:
         problems.append(f"train.min_lr={c.train.min_lr!r} must be <= train.lr={c.train.lr!r}")
+    if _number(c.loss.uncond_anchor) and c.loss.uncond_anchor > 0 and not c.train.lora:
+        problems.append(f"loss.uncond_anchor={c.loss.uncond_anchor!r} needs train.lora=true (its reference is the "
+                        "base model with the adapters off); set loss.uncond_anchor=0 for full fine-tuning")
     if c.train.lora and c.train.unfreeze:
         problems.append(f"train.unfreeze={c.train.unfreeze!r} needs full fine-tuning; set train.lora=false or "
                         "train.unfreeze=[]")

@@ -49,7 +49,33 @@ def _evaluate(config: OSPOConfig, model_path: str, save_to: Path | None = None) 
         desc = f"judge {'held-out' if save_to is None else save_to.name}{key}"
         results[key] = judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed, config=images,
                                         batch_size=config.eval.batch_size, save_dir=save_dir, desc=desc)
+    if config.eval.toy_retune_guidance:
+        weight, tuning = retuned_guidance(bundle, config)
+        images = dataclasses.replace(config.images, guidance_scale=weight)
+        save_dir = None if save_to is None else save_to.with_name(save_to.name + "@retuned")
+        results["@retuned"] = {**judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed,
+                                                  config=images, batch_size=config.eval.batch_size,
+                                                  save_dir=save_dir, desc=f"judge held-out @ re-tuned CFG {weight:g}"),
+                               "retuned_on": tuning}
     return results
+
+
+def retuned_guidance(bundle, config: OSPOConfig) -> tuple[float, dict]:
+    """``eval.toy_retune_guidance``: the weight of that list whose images of ``eval.toy_retune_prompts``
+    training-split captions the judge finds best (loose, then strict; the first listed on a tie), and every
+    weight's {"strict", "loose", "n"} on them. The seeds differ from the held-out run's."""
+    from ospo_fast.toy.evaluate import judged_alignment
+
+    tuning = {}
+    for weight in config.eval.toy_retune_guidance:
+        images = dataclasses.replace(config.images, guidance_scale=weight)
+        r = judged_alignment(bundle, config.eval.toy_retune_prompts, seed=config.seed + 1, config=images,
+                             batch_size=config.eval.batch_size, split="train", desc=f"re-tune CFG {weight:g}")
+        tuning[f"{weight:g}"] = {"n": r["n"], "strict": r["strict"], "loose": r["loose"]}
+    def rank(weight: float) -> tuple[float, float]:  # max() keeps the first of equals: the earlier listed
+        return tuning[f"{weight:g}"]["loose"], tuning[f"{weight:g}"]["strict"]
+
+    return max(config.eval.toy_retune_guidance, key=rank), tuning
 
 
 def toy_mask_localisation(synth_dir: Path) -> dict:

@@ -147,6 +147,7 @@ def test_presets_are_valid(name):
     ("model.device=cuda:1", True), ("model.device=cuda:x", False), ("model.path=", False),
     ("loss.label_smoothing=0.5", False), ("loss.beta=0", False), ("eval.toy_extra_guidance=[1.0,-2]", False),
     ("prompts.max_numeracy=5", False), ("seed=-1", False), ("filter.tau=0", True),
+    ("loss.uncond_anchor=-0.1", False), ("loss.uncond_anchor=0.5", True), ("loss.guided_rewards=true", True),
 ])
 def test_range_edges(override, ok):
     if ok:
@@ -154,6 +155,11 @@ def test_range_edges(override, ok):
     else:
         with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
             load_config("tiny", [override])
+
+
+def test_uncond_anchor_needs_lora():
+    with pytest.raises(ConfigError, match=r"loss\.uncond_anchor=0\.5 needs train\.lora=true"):
+        load_config("tiny", ["loss.uncond_anchor=0.5", "train.lora=false"])
 
 
 def test_full_fine_tuning_may_unfreeze():

@@ -153,7 +153,7 @@ def _no_capture_decoder(bundle, rows: int):
     ids, mask, _ = image_gen._tokenise(bundle, MIXED[:rows], None)
     decoder = image_gen._Decoder(bundle.model, image_gen._Shape(rows, ids.shape[1], bundle.num_image_tokens,
                                                                 sampling), bundle.device)
-    pad, bos, boi = image_gen._special_ids(bundle)
+    pad, bos, boi = image_gen.special_ids(bundle)
     decoder.start(torch.cat([ids, unconditional_ids(ids, bos, boi, pad)]), mask.repeat(2, 1),
                   torch.arange(rows), None)
     return decoder

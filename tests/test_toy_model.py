@@ -136,6 +136,35 @@ def test_run_judges_at_every_requested_guidance(toy):
         assert results[key] == direct
 
 
+def test_retuned_guidance_is_chosen_on_training_captions_only(toy):
+    """``eval.toy_retune_guidance``: the weight picked is the best (loose, then strict) of the list on training
+    captions, each judged as a direct call would; the held-out figure at it equals a direct call too."""
+    import dataclasses
+
+    from ospo_fast.config import load_config
+    from ospo_fast.run import _evaluate
+    from ospo_fast.toy.evaluate import judged_alignment
+
+    weights = [1.0, 2.0, 5.0]
+    config = load_config("toy", ["eval.toy_heldout_prompts=8", "eval.toy_extra_guidance=[]",
+                                 f"eval.toy_retune_guidance={weights}",
+                                 "eval.toy_retune_prompts=8"])
+    results = _evaluate(config, "builtin:toy")
+    assert sorted(results) == ["", "@retuned"]
+    tuned = {}
+    for weight in weights:
+        images = dataclasses.replace(config.images, guidance_scale=weight)
+        r = judged_alignment(toy, 8, seed=config.seed + 1, config=images, batch_size=config.eval.batch_size,
+                             split="train")
+        tuned[f"{weight:g}"] = {"n": 8, "strict": r["strict"], "loose": r["loose"]}
+    best = max(weights, key=lambda w: (tuned[f"{w:g}"]["loose"], tuned[f"{w:g}"]["strict"]))
+    retuned = results["@retuned"]
+    assert retuned["retuned_on"] == tuned and retuned["guidance_scale"] == best
+    direct = judged_alignment(toy, 8, seed=config.seed, batch_size=config.eval.batch_size,
+                              config=dataclasses.replace(config.images, guidance_scale=best))
+    assert {k: v for k, v in retuned.items() if k != "retuned_on"} == direct
+
+
 def test_build_md_regenerates_the_report_and_keeps_the_history(tmp_path, metrics):
     (tmp_path / "BUILD.md").write_text("# stale report\n| old | table |\n\n" + bm.HISTORY_HEADING + "\n\nphase notes\n")
     bm.write_build_md(tmp_path, metrics)

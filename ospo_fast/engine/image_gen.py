@@ -252,7 +252,7 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
 
 
-def _special_ids(bundle) -> tuple[int, int, int]:
+def special_ids(bundle) -> tuple[int, int, int]:
     """(pad, bos, <begin_of_image>) token ids; pad and bos from the generation config where set."""
     gen_config, tokenizer = bundle.model.generation_config, bundle.tokenizer
     pad_id = gen_config.pad_token_id if gen_config.pad_token_id is not None else tokenizer.pad_token_id
@@ -265,7 +265,7 @@ def _tokenise(bundle, prompts: list[str], objects: list[list[str]] | None):
     positions (P, O, S) with O and S padded to multiples of OBJECT_BUCKET, or None."""
     ids, mask = image_prompt_inputs(bundle.processor, prompts)
     width = _round_up(ids.shape[1], PROMPT_BUCKET)
-    ids, mask = _left_pad(ids, width, _special_ids(bundle)[0]), _left_pad(mask, width, 0)
+    ids, mask = _left_pad(ids, width, special_ids(bundle)[0]), _left_pad(mask, width, 0)
     if objects is None:
         return ids, mask, None
     from ospo_fast.engine.object_attention import object_token_positions
@@ -334,7 +334,7 @@ def _decode_batch(bundle, decoder: _Decoder, ids: torch.Tensor, mask: torch.Tens
     CPU."""
     device, rows, num_tokens = bundle.device, decoder.shape.rows, decoder.shape.num_tokens
     n = ids.shape[0]
-    pad_id, bos_id, boi_id = _special_ids(bundle)
+    pad_id, bos_id, boi_id = special_ids(bundle)
     ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
     ids2 = torch.cat([ids, unconditional_ids(ids, bos_id, boi_id, pad_id)]).to(device)  # (2R, T)
     mask2 = mask.repeat(2, 1).to(device)  # (2R, T)

@@ -14,11 +14,13 @@ fine-tuning), checkpoints atomically, resumes exactly, and merges the LoRA adapt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -53,17 +55,39 @@ class TrainResult:
     last_metrics: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """What the guidance-aware loss options need: the CFG weight s of sampling (``images.guidance_scale``), the
+    ids that make Janus's unconditional prompt (``engine.image_gen.unconditional_ids``), and, for the anchor, a
+    context manager under which the model is the reference (peft's ``disable_adapter``)."""
+
+    scale: float
+    pad_id: int
+    bos_id: int
+    boi_id: int
+    reference: Callable[[], contextlib.AbstractContextManager] | None = None
+
+
 class PreferenceModel(nn.Module):
     """Janus + the Obj-SimPO loss in one ``forward``, so DDP and FSDP2 see every use of the weights.
 
     ``check_values``: range-check targets and mask weights in every forward (host syncs); the trainer passes False
-    because ``load_pair_set`` validated them once, so its steps never wait on the device for a check."""
+    because ``load_pair_set`` validated them once, so its steps never wait on the device for a check.
+    ``guidance``: needed by ``loss.guided_rewards`` and ``loss.uncond_anchor`` (see ``LossConfig``)."""
 
-    def __init__(self, janus: nn.Module, loss_config: LossConfig, check_values: bool = True):
+    def __init__(self, janus: nn.Module, loss_config: LossConfig, check_values: bool = True,
+                 guidance: Guidance | None = None):
         super().__init__()
+        if (loss_config.guided_rewards or loss_config.uncond_anchor > 0) and guidance is None:
+            raise ValueError("loss.guided_rewards / loss.uncond_anchor need the guidance scale and the unconditional "
+                             "prompt's ids: pass guidance=Guidance(...)")
+        if loss_config.uncond_anchor > 0 and guidance.reference is None:
+            raise ValueError(f"loss.uncond_anchor={loss_config.uncond_anchor} needs a reference model: LoRA "
+                             "(train.lora=true), whose disable_adapter gives the base model")
         self.janus = janus
         self.loss_config = loss_config
         self.check_values = check_values
+        self.guidance = guidance
 
     def image_hidden(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      image_tokens: torch.Tensor) -> torch.Tensor:
@@ -83,21 +107,67 @@ class PreferenceModel(nn.Module):
         """(2P, T, V) generation-head logits of every image token."""
         return self.janus.model.generation_head(self.image_hidden(prompt_ids, prompt_mask, image_tokens))
 
+    def head_input(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   image_tokens: torch.Tensor) -> torch.Tensor:
+        """(2P, T, D_proj): the input of the generation head's last Linear (``vision_head``)."""
+        head = self.janus.model.generation_head
+        return head.activation_fn(head.proj_out(self.image_hidden(prompt_ids, prompt_mask, image_tokens)))
+
+    def unconditional(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Janus's unconditional prompt for each row (same length and mask: pads stand in for the text)."""
+        from ospo_fast.engine.image_gen import unconditional_ids
+
+        g = self.guidance
+        return unconditional_ids(prompt_ids, g.bos_id, g.boi_id, g.pad_id)
+
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, image_tokens: torch.Tensor,
                 mask_weights: torch.Tensor):
         from ospo_fast.ops.simpo_loss import fused_obj_simpo_loss, obj_simpo_loss
 
         config = self.loss_config
-        if not config.fused:
+        # the generation head is logits = vision_head(x) with x = head_input: with u, c the unconditional and
+        # conditional logits, u + s (c - u) = vision_head(x_u + s (x_c - x_u)), so guidance mixes the head inputs
+        # and the fused op (which never materialises the logits) takes the mix as it is
+        if config.fused:
+            head = self.janus.model.generation_head
+            x = self.head_input(prompt_ids, prompt_mask, image_tokens)  # (2P, T, D_proj)
+            if config.guided_rewards:
+                x_u = self.head_input(self.unconditional(prompt_ids), prompt_mask, image_tokens)
+                x = x_u + self.guidance.scale * (x - x_u)
+            # under autocast: bf16 `x`, float32 head weight; the fused op computes in the autocast dtype
+            out = fused_obj_simpo_loss(x, head.vision_head.weight, head.vision_head.bias, image_tokens,
+                                       mask_weights, config, backend=config.backend, check_values=self.check_values)
+        else:
             logits = self.image_logits(prompt_ids, prompt_mask, image_tokens)  # (2P, T, V)
-            return obj_simpo_loss(logits, image_tokens, mask_weights, config, backend=config.backend,
-                                  check_values=self.check_values)
+            if config.guided_rewards:
+                u = self.image_logits(self.unconditional(prompt_ids), prompt_mask, image_tokens)
+                logits = u + self.guidance.scale * (logits - u)
+            out = obj_simpo_loss(logits, image_tokens, mask_weights, config, backend=config.backend,
+                                 check_values=self.check_values)
+        if config.uncond_anchor > 0:
+            anchor = self.uncond_anchor_loss(prompt_ids, prompt_mask, image_tokens)
+            out = dataclasses.replace(out, loss=out.loss + config.uncond_anchor * anchor)
+        return out
+
+    def uncond_mean_logprob(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                            image_tokens: torch.Tensor) -> torch.Tensor:
+        """(R,) float32: mean log-prob per image token of each row's image after the unconditional prompt."""
+        from ospo_fast.ops.simpo_loss import fused_token_logprobs
+
         head = self.janus.model.generation_head
-        hidden = self.image_hidden(prompt_ids, prompt_mask, image_tokens)
-        projected = head.activation_fn(head.proj_out(hidden))  # (2P, T, D_proj); logits never materialised
-        # under autocast: bf16 `projected`, float32 head weight; the fused op computes in the autocast dtype
-        return fused_obj_simpo_loss(projected, head.vision_head.weight, head.vision_head.bias, image_tokens,
-                                    mask_weights, config, backend=config.backend, check_values=self.check_values)
+        x = self.head_input(self.unconditional(prompt_ids), prompt_mask, image_tokens)
+        logp = fused_token_logprobs(x, head.vision_head.weight, head.vision_head.bias, image_tokens,
+                                    backend=self.loss_config.backend, check_values=self.check_values)  # (R, T)
+        return logp.mean(dim=1)
+
+    def uncond_anchor_loss(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           image_tokens: torch.Tensor) -> torch.Tensor:
+        """mean over the chosen rows (the first half) of (r_u - r_u_ref)^2 (``LossConfig.uncond_anchor``)."""
+        p = image_tokens.shape[0] // 2
+        rows = (prompt_ids[:p], prompt_mask[:p], image_tokens[:p])
+        with torch.no_grad(), self.guidance.reference():
+            reference = self.uncond_mean_logprob(*rows)
+        return (self.uncond_mean_logprob(*rows) - reference).pow(2).mean()
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, total: int, config: TrainConfig):
@@ -148,7 +218,8 @@ class Trainer:
         self.plan = BatchPlan(len(self.pairs), self.tc.per_device_batch, self.dist.world, self.tc.grad_accum,
                               config.seed)
         self.total = total_steps(self.tc, len(self.pairs), self.plan.global_batch)
-        self.core = PreferenceModel(janus, config.loss, check_values=False)  # validated by load_pair_set
+        self.core = PreferenceModel(janus, config.loss, check_values=False,  # validated by load_pair_set
+                                    guidance=self._guidance(config))
         self.params = [p for p in self.core.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: no parameter requires grad (check train.lora / train.lora_targets)")
@@ -165,6 +236,13 @@ class Trainer:
         self.last_metrics: dict = {}
 
     # -- setup -------------------------------------------------------------------------------------------------
+    def _guidance(self, config: OSPOConfig) -> Guidance:
+        from ospo_fast.engine.image_gen import special_ids
+
+        pad_id, bos_id, boi_id = special_ids(self.bundle)
+        return Guidance(config.images.guidance_scale, pad_id, bos_id, boi_id,
+                        reference=self.peft.disable_adapter if self.peft is not None else None)
+
     def _wrap(self, core: nn.Module) -> nn.Module:
         if self.dist.world <= 1:
             return core
