@@ -90,6 +90,7 @@ class BuildConfig:
     mm_minutes: float = 56.0
     mm_batch: int = 24
     mm_lr: float = 1e-3
+    mm_vision_lr: float = 0.0  # SigLIP tower in phase mm (0: frozen, as Janus keeps SigLIP frozen; needs phase vis)
     p_uncond: float = 0.1
     vqa_every: int = 1  # one understanding batch every ``vqa_every`` steps
     vqa_weight: float = 2.0
@@ -514,8 +515,21 @@ def caption_loss(model, processor, images: np.ndarray, captions: list[str]) -> t
                            ignore_index=-100)
 
 
-def _mm_params(model):
-    return [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
+def _mm_groups(model, cfg: BuildConfig) -> list[dict]:
+    """Phase mm's optimiser groups: everything but the VQ at ``mm_lr``; the SigLIP tower at ``mm_vision_lr``
+    (left out, and frozen, at 0)."""
+    tower, rest = [], []
+    for name, p in model.named_parameters():
+        if name.startswith("model.vqmodel."):
+            continue
+        (tower if name.startswith("model.vision_model.") else rest).append(p)
+    groups = [{"params": rest, "base_lr": cfg.mm_lr}]
+    if cfg.mm_vision_lr > 0:
+        groups.append({"params": tower, "base_lr": cfg.mm_vision_lr})
+    else:
+        for p in tower:
+            p.requires_grad_(False)
+    return groups
 
 
 def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
@@ -524,7 +538,9 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
     model.model.vqmodel.eval().requires_grad_(False)
     with torch.no_grad():  # generation embeddings start from the (normalised) VQ codebook
         model.model.generation_embeddings.weight.copy_(model.model.vqmodel.quantize.embedding.weight)
-    opt = torch.optim.AdamW(_mm_params(model), lr=cfg.mm_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    groups = _mm_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.mm_lr, betas=(0.9, 0.95), weight_decay=0.01)
     rng = np.random.default_rng([cfg.seed, 2])
     ckpt = work / "mm.pt"
     state = _resume_phase(ckpt, model, opt, rng, log)
@@ -536,7 +552,7 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
         frac, step = elapsed / budget, state["step"]
         scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.97 + 0.03)
         for group in opt.param_groups:
-            group["lr"] = cfg.mm_lr * scale
+            group["lr"] = group["base_lr"] * scale
         scenes, images = scene_batch(rng, cfg.mm_batch)
         tokens = encode_tokens(model, images)
         uncond = torch.from_numpy(rng.random(cfg.mm_batch) < cfg.p_uncond)
@@ -545,7 +561,8 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
         if step % cfg.vqa_every == 0:
             scenes, images = scene_batch(rng, cfg.mm_batch)
             answers = rng.random(cfg.mm_batch) < 0.5
-            questions = [make_question(world.spec_of(s), rng, bool(a)) for s, a in zip(scenes, answers)]
+            questions = [make_question(world.spec_of(s), rng, bool(a), UND_QUESTION_KINDS)
+                         for s, a in zip(scenes, answers)]
             target = torch.tensor([yes_id if a else no_id for a in answers])
             loss_vqa = F.cross_entropy(vqa_logits(model, processor, images, questions), target)
             loss = loss + cfg.vqa_weight * loss_vqa
@@ -556,7 +573,7 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
                 last_cap = loss_cap.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(_mm_params(model), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         state["step"] += 1
         if state["step"] % 20 == 0:
@@ -784,6 +801,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vq-minutes", type=float, default=BuildConfig.vq_minutes)
     parser.add_argument("--mm-minutes", type=float, default=BuildConfig.mm_minutes)
+    parser.add_argument("--mm-vision-lr", type=float, default=BuildConfig.mm_vision_lr,
+                        help="LR of the SigLIP tower in phase mm (0: frozen; needs the tower of phase vis)")
     parser.add_argument("--vqdec-minutes", type=float, default=BuildConfig.vqdec_minutes)
     parser.add_argument("--und-minutes", type=float, default=BuildConfig.und_minutes)
     parser.add_argument("--vis-minutes", type=float, default=BuildConfig.vis_minutes,
@@ -794,7 +813,8 @@ def main(argv: list[str] | None = None) -> None:
                              "ospo_fast/assets/toy_janus) instead of the phase checkpoints in --work")
     args = parser.parse_args(argv)
     cfg = BuildConfig(seed=args.seed, vq_minutes=args.vq_minutes, vqdec_minutes=args.vqdec_minutes,
-                      mm_minutes=args.mm_minutes, und_minutes=args.und_minutes, vis_minutes=args.vis_minutes)
+                      mm_minutes=args.mm_minutes, mm_vision_lr=args.mm_vision_lr, und_minutes=args.und_minutes,
+                      vis_minutes=args.vis_minutes)
     torch.set_num_threads(cfg.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -831,6 +851,9 @@ def main(argv: list[str] | None = None) -> None:
         vis = train_vis(model, cfg, work, log)
         (work / "vis_stats.json").write_text(json.dumps(vis))
         log(f"saved {vis_file}: {vis}")
+    if "mm" in phases and cfg.mm_vision_lr == 0 and not vis_file.is_file() and not args.init:
+        raise SystemExit(f"--mm-vision-lr 0 freezes the SigLIP tower, but {vis_file} does not exist: run phase vis "
+                         "first (--phases vis,... --vis-minutes 10) or give the tower an LR (--mm-vision-lr 1e-3)")
     run_later_phases(model, tokenizer, cfg, work, Path(args.out), phases, log)
 
 
@@ -854,6 +877,8 @@ def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, 
     ``load_janus``, writing ``metrics.json`` and ``BUILD.md`` into ``out``)."""
     processor = build_toy_processor(tokenizer)
     stats = json.loads((work / "vq_stats.json").read_text()) if (work / "vq_stats.json").is_file() else {}
+    if (work / "vis_stats.json").is_file():
+        stats.update(json.loads((work / "vis_stats.json").read_text()))
     if "mm" in phases:
         stats.update(train_mm(model, processor, cfg, work, log))
         (work / "mm_stats.json").write_text(json.dumps(stats))
@@ -886,6 +911,8 @@ def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, 
         log(f"vq {metrics['vq']}")
         metrics["vqa_heldout"] = eval_vqa(bundle.model, bundle.processor, "heldout", cfg.seed, 512)
         log(f"vqa {metrics['vqa_heldout']}")
+        metrics["vqa_per_kind_heldout"] = eval_vqa_per_kind(bundle.model, bundle.processor, "heldout", cfg.seed, 256)
+        log(f"vqa per kind {metrics['vqa_per_kind_heldout']}")
         for split, n in (("heldout", 160), ("train", 160)):
             metrics[f"t2i_{split}_cfg5"] = eval_t2i(bundle.model, bundle.processor, split, cfg.seed, n)
             log(f"t2i {split} {metrics[f't2i_{split}_cfg5']}")
@@ -920,6 +947,8 @@ def build_report(m: dict) -> str:
     b, vq = m["build"], m["vq"]
     rows = [
         (f"VQ steps (batch {b['vq_batch']})", m.get("vq_steps", "?")),
+        *([(f"SigLIP tower per-patch steps (phase vis, batch {b['vis_batch']})", m["vis_steps"])]
+          if "vis_steps" in m else []),
         (f"VQ codes used on {vq['n']} scenes", f"{vq['codes_used']} / 512"),
         ("judge on VQ reconstructions, strict / loose", f"{vq['recon_strict']:.3f} / {vq['recon_loose']:.3f}"),
         ("VQ decoder-only steps", m.get("vqdec_steps", "?")),
@@ -931,17 +960,21 @@ def build_report(m: dict) -> str:
         ("T2I training captions, CFG 5, strict / loose", _pair(m["t2i_train_cfg5"])),
         ("VQA accuracy, held-out captions, balanced", f"{m['vqa_heldout']['accuracy']:.3f} "
                                                       f"(n={m['vqa_heldout']['n']})"),
+        *[(f"VQA accuracy, held-out two-object captions, {kind} questions", f"{r['accuracy']:.3f} (n={r['n']})")
+          for kind, r in m.get("vqa_per_kind_heldout", {}).items()],
         (f"test-sized T2I held-out, seed {TEST_SEED}, strict / loose", _pair(m["test_t2i_heldout_cfg5"])),
         (f"test-sized VQA held-out, seed {TEST_SEED}", f"{m['test_vqa_heldout']['accuracy']:.3f} "
                                                        f"(n={m['test_vqa_heldout']['n']})"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     und_cmd = f" --und-minutes {b['und_minutes']}" if b.get("und_minutes") else ""
+    vis_cmd = f" --vis-minutes {b['vis_minutes']} --mm-vision-lr {b['mm_vision_lr']:g}" if b.get("vis_minutes") else ""
     return f"""# builtin:toy: how it was built
 
 Command (CPU, 1 thread each, wall-clock budgets): `python recipes/toy_janus/build_model.py --out
 ospo_fast/assets/toy_janus --seed {m['seed']} --vq-minutes {b['vq_minutes']} --vqdec-minutes {b['vqdec_minutes']}
---mm-minutes {b['mm_minutes']}{und_cmd}` (phase checkpoints and the log in `build/toy_janus_work/`; a rerun resumes).
+--mm-minutes {b['mm_minutes']}{vis_cmd}{und_cmd}` (phase checkpoints and the log in `build/toy_janus_work/`; a rerun
+resumes).
 Phases:
 VQ-VAE, then the VQ decoder alone on frozen tokens beside the multitask phase (T2I + yes/no VQA), then save (fp16)
 and eval through `load_janus`. Budgets are wall clock and the machine was shared (load 6-11 on 2 cores), so a
