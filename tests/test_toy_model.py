@@ -276,3 +276,21 @@ def test_vqa_per_kind_asks_each_groups_templates_and_reads_colours(toy):
     result = bm.eval_vqa_per_kind(toy.model, toy.processor, "heldout", 3, 32)
     assert set(result) == {"colour", "shape", "relation"} and all(r["n"] == 32 for r in result.values())
     assert result["colour"]["accuracy"] >= 0.65
+
+
+def test_phase_vqdec_more_continues_the_decoder_only(tmp_path):
+    """Phase vqdec_more: a warm restart on the saved decoder (steps add up, a restart is counted); the encoder,
+    quant_conv and codebook keep their weights, so every image keeps its tokens. Without a saved decoder: a clear
+    error."""
+    work = ["--work", str(tmp_path), "--out", str(tmp_path / "out"), "--vq-minutes", "0.03", "--vqdec-minutes", "0.03"]
+    with pytest.raises(SystemExit, match="run phase vqdec first"):
+        bm.main([*work, "--phases", "vq,vqdec_more"])
+    bm.main([*work, "--phases", "vq,vqdec"])
+    first = torch.load(tmp_path / "vq_decoder.pt")
+    steps = json.loads((tmp_path / "vq_stats.json").read_text())["vqdec_steps"]
+    bm.main([*work, "--phases", "vqdec_more"])
+    second = torch.load(tmp_path / "vq_decoder.pt")
+    stats = json.loads((tmp_path / "vq_stats.json").read_text())
+    assert stats["vqdec_restarts"] == 1 and stats["vqdec_steps"] > steps
+    changed = {k for k in first if not torch.equal(first[k], second[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), changed

@@ -13,7 +13,8 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    background: codebook initialised from encoder outputs, dead codes restarted from recent encoder outputs, and
    foreground pixels weighted ``fg_weight`` times in the reconstruction loss.
    ``vqdec``: then the decoder side alone on the frozen tokens (sharper shapes; tokens do not change, so it can
-   run beside phase mm, as it did for the shipped build).
+   run beside phase mm, as it did for the shipped build). ``vqdec_more``: a warm restart of it on the saved decoder
+   for ``--vqdec-minutes`` more.
 1b. ``vis`` (optional, ``--vis-minutes``): the SigLIP tower alone, with a linear read-out of its last hidden states
    trained on dense per-patch targets (``patch_labels``: the colour and shape of the object covering each patch,
    and the patch's row and column), so that the understanding path tells shapes apart and keeps positions before
@@ -235,15 +236,16 @@ def train_vq(model: JanusForConditionalGeneration, cfg: BuildConfig, log) -> dic
     return {"vq_steps": step}
 
 
-def train_vq_decoder(model: JanusForConditionalGeneration, cfg: BuildConfig, log) -> dict:
+def train_vq_decoder(model: JanusForConditionalGeneration, cfg: BuildConfig, log, restart: int = 0) -> dict:
     """Phase vqdec: train only the decoder side (post_quant_conv + decoder) on fixed tokens for
     ``cfg.vqdec_minutes``; encoder, quant_conv and codebook stay frozen, so every image keeps its tokens and the
-    multitask phase does not depend on this one (the shipped build ran the two side by side)."""
+    multitask phase does not depend on this one (the shipped build ran the two side by side). ``restart`` > 0:
+    phase vqdec_more's warm restart number (fresh scenes, a new optimiser and schedule on the saved decoder)."""
     vq = model.model.vqmodel
     vq.eval()
     params = list(vq.decoder.parameters()) + list(vq.post_quant_conv.parameters())
     opt = torch.optim.Adam(params, lr=cfg.vq_lr / 2, betas=(0.9, 0.99))
-    rng = np.random.default_rng([cfg.seed, 6])
+    rng = np.random.default_rng([cfg.seed, 6] + ([restart] if restart else []))
     background = torch.tensor(world.BACKGROUND).view(1, 3, 1, 1).float().div(127.5).sub(1.0)
     start, step, budget = time.time(), 0, cfg.vqdec_minutes * 60
     while time.time() - start < budget:
@@ -843,6 +845,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(model.model.vqmodel.state_dict(), vqdec_file)
         (work / "vq_stats.json").write_text(json.dumps(stats))
         log(f"saved {vqdec_file}")
+    if "vqdec_more" in phases:  # a warm restart of phase vqdec on its saved decoder, for --vqdec-minutes more
+        if not vqdec_file.is_file():
+            raise SystemExit(f"phase vqdec_more continues {vqdec_file}, which does not exist: run phase vqdec first")
+        stats = json.loads((work / "vq_stats.json").read_text())
+        restart = stats.get("vqdec_restarts", 0) + 1
+        more = train_vq_decoder(model, cfg, log, restart)
+        stats.update(vqdec_steps=stats["vqdec_steps"] + more["vqdec_steps"], vqdec_restarts=restart)
+        torch.save(model.model.vqmodel.state_dict(), vqdec_file.with_suffix(".tmp"))
+        vqdec_file.with_suffix(".tmp").replace(vqdec_file)
+        (work / "vq_stats.json").write_text(json.dumps(stats))
+        log(f"saved {vqdec_file} after restart {restart} ({more['vqdec_steps']} more steps)")
     vis_file = work / "vis.pt"
     if vis_file.is_file():
         model.model.vision_model.load_state_dict(torch.load(vis_file)["tower"])
@@ -951,7 +964,8 @@ def build_report(m: dict) -> str:
           if "vis_steps" in m else []),
         (f"VQ codes used on {vq['n']} scenes", f"{vq['codes_used']} / 512"),
         ("judge on VQ reconstructions, strict / loose", f"{vq['recon_strict']:.3f} / {vq['recon_loose']:.3f}"),
-        ("VQ decoder-only steps", m.get("vqdec_steps", "?")),
+        ("VQ decoder-only steps" + (f" (phase vqdec + {m['vqdec_restarts']} warm restart(s), vqdec_more)"
+                                    if m.get("vqdec_restarts") else ""), m.get("vqdec_steps", "?")),
         (f"multitask steps (T2I batch {b['mm_batch']}, VQA batch {b['mm_batch']} every {b['vqa_every']})",
          m.get("mm_steps", "?")),
         *([(f"understanding steps (phase und: VQA + caption batch {b['und_batch']}, T2I every "
