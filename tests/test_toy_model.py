@@ -294,3 +294,42 @@ def test_phase_vqdec_more_continues_the_decoder_only(tmp_path):
     assert stats["vqdec_restarts"] == 1 and stats["vqdec_steps"] > steps
     changed = {k for k in first if not torch.equal(first[k], second[k])}
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), changed
+
+
+def test_shared_prefix_understanding_equals_the_full_sequences(toy):
+    """Phase und's losses through one shared (system + image) prefix with K question suffixes and a caption
+    suffix equal the full-sequence ones (``vqa_logits`` per question, ``caption_loss``), left padding and all."""
+    rng = np.random.default_rng(5)
+    scenes, images = bm.scene_batch(rng, 3, "heldout")
+    questions = [[bm.make_question(world.spec_of(s), rng, yes, bm.UND_QUESTION_KINDS) for yes in (True, False)]
+                 for s in scenes]
+    captions = [world.caption(s) for s in scenes]
+    with torch.no_grad():
+        logits, caption_nll = bm.shared_prefix_understanding(toy.model, toy.processor, images, questions, captions)
+        flat = [q for qs in questions for q in qs]
+        full = bm.vqa_logits(toy.model, toy.processor, np.repeat(images, 2, axis=0), flat)  # (6, V)
+        torch.testing.assert_close(logits, full, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(caption_nll, bm.caption_loss(toy.model, toy.processor, images, captions),
+                                   atol=2e-4, rtol=2e-4)
+
+
+def test_phase_und_trains_the_understanding_side_only_and_resumes(tmp_path, toy):
+    """Phase und (K questions per image on a shared prefix + caption, T2I every other step): the generation side
+    and, with mm_vision_lr 0, the SigLIP tower keep their weights; the checkpoint resumes at its step."""
+    from ospo_fast.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    cfg = bm.BuildConfig(und_minutes=0.05, und_batch=2, und_questions=2, mm_batch=2)
+    model = bm.new_model(cfg, tokenizer)
+    model.load_state_dict({k: v.float() for k, v in toy.model.state_dict().items()})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    processor = bm.build_toy_processor(tokenizer)
+    stats = bm.train_und(model, processor, cfg, tmp_path, lambda message: None)
+    assert stats["und_steps"] >= 1
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("model.language_model.") for k in changed)
+    frozen = ("model.vision_model.", "model.vqmodel.", "model.generation_head.", "model.generation_embeddings.",
+              "model.generation_aligner.")
+    assert not [k for k in changed if k.startswith(frozen)]
+    again = bm.train_und(model, processor, cfg, tmp_path, lambda message: None)  # budget spent: resumes, stops
+    assert again["und_steps"] == stats["und_steps"]

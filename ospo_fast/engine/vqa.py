@@ -77,58 +77,74 @@ def _as_image(image) -> np.ndarray | PIL.Image.Image:
     raise TypeError(f"images must be numpy arrays (H, W, 3) or PIL images, got {type(image).__name__}")
 
 
-def _split_prompts(bundle, questions: list[str]) -> tuple[list[int], list[list[int]]]:
-    """Tokenize the K prompts of one image; return the shared (system + image) prefix and the K suffixes."""
+def split_prompts(bundle, texts: list[str]) -> tuple[list[int], list[list[int]]]:
+    """Tokenize the understanding chats of one image (each with one ``<image_placeholder>``); return the shared
+    (system + image) prefix, up to and including the image end token, and each text's suffix after it."""
     tokenizer = bundle.tokenizer
     eoi = tokenizer.convert_tokens_to_ids(bundle.processor.image_end_token)
-    rows = [tokenizer(_expand_image_tokens(bundle, vqa_prompt(bundle, q)))["input_ids"] for q in questions]
+    rows = [tokenizer(_expand_image_tokens(bundle, text))["input_ids"] for text in texts]
     cut = rows[0].index(eoi) + 1
     prefix = rows[0][:cut]
-    for q, row in zip(questions, rows):
+    for text, row in zip(texts, rows):
         if row[:cut] != prefix:
-            raise ValueError(f"question {q!r} changes the tokens before the image end; cannot share the prefix")
+            raise ValueError(f"{text!r} changes the tokens before the image end; cannot share the prefix")
     return prefix, [row[cut:] for row in rows]
+
+
+def prefix_cached_hidden(bundle, pixel_values: torch.Tensor, prefix: list[int], suffixes: list[list[int]],
+                         owner: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder hidden states of R suffixes, each after the (system + image) prefix of image ``owner[r]``.
+
+    pixel_values (n, 3, S, S); prefix: the shared token ids (``split_prompts``); suffixes: R lists of ids. The
+    prefix of each image runs once and its KV rows are copied to that image's suffix rows, which run as one
+    right-padded batch. Differentiable (the trainer of the toy model uses it; ``score_yes_no`` runs it under
+    no_grad). Returns hidden (R, W, H) and the suffix mask (R, W) (1 on real tokens)."""
+    model, device = bundle.model, bundle.device
+    lm = model.model.language_model
+    n, plen = pixel_values.shape[0], len(prefix)
+    prefix_ids = torch.tensor([prefix] * n, device=device)  # (n, P)
+    embeds = lm.get_input_embeddings()(prefix_ids)  # (n, P, H)
+    features = model.model.get_image_features(pixel_values.to(device, model.dtype)).pooler_output  # (n, N, H)
+    slots = (prefix_ids == model.config.image_token_id)[..., None].expand_as(embeds)
+    embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
+    cache = DynamicCache(config=model.config.text_config)
+    lm(inputs_embeds=embeds, attention_mask=torch.ones(n, plen, dtype=torch.long, device=device),
+       past_key_values=cache, use_cache=True)
+    rows = torch.tensor(owner, device=device)  # (R,)
+    pad_id = bundle.tokenizer.pad_token_id
+    width = max(len(s) for s in suffixes)
+    suffix_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in suffixes], device=device)  # (R, W)
+    suffix_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in suffixes], device=device)
+    rows_cache = DynamicCache(config=model.config.text_config)
+    for layer_idx, layer in enumerate(cache.layers):  # copy the prefix KV to every suffix row
+        rows_cache.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), layer_idx)
+    mask = torch.cat([suffix_mask.new_ones(len(owner), plen), suffix_mask], dim=1)  # (R, P + W)
+    positions = (plen + torch.arange(width, device=device)).expand(len(owner), -1)  # (R, W)
+    hidden = lm(inputs_embeds=lm.get_input_embeddings()(suffix_ids), attention_mask=mask, position_ids=positions,
+                past_key_values=rows_cache, use_cache=True).last_hidden_state  # (R, W, H)
+    return hidden, suffix_mask
+
+
+def answer_logits(bundle, pixel_values: torch.Tensor, questions: list[list[str]]) -> torch.Tensor:
+    """(R, V) next-token logits after each yes/no question (R = all questions of the n images, in order);
+    differentiable: ``score_yes_no`` reads probabilities from it, the toy model's build trains on it."""
+    prefix, _ = split_prompts(bundle, [vqa_prompt(bundle, questions[0][0])])
+    suffixes, owner = [], []
+    for i, qs in enumerate(questions):
+        pre, suf = split_prompts(bundle, [vqa_prompt(bundle, q) for q in qs])
+        if pre != prefix:
+            raise ValueError("all images must share one prompt prefix (same processor settings)")
+        suffixes += suf
+        owner += [i] * len(suf)
+    hidden, suffix_mask = prefix_cached_hidden(bundle, pixel_values, prefix, suffixes, owner)
+    last = suffix_mask.sum(1) - 1  # (R,) right padding: the last real token
+    return bundle.model.lm_head(hidden[torch.arange(len(owner), device=hidden.device), last])  # (R, V)
 
 
 @torch.no_grad()
 def _score_group(bundle, pixel_values: torch.Tensor, questions: list[list[str]], answer_ids: dict[str, int]):
     """pixel_values (n, 3, S, S) for n images, questions[i] its K_i questions -> list of lists of (p_yes, p_no)."""
-    model, device = bundle.model, bundle.device
-    lm = model.model.language_model
-    image_id = model.config.image_token_id
-    prefix, _ = _split_prompts(bundle, questions[0][:1])
-    n, plen = len(questions), len(prefix)
-    prefix_ids = torch.tensor([prefix] * n, device=device)  # (n, P)
-    embeds = lm.get_input_embeddings()(prefix_ids)  # (n, P, H)
-    features = model.model.get_image_features(pixel_values.to(device, model.dtype)).pooler_output  # (n, N, H)
-    slots = (prefix_ids == image_id)[..., None].expand_as(embeds)
-    embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
-    cache = DynamicCache(config=model.config.text_config)
-    lm(inputs_embeds=embeds, attention_mask=torch.ones(n, plen, dtype=torch.long, device=device),
-       past_key_values=cache, use_cache=True)
-
-    suffixes, owner = [], []
-    for i, qs in enumerate(questions):
-        pre, suf = _split_prompts(bundle, qs)
-        if pre != prefix:
-            raise ValueError("all images must share one prompt prefix (same processor settings)")
-        suffixes += suf
-        owner += [i] * len(suf)
-    rows = torch.tensor(owner, device=device)  # (R,)
-    pad_id = bundle.tokenizer.pad_token_id
-    width = max(len(s) for s in suffixes)
-    suffix_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in suffixes], device=device)  # (R, S)
-    suffix_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in suffixes], device=device)
-    rows_cache = DynamicCache(config=model.config.text_config)
-    for layer_idx, layer in enumerate(cache.layers):  # copy the prefix KV to every question row
-        rows_cache.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), layer_idx)
-    mask = torch.cat([suffix_mask.new_ones(len(owner), plen), suffix_mask], dim=1)  # (R, P + S)
-    positions = (plen + torch.arange(width, device=device)).expand(len(owner), -1)  # (R, S)
-    hidden = lm(inputs_embeds=lm.get_input_embeddings()(suffix_ids), attention_mask=mask, position_ids=positions,
-                past_key_values=rows_cache, use_cache=True).last_hidden_state  # (R, S, H)
-    last = suffix_mask.sum(1) - 1  # (R,) right padding: the last real token
-    logits = model.lm_head(hidden[torch.arange(len(owner), device=device), last])  # (R, V)
-    probs = logits.float().softmax(-1)
+    probs = answer_logits(bundle, pixel_values, questions).float().softmax(-1)  # (R, V)
     p_yes = torch.maximum(probs[:, answer_ids["yes"]], probs[:, answer_ids["Yes"]]).tolist()
     p_no = torch.maximum(probs[:, answer_ids["no"]], probs[:, answer_ids["No"]]).tolist()
     out, r = [], 0

@@ -26,7 +26,8 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    and yes/no understanding (the SigLIP tower reads the image into the placeholders; the LM head predicts the
    answer token ``"yes"`` / ``"no"`` after the understanding chat, answers balanced).
 2b. ``und`` (optional, ``--und-minutes``): continues from phase mm's weights with an understanding-focused recipe:
-   balanced yes/no VQA + captioning every step, T2I every ``und_t2i_every`` steps; generation head, generation
+   balanced yes/no VQA (``und_questions`` per image, as suffixes on one shared prefix, the way Self-VQA reads)
+   + captioning (a suffix on the same prefix) every step, T2I every ``und_t2i_every`` steps; generation head, generation
    embeddings and generation aligner frozen; the SigLIP tower + aligner at a higher LR than the decoder.
    Resumable from ``work/und.pt``. Questions: ``UND_QUESTION_KINDS`` (shape and relation questions twice as often).
    ``--init DIR`` starts the later phases from a saved toy model instead of ``work``'s checkpoints (e.g.
@@ -98,6 +99,7 @@ class BuildConfig:
     caption_weight: float = 1.0  # auxiliary captioning loss on the VQA images
     und_minutes: float = 0.0  # phase und (0: not run)
     und_batch: int = 32
+    und_questions: int = 4  # yes/no questions per image in phase und (suffixes on one shared prefix)
     und_lr_vision: float = 1e-3  # SigLIP tower + understanding aligner
     und_lr_decoder: float = 3e-4  # language model + LM head
     und_t2i_every: int = 2  # one T2I batch every ``und_t2i_every`` steps (generation head/embeddings frozen)
@@ -517,6 +519,52 @@ def caption_loss(model, processor, images: np.ndarray, captions: list[str]) -> t
                            ignore_index=-100)
 
 
+def caption_text(processor, caption: str) -> str:
+    """The captioning chat with its answer: ``<image_placeholder>\nDescribe the image.`` then `` {caption}<eos>``."""
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_REQUEST}]}
+    prompt = DEFAULT_SYSTEM_PROMPT + processor.apply_chat_template([user], add_generation_prompt=True)
+    return prompt + " " + caption + processor.tokenizer.eos_token
+
+
+def shared_prefix_understanding(model, processor, images: np.ndarray, questions: list[list[str]],
+                                captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The understanding losses the way Self-VQA reads (``ospo_fast.engine.vqa.prefix_cached_hidden``): each
+    image's (system + image) prefix runs once and its K questions and its caption chat run as suffixes on a copy
+    of its KV, so K answers per image cost K short suffixes instead of K full sequences.
+    Returns the answer logits (sum K, V) and the caption NLL per token (scalar)."""
+    from ospo_fast.engine.vqa import prefix_cached_hidden, split_prompts
+    from ospo_fast.models.loader import JanusBundle
+
+    bundle = JanusBundle(model, processor, "toy build")
+    tok = processor.tokenizer
+    prefix, suffixes, owner, kinds = None, [], [], []
+    for i, (qs, caption) in enumerate(zip(questions, captions)):
+        pre, suf = split_prompts(bundle, [vqa_text(processor, q) for q in qs] + [caption_text(processor, caption)])
+        prefix = prefix or pre
+        if pre != prefix:
+            raise ValueError("all images must share one prompt prefix")
+        suffixes += suf
+        owner += [i] * len(suf)
+        kinds += ["vqa"] * len(qs) + ["caption"]
+    pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    hidden, mask = prefix_cached_hidden(bundle, pixels, prefix, suffixes, owner)  # (R, W, H), (R, W)
+    last = mask.sum(1) - 1  # (R,)
+    is_vqa = torch.tensor([k == "vqa" for k in kinds])
+    rows = torch.arange(len(owner))
+    answer = model.lm_head(hidden[rows[is_vqa], last[is_vqa]])  # (sum K, V)
+    # caption rows: the last n tokens are " {caption}<eos>", each predicted by the hidden state one position earlier
+    caption_rows = rows[~is_vqa].tolist()
+    picks, targets = [], []
+    for row, caption in zip(caption_rows, captions):
+        n = len(tok(" " + caption + tok.eos_token, add_special_tokens=False)["input_ids"])
+        end = int(last[row]) + 1
+        picks += [(row, j - 1) for j in range(end - n, end)]
+        targets += suffixes[row][end - n:end]
+    r, c = torch.tensor(picks).T
+    caption_nll = F.cross_entropy(model.lm_head(hidden[r, c]).float(), torch.tensor(targets))
+    return answer.float(), caption_nll
+
+
 def _mm_groups(model, cfg: BuildConfig) -> list[dict]:
     """Phase mm's optimiser groups: everything but the VQ at ``mm_lr``; the SigLIP tower at ``mm_vision_lr``
     (left out, and frozen, at 0)."""
@@ -618,10 +666,12 @@ _FROZEN_IN_UND = ("model.vqmodel.", "model.generation_head.", "model.generation_
 
 
 def _und_groups(model, cfg: BuildConfig) -> list[dict]:
-    """Vision tower + aligner at ``und_lr_vision``, the decoder at ``und_lr_decoder``; generation side frozen."""
+    """Vision tower + aligner at ``und_lr_vision``, the decoder at ``und_lr_decoder``; generation side frozen, and
+    the tower too where phase mm kept it frozen (``mm_vision_lr`` 0: the tower of phase vis)."""
+    frozen = _FROZEN_IN_UND + (("model.vision_model.",) if cfg.mm_vision_lr == 0 else ())
     vision, decoder = [], []
     for name, p in model.named_parameters():
-        if name.startswith(_FROZEN_IN_UND):
+        if name.startswith(frozen):
             p.requires_grad_(False)
         elif name.startswith(("model.vision_model.", "model.aligner.")):
             vision.append(p)
@@ -651,14 +701,14 @@ def train_und(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
         scenes, images = scene_batch(rng, cfg.und_batch)
-        answers = rng.random(cfg.und_batch) < 0.5
-        questions = [make_question(world.spec_of(s), rng, bool(a), UND_QUESTION_KINDS)
-                     for s, a in zip(scenes, answers)]
-        target = torch.tensor([yes_id if a else no_id for a in answers])
-        logits = vqa_logits(model, processor, images, questions)  # (B, V)
+        answers = rng.random((cfg.und_batch, cfg.und_questions)) < 0.5  # (B, K)
+        questions = [[make_question(world.spec_of(s), rng, bool(a), UND_QUESTION_KINDS) for a in row]
+                     for s, row in zip(scenes, answers)]
+        target = torch.tensor([yes_id if a else no_id for a in answers.ravel()])
+        logits, loss_cap = shared_prefix_understanding(model, processor, images, questions,
+                                                       [world.caption(s) for s in scenes])  # (B K, V)
         loss_vqa = F.cross_entropy(logits, target)
-        hits += ((logits[:, yes_id] > logits[:, no_id]) == torch.from_numpy(answers)).tolist()
-        loss_cap = caption_loss(model, processor, images, [world.caption(s) for s in scenes])
+        hits += ((logits[:, yes_id] > logits[:, no_id]) == torch.from_numpy(answers.ravel())).tolist()
         loss = cfg.vqa_weight * loss_vqa + cfg.caption_weight * loss_cap
         if step % cfg.und_t2i_every == 0:
             scenes, images = scene_batch(rng, cfg.mm_batch)
@@ -673,8 +723,9 @@ def train_und(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
         opt.step()
         state["step"] += 1
         if state["step"] % 10 == 0:
-            log(f"und step {state['step']} vqa {loss_vqa.item():.3f} (train acc last 10 steps "
-                f"{np.mean(hits[-10 * cfg.und_batch:]):.3f}) caption {loss_cap.item():.3f} t2i {last_t2i:.3f} "
+            recent = np.mean(hits[-10 * cfg.und_batch * cfg.und_questions:])
+            log(f"und step {state['step']} vqa {loss_vqa.item():.3f} (train acc last 10 steps {recent:.3f}) "
+                f"caption {loss_cap.item():.3f} t2i {last_t2i:.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e}/{opt.param_groups[1]['lr']:.2e} {elapsed / 60:.1f} min")
         if time.time() - last_save > 180:
             state["elapsed"] = time.time() - t0
