@@ -333,3 +333,22 @@ def test_phase_und_trains_the_understanding_side_only_and_resumes(tmp_path, toy)
     assert not [k for k in changed if k.startswith(frozen)]
     again = bm.train_und(model, processor, cfg, tmp_path, lambda message: None)  # budget spent: resumes, stops
     assert again["und_steps"] == stats["und_steps"]
+
+
+def test_phase_mm_keeps_the_pretrained_tower_frozen_and_resumes(tmp_path, toy):
+    """Phase mm with mm_vision_lr 0 (the tower of phase vis): T2I + K questions per image + caption train the
+    decoder and the generation side; the SigLIP tower and the VQ keep their weights; the checkpoint resumes."""
+    from ospo_fast.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    cfg = bm.BuildConfig(mm_minutes=0.05, mm_batch=2, mm_questions=2)
+    model = bm.new_model(cfg, tokenizer)
+    model.load_state_dict({k: v.float() for k, v in toy.model.state_dict().items()})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    processor = bm.build_toy_processor(tokenizer)
+    stats = bm.train_mm(model, processor, cfg, tmp_path, lambda message: None)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert stats["mm_steps"] >= 1 and any(k.startswith("model.generation_head.") for k in changed)
+    assert any(k.startswith("model.language_model.") for k in changed)
+    assert not [k for k in changed if k.startswith(("model.vision_model.", "model.vqmodel."))]
+    assert bm.train_mm(model, processor, cfg, tmp_path, lambda message: None)["mm_steps"] == stats["mm_steps"]

@@ -96,6 +96,7 @@ class BuildConfig:
     p_uncond: float = 0.1
     vqa_every: int = 1  # one understanding batch every ``vqa_every`` steps
     vqa_weight: float = 2.0
+    mm_questions: int = 4  # yes/no questions per understanding image in phase mm (suffixes on one shared prefix)
     caption_weight: float = 1.0  # auxiliary captioning loss on the VQA images
     und_minutes: float = 0.0  # phase und (0: not run)
     und_batch: int = 32
@@ -610,17 +611,15 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
         loss = loss_t2i
         if step % cfg.vqa_every == 0:
             scenes, images = scene_batch(rng, cfg.mm_batch)
-            answers = rng.random(cfg.mm_batch) < 0.5
-            questions = [make_question(world.spec_of(s), rng, bool(a), UND_QUESTION_KINDS)
-                         for s, a in zip(scenes, answers)]
-            target = torch.tensor([yes_id if a else no_id for a in answers])
-            loss_vqa = F.cross_entropy(vqa_logits(model, processor, images, questions), target)
-            loss = loss + cfg.vqa_weight * loss_vqa
-            last_vqa = loss_vqa.item()
-            if cfg.caption_weight > 0:
-                loss_cap = caption_loss(model, processor, images, [world.caption(s) for s in scenes])
-                loss = loss + cfg.caption_weight * loss_cap
-                last_cap = loss_cap.item()
+            answers = rng.random((cfg.mm_batch, cfg.mm_questions)) < 0.5  # (B, K)
+            questions = [[make_question(world.spec_of(s), rng, bool(a), UND_QUESTION_KINDS) for a in row]
+                         for s, row in zip(scenes, answers)]
+            target = torch.tensor([yes_id if a else no_id for a in answers.ravel()])
+            logits, loss_cap = shared_prefix_understanding(model, processor, images, questions,
+                                                           [world.caption(s) for s in scenes])  # (B K, V)
+            loss_vqa = F.cross_entropy(logits, target)
+            loss = loss + cfg.vqa_weight * loss_vqa + cfg.caption_weight * loss_cap
+            last_vqa, last_cap = loss_vqa.item(), loss_cap.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -856,6 +855,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mm-minutes", type=float, default=BuildConfig.mm_minutes)
     parser.add_argument("--mm-vision-lr", type=float, default=BuildConfig.mm_vision_lr,
                         help="LR of the SigLIP tower in phase mm (0: frozen; needs the tower of phase vis)")
+    parser.add_argument("--mm-questions", type=int, default=BuildConfig.mm_questions,
+                        help="yes/no questions per image in phase mm (1: one, as the first v2 build)")
     parser.add_argument("--vqdec-minutes", type=float, default=BuildConfig.vqdec_minutes)
     parser.add_argument("--und-minutes", type=float, default=BuildConfig.und_minutes)
     parser.add_argument("--vis-minutes", type=float, default=BuildConfig.vis_minutes,
@@ -866,7 +867,8 @@ def main(argv: list[str] | None = None) -> None:
                              "ospo_fast/assets/toy_janus) instead of the phase checkpoints in --work")
     args = parser.parse_args(argv)
     cfg = BuildConfig(seed=args.seed, vq_minutes=args.vq_minutes, vqdec_minutes=args.vqdec_minutes,
-                      mm_minutes=args.mm_minutes, mm_vision_lr=args.mm_vision_lr, und_minutes=args.und_minutes,
+                      mm_minutes=args.mm_minutes, mm_vision_lr=args.mm_vision_lr, mm_questions=args.mm_questions,
+                      und_minutes=args.und_minutes,
                       vis_minutes=args.vis_minutes)
     torch.set_num_threads(cfg.threads)
     work = Path(args.work)
@@ -1033,7 +1035,8 @@ def build_report(m: dict) -> str:
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     und_cmd = f" --und-minutes {b['und_minutes']}" if b.get("und_minutes") else ""
-    vis_cmd = f" --vis-minutes {b['vis_minutes']} --mm-vision-lr {b['mm_vision_lr']:g}" if b.get("vis_minutes") else ""
+    vis_cmd = (f" --vis-minutes {b['vis_minutes']} --mm-vision-lr {b['mm_vision_lr']:g} --mm-questions "
+               f"{b.get('mm_questions', 1)}" if b.get("vis_minutes") else "")
     return f"""# builtin:toy: how it was built
 
 Command (CPU, 1 thread each, wall-clock budgets): `python recipes/toy_janus/build_model.py --out
