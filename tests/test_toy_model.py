@@ -352,3 +352,19 @@ def test_phase_mm_keeps_the_pretrained_tower_frozen_and_resumes(tmp_path, toy):
     assert any(k.startswith("model.language_model.") for k in changed)
     assert not [k for k in changed if k.startswith(("model.vision_model.", "model.vqmodel."))]
     assert bm.train_mm(model, processor, cfg, tmp_path, lambda message: None)["mm_steps"] == stats["mm_steps"]
+
+
+def test_init_decoder_copies_the_language_side_only(toy, tmp_path):
+    """--init-decoder: the language model, LM head and aligner come from the saved model; the VQ, the SigLIP
+    tower and the generation side keep the new model's weights. A directory without those weights is an error."""
+    from ospo_fast.models.tokenizer import build_tokenizer
+
+    model = bm.new_model(bm.BuildConfig(), build_tokenizer())
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    bm.init_decoder_from(model, TOY_DIR, lambda message: None)
+    shipped = toy.model.state_dict()
+    for name, value in model.state_dict().items():
+        expected = shipped[name].float() if name.startswith(bm.DECODER_PREFIXES) else fresh[name]
+        assert torch.equal(value, expected), name
+    with pytest.raises((OSError, SystemExit)):  # transformers: no model file there
+        bm.init_decoder_from(model, tmp_path, lambda message: None)

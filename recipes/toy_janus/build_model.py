@@ -862,6 +862,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vis-minutes", type=float, default=BuildConfig.vis_minutes,
                         help="phase vis: per-patch pretraining of the SigLIP tower (run it with --phases vis,...)")
     parser.add_argument("--phases", default="vq,vqdec,mm,save,eval")
+    parser.add_argument("--init-decoder", default=None,
+                        help="phase mm starts its language model, LM head and aligner from this saved toy model "
+                             "(e.g. the v1 ospo_fast/assets/toy_janus); a resumed phase mm ignores it")
     parser.add_argument("--init", default=None,
                         help="start the later phases from a saved toy model (e.g. the shipped "
                              "ospo_fast/assets/toy_janus) instead of the phase checkpoints in --work")
@@ -920,7 +923,24 @@ def main(argv: list[str] | None = None) -> None:
     if "mm" in phases and cfg.mm_vision_lr == 0 and not vis_file.is_file() and not args.init:
         raise SystemExit(f"--mm-vision-lr 0 freezes the SigLIP tower, but {vis_file} does not exist: run phase vis "
                          "first (--phases vis,... --vis-minutes 10) or give the tower an LR (--mm-vision-lr 1e-3)")
+    if args.init_decoder and "mm" in phases and not (work / "mm.pt").is_file():
+        init_decoder_from(model, Path(args.init_decoder), log)
     run_later_phases(model, tokenizer, cfg, work, Path(args.out), phases, log)
+
+
+DECODER_PREFIXES = ("model.language_model.", "lm_head.", "model.aligner.")
+
+
+def init_decoder_from(model, path: Path, log) -> None:
+    """Warm start: copy a saved toy model's language model, LM head and understanding aligner (fp16 -> fp32) into
+    ``model``; the VQ, the SigLIP tower and the generation side stay as built (new codes need a new generation
+    head). A decoder that already answers yes/no questions skips the long plateau before a fresh one starts to."""
+    saved = JanusForConditionalGeneration.from_pretrained(path, dtype=torch.float32).state_dict()
+    picked = {k: v for k, v in saved.items() if k.startswith(DECODER_PREFIXES)}
+    missing, _ = model.load_state_dict(picked, strict=False)
+    if not picked or any(k.startswith(DECODER_PREFIXES) for k in missing):
+        raise SystemExit(f"--init-decoder {path}: not a toy model of these sizes (decoder weights missing)")
+    log(f"decoder initialised from {path} ({len(picked)} tensors)")
 
 
 def init_from_saved(model, path: Path, work: Path, log) -> None:
