@@ -76,10 +76,17 @@ def test_toy_vqa_accuracy_matches_recorded_figure(toy, metrics):
     assert _within_noise(result["accuracy"], n, recorded["accuracy"], recorded["n"]), (result, recorded)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap of the shipped build: after phase und the yes/no answers read "
-                   "the image (held-out 0.65, chance 0.5) but not yet reliably (> 0.7); see BUILD.md")
 def test_toy_vqa_reads_the_image(metrics):
-    assert metrics["vqa_heldout"]["accuracy"] > 0.7
+    """v2 (BUILD.md): the recorded held-out answers read colours and shapes, not just the question."""
+    assert metrics["vqa_heldout"]["accuracy"] > 0.8
+    per_kind = metrics["vqa_per_kind_heldout"]
+    assert per_kind["colour"]["accuracy"] > 0.9 and per_kind["shape"]["accuracy"] > 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="known gap of the v2 build: relation questions 0.71 on held-out captions, "
+                   "under the 0.85 target of issue #16; see BUILD.md")
+def test_toy_vqa_reads_relations(metrics):
+    assert metrics["vqa_per_kind_heldout"]["relation"]["accuracy"] >= 0.85
 
 
 def test_toy_vqa_above_chance(metrics):
@@ -262,8 +269,8 @@ def test_phase_vis_trains_the_tower_only_and_resumes(tmp_path):
 
 
 def test_vqa_per_kind_asks_each_groups_templates_and_reads_colours(toy):
-    """Each question group asks only its own templates; on the shipped model the colour group is read well above
-    chance (BUILD.md: 0.81-0.84 on 512 questions) while the mix hides which kinds are not."""
+    """Each question group asks only its own templates; on the shipped model the colour and shape groups are read
+    well above chance (BUILD.md: 0.97 and 0.99 on 256 questions each)."""
     import re
 
     templates = {"colour": r"Is (there a \w+ \w+|the \w+ \w+)\?", "shape": r"Is there a (circle|square|triangle)\?",
@@ -275,7 +282,7 @@ def test_vqa_per_kind_asks_each_groups_templates_and_reads_colours(toy):
             assert re.fullmatch(templates[group], bm.make_question(pair, rng, yes, kinds)), group
     result = bm.eval_vqa_per_kind(toy.model, toy.processor, "heldout", 3, 32)
     assert set(result) == {"colour", "shape", "relation"} and all(r["n"] == 32 for r in result.values())
-    assert result["colour"]["accuracy"] >= 0.65
+    assert result["colour"]["accuracy"] >= 0.75 and result["shape"]["accuracy"] >= 0.75
 
 
 def test_phase_vqdec_more_continues_the_decoder_only(tmp_path):

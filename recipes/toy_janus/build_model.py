@@ -925,6 +925,8 @@ def main(argv: list[str] | None = None) -> None:
                          "first (--phases vis,... --vis-minutes 10) or give the tower an LR (--mm-vision-lr 1e-3)")
     if args.init_decoder and "mm" in phases and not (work / "mm.pt").is_file():
         init_decoder_from(model, Path(args.init_decoder), log)
+        recorded = json.loads((work / "vq_stats.json").read_text()) if (work / "vq_stats.json").is_file() else {}
+        (work / "vq_stats.json").write_text(json.dumps({**recorded, "init_decoder": args.init_decoder}))
     run_later_phases(model, tokenizer, cfg, work, Path(args.out), phases, log)
 
 
@@ -1055,6 +1057,7 @@ def build_report(m: dict) -> str:
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     und_cmd = f" --und-minutes {b['und_minutes']}" if b.get("und_minutes") else ""
+    und_cmd += f" --init-decoder {m['init_decoder']}" if m.get("init_decoder") else ""
     vis_cmd = (f" --vis-minutes {b['vis_minutes']} --mm-vision-lr {b['mm_vision_lr']:g} --mm-questions "
                f"{b.get('mm_questions', 1)}" if b.get("vis_minutes") else "")
     return f"""# builtin:toy: how it was built
