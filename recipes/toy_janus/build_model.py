@@ -501,13 +501,12 @@ CAPTION_REQUEST = "Describe the image."
 
 
 def caption_loss(model, processor, images: np.ndarray, captions: list[str]) -> torch.Tensor:
-    """Auxiliary understanding loss: NLL of the caption (+ end of sentence) as the assistant's answer to
-    ``<image_placeholder>\nDescribe the image.``; it teaches the decoder to read the image tokens, which the
-    balanced yes/no task alone does not start to do (its answers carry no signal without the image)."""
+    """Auxiliary understanding loss, one full left-padded sequence per image: NLL of the caption (+ end of sentence)
+    as the assistant's answer to ``<image_placeholder>\nDescribe the image.``; it teaches the decoder to read the
+    image tokens, which the balanced yes/no task alone does not start to do. The phases train through
+    ``shared_prefix_understanding``; this is its reference (tests)."""
     tok = processor.tokenizer
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_REQUEST}]}
-    prompt = DEFAULT_SYSTEM_PROMPT + processor.apply_chat_template([user], add_generation_prompt=True)
-    texts = [prompt + " " + c + tok.eos_token for c in captions]
+    texts = [caption_text(processor, c) for c in captions]
     enc = processor(text=texts, images=list(images), return_tensors="pt", padding=True)
     lengths = [len(tok(" " + c + tok.eos_token, add_special_tokens=False)["input_ids"]) for c in captions]
     logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
@@ -566,6 +565,23 @@ def shared_prefix_understanding(model, processor, images: np.ndarray, questions:
     return answer.float(), caption_nll
 
 
+def understanding_batch(model, processor, rng: np.random.Generator, batch: int,
+                        questions_per_image: int) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """One understanding batch of phases mm and und: ``batch`` scenes, ``questions_per_image`` balanced yes/no
+    questions each (``UND_QUESTION_KINDS``) and the caption, through ``shared_prefix_understanding``.
+    Returns the answer cross-entropy, the caption NLL and, per question, whether yes/no was ranked right."""
+    yes_id, no_id = answer_ids(processor.tokenizer)
+    scenes, images = scene_batch(rng, batch)
+    answers = rng.random((batch, questions_per_image)) < 0.5  # (B, K)
+    questions = [[make_question(world.spec_of(s), rng, bool(a), UND_QUESTION_KINDS) for a in row]
+                 for s, row in zip(scenes, answers)]
+    target = torch.tensor([yes_id if a else no_id for a in answers.ravel()])
+    logits, loss_cap = shared_prefix_understanding(model, processor, images, questions,
+                                                   [world.caption(s) for s in scenes])  # (B K, V)
+    correct = ((logits[:, yes_id] > logits[:, no_id]) == torch.from_numpy(answers.ravel())).tolist()
+    return F.cross_entropy(logits, target), loss_cap, correct
+
+
 def _mm_groups(model, cfg: BuildConfig) -> list[dict]:
     """Phase mm's optimiser groups: everything but the VQ at ``mm_lr``; the SigLIP tower at ``mm_vision_lr``
     (left out, and frozen, at 0)."""
@@ -595,7 +611,6 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
     rng = np.random.default_rng([cfg.seed, 2])
     ckpt = work / "mm.pt"
     state = _resume_phase(ckpt, model, opt, rng, log)
-    yes_id, no_id = answer_ids(processor.tokenizer)
     budget, warmup = cfg.mm_minutes * 60, 30
     t0, last_save = time.time() - state["elapsed"], time.time()
     last_vqa = last_cap = float("nan")
@@ -610,14 +625,7 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
         loss_t2i = t2i_loss(model, processor, [world.caption(s) for s in scenes], tokens, uncond)
         loss = loss_t2i
         if step % cfg.vqa_every == 0:
-            scenes, images = scene_batch(rng, cfg.mm_batch)
-            answers = rng.random((cfg.mm_batch, cfg.mm_questions)) < 0.5  # (B, K)
-            questions = [[make_question(world.spec_of(s), rng, bool(a), UND_QUESTION_KINDS) for a in row]
-                         for s, row in zip(scenes, answers)]
-            target = torch.tensor([yes_id if a else no_id for a in answers.ravel()])
-            logits, loss_cap = shared_prefix_understanding(model, processor, images, questions,
-                                                           [world.caption(s) for s in scenes])  # (B K, V)
-            loss_vqa = F.cross_entropy(logits, target)
+            loss_vqa, loss_cap, _ = understanding_batch(model, processor, rng, cfg.mm_batch, cfg.mm_questions)
             loss = loss + cfg.vqa_weight * loss_vqa + cfg.caption_weight * loss_cap
             last_vqa, last_cap = loss_vqa.item(), loss_cap.item()
         opt.zero_grad(set_to_none=True)
@@ -690,7 +698,6 @@ def train_und(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
     rng = np.random.default_rng([cfg.seed, 6])
     ckpt = work / "und.pt"
     state = _resume_phase(ckpt, model, opt, rng, log)
-    yes_id, no_id = answer_ids(processor.tokenizer)
     budget, warmup = cfg.und_minutes * 60, 20
     t0, last_save = time.time() - state["elapsed"], time.time()
     last_t2i, hits = float("nan"), []
@@ -699,15 +706,8 @@ def train_und(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
         scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.9 + 0.1)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
-        scenes, images = scene_batch(rng, cfg.und_batch)
-        answers = rng.random((cfg.und_batch, cfg.und_questions)) < 0.5  # (B, K)
-        questions = [[make_question(world.spec_of(s), rng, bool(a), UND_QUESTION_KINDS) for a in row]
-                     for s, row in zip(scenes, answers)]
-        target = torch.tensor([yes_id if a else no_id for a in answers.ravel()])
-        logits, loss_cap = shared_prefix_understanding(model, processor, images, questions,
-                                                       [world.caption(s) for s in scenes])  # (B K, V)
-        loss_vqa = F.cross_entropy(logits, target)
-        hits += ((logits[:, yes_id] > logits[:, no_id]) == torch.from_numpy(answers.ravel())).tolist()
+        loss_vqa, loss_cap, correct = understanding_batch(model, processor, rng, cfg.und_batch, cfg.und_questions)
+        hits += correct
         loss = cfg.vqa_weight * loss_vqa + cfg.caption_weight * loss_cap
         if step % cfg.und_t2i_every == 0:
             scenes, images = scene_batch(rng, cfg.mm_batch)
