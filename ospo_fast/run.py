@@ -72,6 +72,7 @@ def retuned_guidance(bundle, config: OSPOConfig) -> tuple[float, dict]:
         r = judged_alignment(bundle, config.eval.toy_retune_prompts, seed=config.seed + 1, config=images,
                              batch_size=config.eval.batch_size, split="train", desc=f"re-tune CFG {weight:g}")
         tuning[f"{weight:g}"] = {"n": r["n"], "strict": r["strict"], "loose": r["loose"]}
+
     def rank(weight: float) -> tuple[float, float]:  # max() keeps the first of equals: the earlier listed
         return tuning[f"{weight:g}"]["loose"], tuning[f"{weight:g}"]["strict"]
 
