@@ -1,4 +1,4 @@
-"""The paper's ablations in miniature on the toy world (several seeds, mean +- std).
+"""The paper's ablations in miniature on the toy world (several seeds, mean +- standard error over seeds).
 
 Variants, each trained from the shipped ``builtin:toy`` model with the toy preset's training settings:
 - base                 : no training
@@ -15,7 +15,9 @@ Variants, each trained from the shipped ``builtin:toy`` model with the toy prese
 Judged alignment (strict: colour + shape + relation; loose: colour + position) by the exact judge, on the same
 prompts and sampling seeds for every variant, under three conditions: held-out captions with CFG 5 (the SPEC's
 sampling), held-out captions without guidance (CFG 1: the conditional model alone) and training-split captions
-without guidance. Each synthesis run also reports what its pairs hold by the judge (``pair_judgement``).
+without guidance. Each synthesis run also reports what its pairs hold by the judge (``pair_judgement``), how well
+its object masks cover the drawn objects (``toy_mask_localisation``) and how often the model's own Self-VQA answers on
+its pairs are right (``pair_self_vqa``).
 
     python benchmarks/toy_ablation.py --seeds 0 1 2 [--prompts 384] [--eval-prompts 160] [--out runs/ablation]
                                       [--confirm-prompts 640]
@@ -42,7 +44,7 @@ from ospo_fast.models import load_janus  # noqa: E402
 from ospo_fast.pipeline import Pipeline  # noqa: E402
 from ospo_fast.run import toy_mask_localisation  # noqa: E402
 from ospo_fast.store import atomic_write_json, read_jsonl  # noqa: E402
-from ospo_fast.toy.evaluate import judged_alignment, pair_judgement  # noqa: E402
+from ospo_fast.toy.evaluate import judged_alignment, pair_judgement, pair_self_vqa  # noqa: E402
 from ospo_fast.train import train  # noqa: E402
 
 FULL = ["loss.alpha=1", "loss.sft_weight=2"]
@@ -119,13 +121,20 @@ def cached_evaluate(saved: Path, model_path: str, n: int) -> dict:
     return cached(saved, lambda: evaluate(model_path, n))
 
 
+SYNTH_DIRS = {"ospo": "synth_ospo", "best_of_n": "synth_bon", "ospo_iteration2": "synth_iter2"}
+
+
 def one_seed(seed: int, root: Path, prompts: int, eval_n: int, model: str) -> dict:
     """Every variant for one seed, from ``model``; resumable: each variant's figures are saved when measured
-    (``<root>/eval_<variant>.json``) and a finished seed's ``results.json`` is read back."""
+    (``<root>/eval_<variant>.json``) and a finished seed's ``results.json`` is read back (given the Self-VQA
+    accuracy of its pairs if it was saved before that was measured)."""
     saved = root / "results.json"
     if saved.is_file():
         results = json.loads(saved.read_text())
         if results["prompts"] == prompts and results["eval_n"] == eval_n and results.get("model") == model:
+            if "pair_vqa" not in results:
+                results["pair_vqa"] = {name: pair_self_vqa(root / d) for name, d in SYNTH_DIRS.items()}
+                atomic_write_json(saved, results)
             return results
     root.mkdir(parents=True, exist_ok=True)
     variants: dict = {"base": cached_evaluate(root / "eval_base.json", model, eval_n)}
@@ -152,7 +161,8 @@ def one_seed(seed: int, root: Path, prompts: int, eval_n: int, model: str) -> di
                "pairs": {name: pair_judgement(path.parent) for name, path in
                          (("ospo", ospo), ("no_filter", unfiltered), ("best_of_n", bon), ("ospo_iteration2", ospo2))},
                "masks": {name: toy_mask_localisation(path.parent) for name, path in
-                         (("ospo", ospo), ("ospo_iteration2", ospo2))}}
+                         (("ospo", ospo), ("ospo_iteration2", ospo2))},
+               "pair_vqa": {name: pair_self_vqa(root / d) for name, d in SYNTH_DIRS.items()}}
     atomic_write_json(saved, results)
     return results
 
@@ -168,8 +178,9 @@ def confirm(out: Path, seed: int, n: int, model: str) -> dict:
     return results
 
 
-def _mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+def _mean_se(values: list[float]) -> str:
+    """The mean over seeds +- its standard error (the seeds' standard deviation / sqrt(seeds); 0 for one seed)."""
+    spread = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
     return f"{statistics.mean(values):6.1%} +- {spread:<5.1%}"
 
 
@@ -177,13 +188,13 @@ def print_alignment(per_seed: dict[int, dict], seeds: list[int], n: int, variant
     """One table per condition; ``per_seed[s][variant][condition]`` holds {"strict", "loose"}."""
     rows = []
     for condition in CONDITIONS:
-        print(f"\n   {condition} ({n} prompts, mean +- std over seeds)")
+        print(f"\n   {condition} ({n} prompts, mean +- standard error over seeds)")
         print(f"   {'variant':<22}{'strict':>17}{'loose':>17}{'loose vs base':>15}")
         base = statistics.mean(per_seed[s]["base"][condition]["loose"] for s in seeds)
         for name in variants:
             strict = [per_seed[s][name][condition]["strict"] for s in seeds]
             loose = [per_seed[s][name][condition]["loose"] for s in seeds]
-            print(f"   {name:<22}{_mean_std(strict):>17}{_mean_std(loose):>17}"
+            print(f"   {name:<22}{_mean_se(strict):>17}{_mean_se(loose):>17}"
                   f"{statistics.mean(loose) - base:>+14.1%}")
             rows.append({"condition": condition, "variant": name, "n": n, "strict": strict, "loose": loose})
     return rows
@@ -201,6 +212,17 @@ def print_tables(per_seed: dict[int, dict], seeds: list[int], eval_n: int) -> li
             mean = lambda key: statistics.mean(x[key] for x in m)
             print(f"   {name:<18} precision {mean('precision'):.1%} (chance {mean('chance'):.1%}), "
                   f"recall {mean('recall'):.1%}")
+    print("\n   Self-VQA answers on the pairs right by the exact judge (mean over seeds; true: rate of true answers)")
+    print(f"   {'pairs':<26}{'answers':>8}{'object':>9}{'(true)':>8}{'relation':>10}{'(true)':>8}{'all':>8}")
+    for name in SYNTH_DIRS:
+        for part in ("candidates", "kept"):
+            stats = [per_seed[s]["pair_vqa"][name][part] for s in seeds if "pair_vqa" in per_seed[s]]
+            if stats:
+                mean = lambda kind, key: statistics.mean(x[kind][key] for x in stats)
+                print(f"   {name + ' ' + part:<26}{statistics.mean(x['n'] for x in stats):>8.0f}"
+                      f"{mean('object', 'accuracy'):>9.1%}{mean('object', 'true_rate'):>8.0%}"
+                      f"{mean('relation', 'accuracy'):>10.1%}{mean('relation', 'true_rate'):>8.0%}"
+                      f"{mean('all', 'accuracy'):>8.1%}")
     print("\n   what the pairs hold (exact judge vs the base prompt; mean over seeds)")
     print(f"   {'pairs':<26}{'n':>6}{'chosen strict':>15}{'chosen loose':>14}{'rejected loose':>16}"
           f"{'chosen-only right':>19}{'rejected-only right':>21}")

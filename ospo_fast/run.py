@@ -217,7 +217,7 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
             for key, result in after.items():
                 summary["alignment"][f"after_iter{iteration}{key}"] = result
             if after:
-                from ospo_fast.toy.evaluate import pair_judgement, paired_change
+                from ospo_fast.toy.evaluate import pair_judgement, pair_self_vqa, paired_change
 
                 heldout = out / "heldout"
                 for key in after:  # after minus before, image by image
@@ -226,6 +226,8 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
 
                 entry["mask_localisation"] = toy_mask_localisation(it_dir / "synth")
                 entry["pair_judgement"] = pair_judgement(it_dir / "synth")
+                if config.questions.source == "rules":  # the judge knows the truth of rule questions only
+                    entry["pair_self_vqa"] = pair_self_vqa(it_dir / "synth")
             summary["iterations"].append(entry)
             write_report(it_dir / "synth")  # after the held-out judging: the report shows its before/after gallery
             atomic_write_json(out / "summary.json", summary)
@@ -283,6 +285,12 @@ def format_summary(summary: dict, out_dir: str | Path = "") -> str:
                              f"{p['chosen_loose']:.1%}, rejected strict {p['rejected_strict']:.1%} loose "
                              f"{p['rejected_loose']:.1%}; loosely right on one side only: chosen "
                              f"{p['chosen_better']:.1%}, rejected {p['rejected_better']:.1%}")
+        for name, p in it.get("pair_self_vqa", {}).items():
+            if p["n"]:
+                label = "candidate" if name == "candidates" else name
+                lines.append(f"   Self-VQA answers on {label} pairs right by the judge (n={p['n']}): " + ", ".join(
+                    f"{kind} {p[kind]['accuracy']:.1%} (true {p[kind]['true_rate']:.0%})"
+                    for kind in ("object", "relation", "all") if p[kind]["n"]))
         if t.get("steps"):
             lines.append(f"   loss curve (step, loss): {t['curve']}")
             lines.append(f"   first -> last: loss {t['first']['loss']:.4f} -> {t['last']['loss']:.4f}, margin "

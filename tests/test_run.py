@@ -80,6 +80,9 @@ def test_toy_run_judges_before_and_after_at_each_guidance(tmp_path):
     judged = summary["iterations"][0]["pair_judgement"]
     assert judged["kept"]["n"] == 4 and judged["candidates"]["n"] == 12
     assert 0.0 <= judged["kept"]["chosen_loose"] <= 1.0
+    answers = summary["iterations"][0]["pair_self_vqa"]  # 12 candidate pairs, both sides, their rule questions
+    assert answers["candidates"]["n"] == answers["candidates"]["all"]["n"] > 24
+    assert answers["kept"]["n"] < answers["candidates"]["n"]
     assert summary["alignment"]["before"]["guidance_scale"] == 5.0
     assert summary["alignment"]["before@cfg1"]["guidance_scale"] == 1.0
     assert sorted(summary["alignment_change"]) == ["iter1", "iter1@cfg1"]
@@ -90,6 +93,7 @@ def test_toy_run_judges_before_and_after_at_each_guidance(tmp_path):
         assert change["loose"] == pytest.approx(after["loose"] - before["loose"])
     text = format_summary(summary)
     assert "before@cfg1" in text and "judge on kept pairs (n=4)" in text
+    assert f"Self-VQA answers on kept pairs right by the judge (n={answers['kept']['n']}): object " in text
     assert "CFG 5  strict" in text and "CFG 1  strict" in text and "change iter1@cfg1" in text
     before = summary["alignment"]["before"]
     assert f"strict {before['strict']:.1%} +- {100 * before['strict_se']:.1f}" in text

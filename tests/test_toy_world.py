@@ -232,6 +232,83 @@ def test_pair_judgement_on_rendered_pairs(tmp_path):
         assert part["rejected_strict"] == part["rejected_loose"] == part["rejected_better"] == 0.0
 
 
+def test_rule_question_truths_agree_with_the_judge():
+    """On noisy renders the per-question truths are all true exactly when the judge says strict (no extra object in
+    a two-object world); a wrong shape falsifies its object question only, a flipped relation the relation only."""
+    from ospo_fast.stages.questions import rule_questions
+    from ospo_fast.toy.judge import rule_question_truths
+
+    rng = np.random.default_rng(21)
+    for scene in _scenes(13, 40):
+        image = np.clip(world.render(scene) + rng.normal(0, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
+        truth = world.structure(scene)
+        for structure in (truth, world.structure(_scenes(int(rng.integers(1 << 30)), 1)[0])):
+            truths = rule_question_truths(image, structure)
+            assert len(truths) == len(rule_questions(structure))
+            if len(structure["objects"]) == len(scene.objects):
+                assert all(t for _, t in truths) == judge(image, structure).strict
+    spec = world.SceneSpec(("circle", "square"), ("red", "blue"), "left of")
+    image = world.render(world.scene_from_spec(spec, np.random.default_rng(0)))
+    good = world.structure_of_spec(spec)
+    assert rule_question_truths(image, good) == [("object", True), ("object", True), ("relation", True)]
+    wrong_shape = world.structure_of_spec(world.SceneSpec(("triangle", "square"), ("red", "blue"), "left of"))
+    assert rule_question_truths(image, wrong_shape) == [("object", False), ("object", True), ("relation", True)]
+    flipped = {**good, "relations": [["circle", "right of", "square"]]}
+    assert rule_question_truths(image, flipped) == [("object", True), ("object", True), ("relation", False)]
+    missing = world.structure_of_spec(world.SceneSpec(("circle", "square"), ("green", "blue"), "left of"))
+    assert rule_question_truths(image, missing) == [("object", False), ("object", True), ("relation", False)]
+    with pytest.raises(ValueError, match="counts"):
+        rule_question_truths(image, {**good, "counts": {"circle": 2}})
+
+
+def test_pair_self_vqa_scores_the_answers_against_the_judge(tmp_path):
+    """Chosen = a render of the base prompt, rejected = a render with no shared colour; the model said yes to every
+    question of both: right on every chosen answer, wrong on every rejected one; non-rule questions are refused."""
+    from ospo_fast.runstore import RunStore, StoreError
+    from ospo_fast.stages.questions import rule_questions
+    from ospo_fast.toy.evaluate import pair_self_vqa
+
+    rng = np.random.default_rng(6)
+    prompts, rows = [], []
+    for i in range(5):
+        base = world.sample_scene(rng, p_single=0.4)
+        other = world.sample_scene(rng, p_single=0.0)
+        while {o.color for o in other.objects} & {o.color for o in base.objects}:
+            other = world.sample_scene(rng, p_single=0.0)
+        base_id = f"p{i:06d}"
+        structure = world.structure(base)
+        questions = rule_questions(structure)
+        prompts.append({"id": base_id, "structure": structure})
+        rows.append({"id": f"{base_id}-n0", "base_id": base_id, "questions": questions,
+                     "chosen": {"image": world.render(base), "vqa": [[0.8, 0.2]] * len(questions)},
+                     "rejected": {"image": world.render(other), "vqa": [[0.6, 0.4]] * len(questions)}})
+    store = RunStore(tmp_path)
+    store.write_chunk("prompts", 0, prompts, [])
+    store.merge("prompts")
+    store.write_chunk("vqa", 0, rows, [])
+    scored = store.merge("vqa")
+    store.write_final("pairs.jsonl", scored[:2])
+    result = pair_self_vqa(tmp_path)
+    n_questions = sum(len(r["questions"]) for r in rows)
+    n_relations = sum(len(p["structure"]["relations"]) for p in prompts)
+    candidates = result["candidates"]
+    assert candidates["n"] == 2 * n_questions and candidates["relation"]["n"] == 2 * n_relations
+    for kind in ("object", "relation", "all"):
+        assert candidates[kind]["accuracy"] == candidates[kind]["true_rate"] == 0.5
+    assert result["kept"]["n"] == 2 * sum(len(r["questions"]) for r in rows[:2])
+    with pytest.raises(StoreError):
+        pair_self_vqa(tmp_path / "missing")
+    other_dir = tmp_path / "model_questions"
+    store = RunStore(other_dir)
+    store.write_chunk("prompts", 0, prompts, [])
+    store.merge("prompts")
+    store.write_chunk("vqa", 0, [dict(rows[0], questions=["Is it nice?"])], [])
+    store.merge("vqa")
+    store.write_final("pairs.jsonl", [])
+    with pytest.raises(ValueError, match="questions.source=rules"):
+        pair_self_vqa(other_dir)
+
+
 def test_paired_change_and_standard_errors(tmp_path):
     """The change after - before is the per-image mean difference, its error the paired one (scipy's ttest_rel
     statistic is mean / se); the rates' errors are the binomial ones; mismatched prompts or seeds are refused."""

@@ -156,3 +156,44 @@ def pair_judgement(synth_dir: Path) -> dict:
                 "rejected_better": float(np.mean([b.loose and not a.loose for a, b in zip(w, lo)]))}
 
     return {"kept": summary(store.read_final("pairs.jsonl", images=False)), "candidates": summary(candidates)}
+
+
+def pair_self_vqa(synth_dir: Path) -> dict:
+    """How often the model's own yes/no answers on its pairs are right, by the exact judge: every Self-VQA answer
+    of the ``vqa`` stage (yes when p_yes > p_no) against ``judge.rule_question_truths`` of the image it was asked
+    about, per question kind ("object": colour and shape, "relation") and overall, for every scored candidate and
+    for the kept pairs; with the rate of true answers, so accuracy can be read against always answering one way.
+    The run must use ``questions.source=rules`` (the judge knows the truth of rule questions only)."""
+    from ospo_fast.runstore import RunStore
+    from ospo_fast.stages.questions import rule_questions
+    from ospo_fast.toy.judge import rule_question_truths
+
+    store = RunStore(synth_dir)
+    structures = {r["id"]: r["structure"] for r in store.read_stage("prompts")}
+    scored = store.read_stage("vqa")
+    kept = {r["id"] for r in store.read_final("pairs.jsonl", images=False)}
+    answers: dict[str, list[tuple[str, bool, bool]]] = {"candidates": [], "kept": []}  # (kind, said yes, true)
+    for record in scored:
+        structure = structures[record["base_id"]]
+        expected = rule_questions(structure, len(record["questions"]))
+        if record["questions"] != expected:
+            raise ValueError(f"{synth_dir}: record {record['id']} asked {record['questions']}, not the rule "
+                             f"questions {expected}; judge Self-VQA on a run with questions.source=rules")
+        for side in ("chosen", "rejected"):
+            truths = rule_question_truths(store.load_image(record[side]), structure)
+            said = [p_yes > p_no for p_yes, p_no in record[side]["vqa"]]
+            rows = [(kind, yes, truth) for (kind, truth), yes in zip(truths, said)]
+            answers["candidates"] += rows
+            if record["id"] in kept:
+                answers["kept"] += rows
+
+    def summary(rows: list[tuple[str, bool, bool]]) -> dict:
+        out = {"n": len(rows)}
+        for kind in ("object", "relation", "all"):
+            picked = [(yes, truth) for k, yes, truth in rows if kind in ("all", k)]
+            rate = lambda values: float(np.mean(values)) if values else float("nan")
+            out[kind] = {"n": len(picked), "accuracy": rate([yes == truth for yes, truth in picked]),
+                         "true_rate": rate([truth for _, truth in picked])}
+        return out
+
+    return {part: summary(rows) for part, rows in answers.items()}

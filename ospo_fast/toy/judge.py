@@ -166,6 +166,25 @@ def judge(image: np.ndarray, structure: dict, config: JudgeConfig | None = None)
     return JudgeResult(strict=loose and shapes_ok and extra <= 0, loose=loose, details=details)
 
 
+def rule_question_truths(image: np.ndarray, structure: dict,
+                         config: JudgeConfig | None = None) -> list[tuple[str, bool]]:
+    """The exact answer to each of ``stages.questions.rule_questions(structure)``, in its order, as (kind, truth):
+    an "object" question ("Is there a red circle?") is true when the object's colour is found and its largest blob
+    has the object's shape; a "relation" question when both objects are found and the relation holds."""
+    config = config or JudgeConfig()
+    colour_of = _check_structure(structure)
+    if structure.get("counts"):
+        raise ValueError(f"structure {structure} has counts; the toy world draws one of each object")
+    blobs = find_blobs(image, config)
+    found = {obj: next((b for b in blobs if b.color == colour_of[obj]), None) for obj in structure["objects"]}
+    truths = [("object", found[obj] is not None and (obj not in SHAPES or found[obj].shape == obj))
+              for obj in structure["objects"]]
+    for subj, rel, obj in structure.get("relations", []):
+        a, b = found.get(subj), found.get(obj)
+        truths.append(("relation", a is not None and b is not None and relation_holds(a, b, rel)))
+    return truths
+
+
 def judge_batch(images: np.ndarray, structures: list[dict], config: JudgeConfig | None = None) -> list[JudgeResult]:
     """Judge uint8 (B, H, W, 3) images against one structure each."""
     if len(images) != len(structures):
