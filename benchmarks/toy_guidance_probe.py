@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ospo_fast.config import LossConfig, load_config  # noqa: E402
+from ospo_fast.engine.image_gen import special_ids, unconditional_ids  # noqa: E402
 from ospo_fast.models import load_janus  # noqa: E402
 from ospo_fast.store import read_jsonl  # noqa: E402
 from ospo_fast.train.data import prompt_token_ids  # noqa: E402
@@ -34,14 +35,13 @@ def token_logprobs(model_path: str, pairs: list[dict], guidance: float) -> dict[
     """{side: {"cond", "uncond", "cfg"}} mean log-prob per image token of the pairs' chosen/rejected tokens."""
     bundle = load_janus(model_path, device="cpu")
     scorer = PreferenceModel(bundle.model, LossConfig()).eval()
-    pad = bundle.processor.tokenizer.pad_token_id
+    pad_id, bos_id, boi_id = special_ids(bundle)
     result = {}
     for side in ("chosen", "rejected"):
         sums = {"cond": 0.0, "uncond": 0.0, "cfg": 0.0}
         for pair in pairs:
             cond = torch.tensor([prompt_token_ids(bundle.processor, pair["prompt"])])  # (1, L)
-            uncond = cond.clone()
-            uncond[0, 1:-1] = pad  # keep BOS and <begin_of_image>, as Janus's unconditional CFG row
+            uncond = unconditional_ids(cond, bos_id, boi_id, pad_id)  # the generator's unconditional CFG row
             tokens = torch.tensor([pair[side]["tokens"]])  # (1, T)
             c = scorer.image_logits(cond, torch.ones_like(cond), tokens).float()  # (1, T, V)
             u = scorer.image_logits(uncond, torch.ones_like(uncond), tokens).float()
