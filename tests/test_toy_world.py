@@ -287,7 +287,8 @@ def test_pair_self_vqa_scores_the_answers_against_the_judge(tmp_path):
     store.merge("prompts")
     store.write_chunk("vqa", 0, rows, [])
     scored = store.merge("vqa")
-    store.write_final("pairs.jsonl", scored[:2])
+    # kept: one scored pair, and a best-of-N style pair that is no scored record (its two sides the same right image)
+    store.write_final("pairs.jsonl", [scored[0], dict(scored[0], id="p000000-bon", rejected=scored[0]["chosen"])])
     result = pair_self_vqa(tmp_path)
     n_questions = sum(len(r["questions"]) for r in rows)
     n_relations = sum(len(p["structure"]["relations"]) for p in prompts)
@@ -295,7 +296,7 @@ def test_pair_self_vqa_scores_the_answers_against_the_judge(tmp_path):
     assert candidates["n"] == 2 * n_questions and candidates["relation"]["n"] == 2 * n_relations
     for kind in ("object", "relation", "all"):
         assert candidates[kind]["accuracy"] == candidates[kind]["true_rate"] == 0.5
-    assert result["kept"]["n"] == 2 * sum(len(r["questions"]) for r in rows[:2])
+    assert result["kept"]["n"] == 4 * len(rows[0]["questions"]) and result["kept"]["all"]["accuracy"] == 0.75
     with pytest.raises(StoreError):
         pair_self_vqa(tmp_path / "missing")
     other_dir = tmp_path / "model_questions"

@@ -170,22 +170,24 @@ def pair_self_vqa(synth_dir: Path) -> dict:
 
     store = RunStore(synth_dir)
     structures = {r["id"]: r["structure"] for r in store.read_stage("prompts")}
-    scored = store.read_stage("vqa")
-    kept = {r["id"] for r in store.read_final("pairs.jsonl", images=False)}
-    answers: dict[str, list[tuple[str, bool, bool]]] = {"candidates": [], "kept": []}  # (kind, said yes, true)
-    for record in scored:
-        structure = structures[record["base_id"]]
-        expected = rule_questions(structure, len(record["questions"]))
-        if record["questions"] != expected:
-            raise ValueError(f"{synth_dir}: record {record['id']} asked {record['questions']}, not the rule "
-                             f"questions {expected}; judge Self-VQA on a run with questions.source=rules")
-        for side in ("chosen", "rejected"):
-            truths = rule_question_truths(store.load_image(record[side]), structure)
-            said = [p_yes > p_no for p_yes, p_no in record[side]["vqa"]]
-            rows = [(kind, yes, truth) for (kind, truth), yes in zip(truths, said)]
-            answers["candidates"] += rows
-            if record["id"] in kept:
-                answers["kept"] += rows
+    truths: dict[str, list[tuple[str, bool]]] = {}  # image path -> truths; an image is judged once
+
+    def answers(records: list[dict]) -> list[tuple[str, bool, bool]]:
+        """(kind, said yes, true) for every answer of ``records`` (vqa-stage records or final pairs: both carry
+        ``base_id``, ``questions`` and per side ``image`` and ``vqa``)."""
+        rows = []
+        for record in records:
+            structure = structures[record["base_id"]]
+            expected = rule_questions(structure, len(record["questions"]))
+            if record["questions"] != expected:
+                raise ValueError(f"{synth_dir}: record {record['id']} asked {record['questions']}, not the rule "
+                                 f"questions {expected}; judge Self-VQA on a run with questions.source=rules")
+            for side in (record["chosen"], record["rejected"]):
+                if side["image"] not in truths:
+                    truths[side["image"]] = rule_question_truths(store.load_image(side), structure)
+                said = [p_yes > p_no for p_yes, p_no in side["vqa"]]
+                rows += [(kind, yes, truth) for (kind, truth), yes in zip(truths[side["image"]], said)]
+        return rows
 
     def summary(rows: list[tuple[str, bool, bool]]) -> dict:
         out = {"n": len(rows)}
@@ -196,4 +198,6 @@ def pair_self_vqa(synth_dir: Path) -> dict:
                          "true_rate": rate([truth for _, truth in picked])}
         return out
 
-    return {part: summary(rows) for part, rows in answers.items()}
+    # kept pairs are checked with their PNGs; a best-of-N pair joins two scored images of one prompt
+    return {"candidates": summary(answers(store.read_stage("vqa"))),
+            "kept": summary(answers(store.read_final("pairs.jsonl")))}
