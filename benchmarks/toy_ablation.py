@@ -124,6 +124,11 @@ def cached_evaluate(saved: Path, model_path: str, n: int) -> dict:
 SYNTH_DIRS = {"ospo": "synth_ospo", "best_of_n": "synth_bon", "ospo_iteration2": "synth_iter2"}
 
 
+def pair_vqa(root: Path) -> dict:
+    """``pair_self_vqa`` of each synthesis run of a seed (``SYNTH_DIRS``)."""
+    return {name: pair_self_vqa(root / d) for name, d in SYNTH_DIRS.items()}
+
+
 def one_seed(seed: int, root: Path, prompts: int, eval_n: int, model: str) -> dict:
     """Every variant for one seed, from ``model``; resumable: each variant's figures are saved when measured
     (``<root>/eval_<variant>.json``) and a finished seed's ``results.json`` is read back (given the Self-VQA
@@ -133,7 +138,7 @@ def one_seed(seed: int, root: Path, prompts: int, eval_n: int, model: str) -> di
         results = json.loads(saved.read_text())
         if results["prompts"] == prompts and results["eval_n"] == eval_n and results.get("model") == model:
             if "pair_vqa" not in results:
-                results["pair_vqa"] = {name: pair_self_vqa(root / d) for name, d in SYNTH_DIRS.items()}
+                results["pair_vqa"] = pair_vqa(root)
                 atomic_write_json(saved, results)
             return results
     root.mkdir(parents=True, exist_ok=True)
@@ -162,7 +167,7 @@ def one_seed(seed: int, root: Path, prompts: int, eval_n: int, model: str) -> di
                          (("ospo", ospo), ("no_filter", unfiltered), ("best_of_n", bon), ("ospo_iteration2", ospo2))},
                "masks": {name: toy_mask_localisation(path.parent) for name, path in
                          (("ospo", ospo), ("ospo_iteration2", ospo2))},
-               "pair_vqa": {name: pair_self_vqa(root / d) for name, d in SYNTH_DIRS.items()}}
+               "pair_vqa": pair_vqa(root)}
     atomic_write_json(saved, results)
     return results
 

@@ -19,6 +19,20 @@ def _scenes(seed: int, n: int, p_single: float = 0.3) -> list[world.Scene]:
     return [world.sample_scene(rng, p_single) for _ in range(n)]
 
 
+def _unrelated_scene_pairs(seed: int, n: int, p_single: float) -> list[tuple[world.Scene, world.Scene]]:
+    """``n`` (base, other) scenes sharing no colour, so a render of ``other`` is loosely wrong for ``base``'s caption
+    (``other`` always has two objects)."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        base = world.sample_scene(rng, p_single=p_single)
+        other = world.sample_scene(rng, p_single=0.0)
+        while {o.color for o in other.objects} & {o.color for o in base.objects}:
+            other = world.sample_scene(rng, p_single=0.0)
+        pairs.append((base, other))
+    return pairs
+
+
 # ------------------------------------------------------------------------------------------------- world
 
 @pytest.mark.parametrize("seed", [0, 1, 12345])
@@ -202,19 +216,11 @@ def test_mask_localisation_on_ground_truth():
 
 def test_pair_judgement_on_rendered_pairs(tmp_path):
     """Chosen = a render of the base prompt, rejected = a render of another caption: the judge says so exactly."""
-    import numpy as np
-
     from ospo_fast.runstore import RunStore
-    from ospo_fast.toy import world
     from ospo_fast.toy.evaluate import pair_judgement
 
-    rng = np.random.default_rng(5)
     prompts, rows = [], []
-    for i in range(6):
-        base = world.sample_scene(rng, p_single=0.0)
-        other = world.sample_scene(rng, p_single=0.0)
-        while {o.color for o in other.objects} & {o.color for o in base.objects}:
-            other = world.sample_scene(rng, p_single=0.0)  # no shared colour: the rejected image is loosely wrong
+    for i, (base, other) in enumerate(_unrelated_scene_pairs(5, 6, p_single=0.0)):
         base_id = f"p{i:06d}"
         prompts.append({"id": base_id, "structure": world.structure(base)})
         rows.append({"id": f"{base_id}-n0", "base_id": base_id,
@@ -268,13 +274,8 @@ def test_pair_self_vqa_scores_the_answers_against_the_judge(tmp_path):
     from ospo_fast.stages.questions import rule_questions
     from ospo_fast.toy.evaluate import pair_self_vqa
 
-    rng = np.random.default_rng(6)
     prompts, rows = [], []
-    for i in range(5):
-        base = world.sample_scene(rng, p_single=0.4)
-        other = world.sample_scene(rng, p_single=0.0)
-        while {o.color for o in other.objects} & {o.color for o in base.objects}:
-            other = world.sample_scene(rng, p_single=0.0)
+    for i, (base, other) in enumerate(_unrelated_scene_pairs(6, 5, p_single=0.4)):
         base_id = f"p{i:06d}"
         structure = world.structure(base)
         questions = rule_questions(structure)

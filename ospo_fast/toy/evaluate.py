@@ -189,11 +189,12 @@ def pair_self_vqa(synth_dir: Path) -> dict:
                 rows += [(kind, yes, truth) for (kind, truth), yes in zip(truths[side["image"]], said)]
         return rows
 
+    rate = lambda values: float(np.mean(values)) if values else float("nan")
+
     def summary(rows: list[tuple[str, bool, bool]]) -> dict:
         out = {"n": len(rows)}
         for kind in ("object", "relation", "all"):
             picked = [(yes, truth) for k, yes, truth in rows if kind in ("all", k)]
-            rate = lambda values: float(np.mean(values)) if values else float("nan")
             out[kind] = {"n": len(picked), "accuracy": rate([yes == truth for yes, truth in picked]),
                          "true_rate": rate([truth for _, truth in picked])}
         return out

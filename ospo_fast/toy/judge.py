@@ -139,16 +139,24 @@ def _check_structure(structure: dict) -> dict[str, str]:
     return colour_of
 
 
+def _find_objects(image: np.ndarray, structure: dict,
+                  config: JudgeConfig | None) -> tuple[list[Blob], dict[str, Blob | None]]:
+    """Every blob of the image, and per object of ``structure`` the largest blob of its colour (None: not found)."""
+    colour_of = _check_structure(structure)
+    blobs = find_blobs(image, config or JudgeConfig())
+    return blobs, {obj: next((b for b in blobs if b.color == colour_of[obj]), None) for obj in structure["objects"]}
+
+
+def _shape_right(obj: str, blob: Blob | None) -> bool:
+    """Is the found blob the object's shape (objects that are no toy shape only need to be found)?"""
+    return blob is not None and (obj not in SHAPES or blob.shape == obj)
+
+
 def judge(image: np.ndarray, structure: dict, config: JudgeConfig | None = None) -> JudgeResult:
     """Judge one image uint8 (H, W, 3) against a structure ``{"objects", "attributes", "relations"}``."""
-    config = config or JudgeConfig()
-    colour_of = _check_structure(structure)
-    blobs = find_blobs(image, config)
-    found: dict[str, Blob | None] = {}
-    for obj in structure["objects"]:
-        found[obj] = next((b for b in blobs if b.color == colour_of[obj]), None)
+    blobs, found = _find_objects(image, structure, config)
     colours_ok = all(b is not None for b in found.values())
-    shapes_ok = colours_ok and all(obj not in SHAPES or found[obj].shape == obj for obj in found)
+    shapes_ok = colours_ok and all(_shape_right(obj, found[obj]) for obj in found)
     relations_ok = colours_ok
     for subj, rel, obj in structure.get("relations", []):
         if not colours_ok:
@@ -171,14 +179,10 @@ def rule_question_truths(image: np.ndarray, structure: dict,
     """The exact answer to each of ``stages.questions.rule_questions(structure)``, in its order, as (kind, truth):
     an "object" question ("Is there a red circle?") is true when the object's colour is found and its largest blob
     has the object's shape; a "relation" question when both objects are found and the relation holds."""
-    config = config or JudgeConfig()
-    colour_of = _check_structure(structure)
     if structure.get("counts"):
         raise ValueError(f"structure {structure} has counts; the toy world draws one of each object")
-    blobs = find_blobs(image, config)
-    found = {obj: next((b for b in blobs if b.color == colour_of[obj]), None) for obj in structure["objects"]}
-    truths = [("object", found[obj] is not None and (obj not in SHAPES or found[obj].shape == obj))
-              for obj in structure["objects"]]
+    _, found = _find_objects(image, structure, config)
+    truths = [("object", _shape_right(obj, found[obj])) for obj in structure["objects"]]
     for subj, rel, obj in structure.get("relations", []):
         a, b = found.get(subj), found.get(obj)
         truths.append(("relation", a is not None and b is not None and relation_holds(a, b, rel)))
