@@ -361,6 +361,31 @@ def test_phase_mm_keeps_the_pretrained_tower_frozen_and_resumes(tmp_path, toy):
     assert bm.train_mm(model, processor, cfg, tmp_path, lambda message: None)["mm_steps"] == stats["mm_steps"]
 
 
+def test_phase_t2i_continues_the_generation_side_and_resumes(tmp_path, toy):
+    """Phase t2i (a generation-focused continuation after --init): T2I every step and an understanding batch every
+    t2i_vqa_every steps train the decoder and the generation side from the built weights (the generation
+    embeddings are not reset to the VQ codebook, as a fresh phase mm does); the tower and the VQ stay; it resumes."""
+    from ospo_fast.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    cfg = bm.BuildConfig(t2i_minutes=0.05, t2i_vqa_every=2, mm_batch=2, mm_questions=2)
+    model = bm.new_model(cfg, tokenizer)
+    model.load_state_dict({k: v.float() for k, v in toy.model.state_dict().items()})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    embeddings = model.model.generation_embeddings.weight.detach().clone()
+    stats = bm.train_t2i(model, bm.build_toy_processor(tokenizer), cfg, tmp_path, lambda message: None)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert stats["t2i_steps"] >= 1 and (tmp_path / "t2i.pt").is_file()
+    assert any(k.startswith("model.generation_head.") for k in changed)
+    assert any(k.startswith("model.language_model.") for k in changed)
+    assert not [k for k in changed if k.startswith(("model.vision_model.", "model.vqmodel."))]
+    codebook = model.model.vqmodel.quantize.embedding.weight
+    moved = model.model.generation_embeddings.weight.detach() - embeddings
+    assert moved.abs().max() < 0.1 * (embeddings - codebook).abs().max()  # small steps, from the built weights
+    again = bm.train_t2i(model, bm.build_toy_processor(tokenizer), cfg, tmp_path, lambda message: None)
+    assert again["t2i_steps"] == stats["t2i_steps"]
+
+
 def test_init_decoder_copies_the_language_side_only(toy, tmp_path):
     """--init-decoder: the language model, LM head and aligner come from the saved model; the VQ, the SigLIP
     tower and the generation side keep the new model's weights. A directory without those weights is an error."""

@@ -104,6 +104,9 @@ class BuildConfig:
     und_lr_vision: float = 1e-3  # SigLIP tower + understanding aligner
     und_lr_decoder: float = 3e-4  # language model + LM head
     und_t2i_every: int = 2  # one T2I batch every ``und_t2i_every`` steps (generation head/embeddings frozen)
+    t2i_minutes: float = 0.0  # phase t2i (0: not run): generation-focused continuation of a built model
+    t2i_lr: float = 5e-4  # its peak LR (phase mm's groups, scaled by t2i_lr / mm_lr)
+    t2i_vqa_every: int = 4  # one understanding batch every ``t2i_vqa_every`` T2I steps
     threads: int = 1
 
 
@@ -599,24 +602,60 @@ def _mm_groups(model, cfg: BuildConfig) -> list[dict]:
     return groups
 
 
+@dataclass(frozen=True)
+class MultitaskSchedule:
+    """What differs between phase mm (from the VQ codebook) and phase t2i (a generation-focused continuation of a
+    built model): checkpoint name, wall-clock budget, peak LR and how often an understanding batch comes."""
+
+    name: str
+    minutes: float
+    lr: float
+    vqa_every: int
+    warmup: int = 30
+    floor: float = 0.03  # the cosine ends at floor * lr
+
+
 def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
-    """Multitask training (T2I + VQA) for ``cfg.mm_minutes`` of wall clock, resumable from ``work/mm.pt``."""
+    """Multitask training (T2I + VQA) for ``cfg.mm_minutes`` of wall clock, resumable from ``work/mm.pt``; the
+    generation embeddings start from the (normalised) VQ codebook."""
+    with torch.no_grad():
+        model.model.generation_embeddings.weight.copy_(model.model.vqmodel.quantize.embedding.weight)
+    schedule = MultitaskSchedule("mm", cfg.mm_minutes, cfg.mm_lr, cfg.vqa_every)
+    return multitask(model, processor, cfg, schedule, work, log)
+
+
+def train_t2i(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
+    """Phase t2i: a generation-focused continuation of a built model (``--init``) for ``cfg.t2i_minutes``,
+    resumable from ``work/t2i.pt``: T2I every step, the understanding batch (``UND_QUESTION_KINDS``, relation
+    questions most often) every ``cfg.t2i_vqa_every`` steps so that reading keeps up. Same trainable parameters
+    as phase mm. Phase mm spent most of its time on understanding (a T2I batch of 24 costs about 0.7 s on one
+    thread, an understanding batch 2.7 s), so T2I got 395 steps in the shipped v2 build."""
+    schedule = MultitaskSchedule("t2i", cfg.t2i_minutes, cfg.t2i_lr, cfg.t2i_vqa_every)
+    return multitask(model, processor, cfg, schedule, work, log)
+
+
+def multitask(model, processor, cfg: BuildConfig, schedule: MultitaskSchedule, work: Path, log) -> dict:
+    """T2I every step + an understanding batch every ``schedule.vqa_every`` steps, warm-up then cosine, for
+    ``schedule.minutes`` of wall clock, resumable from ``work/{name}.pt``. Returns ``{name}_steps`` and
+    ``{name}_minutes_trained``."""
     model.train()
     model.model.vqmodel.eval().requires_grad_(False)
-    with torch.no_grad():  # generation embeddings start from the (normalised) VQ codebook
-        model.model.generation_embeddings.weight.copy_(model.model.vqmodel.quantize.embedding.weight)
     groups = _mm_groups(model, cfg)
+    for group in groups:
+        group["base_lr"] = group["base_lr"] * schedule.lr / cfg.mm_lr
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.mm_lr, betas=(0.9, 0.95), weight_decay=0.01)
-    rng = np.random.default_rng([cfg.seed, 2])
-    ckpt = work / "mm.pt"
+    opt = torch.optim.AdamW(groups, lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    rng = np.random.default_rng([cfg.seed, 2] + ([7] if schedule.name != "mm" else []))
+    ckpt = work / f"{schedule.name}.pt"
     state = _resume_phase(ckpt, model, opt, rng, log)
-    budget, warmup = cfg.mm_minutes * 60, 30
+    budget = schedule.minutes * 60
     t0, last_save = time.time() - state["elapsed"], time.time()
     last_vqa = last_cap = float("nan")
+    hits: list[bool] = []
     while (elapsed := time.time() - t0) < budget:
         frac, step = elapsed / budget, state["step"]
-        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * frac)) * 0.97 + 0.03)
+        cosine = 0.5 * (1 + math.cos(math.pi * frac))
+        scale = min(1.0, (step + 1) / schedule.warmup) * (cosine * (1 - schedule.floor) + schedule.floor)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
         scenes, images = scene_batch(rng, cfg.mm_batch)
@@ -624,17 +663,19 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
         uncond = torch.from_numpy(rng.random(cfg.mm_batch) < cfg.p_uncond)
         loss_t2i = t2i_loss(model, processor, [world.caption(s) for s in scenes], tokens, uncond)
         loss = loss_t2i
-        if step % cfg.vqa_every == 0:
-            loss_vqa, loss_cap, _ = understanding_batch(model, processor, rng, cfg.mm_batch, cfg.mm_questions)
+        if step % schedule.vqa_every == 0:
+            loss_vqa, loss_cap, correct = understanding_batch(model, processor, rng, cfg.mm_batch, cfg.mm_questions)
             loss = loss + cfg.vqa_weight * loss_vqa + cfg.caption_weight * loss_cap
             last_vqa, last_cap = loss_vqa.item(), loss_cap.item()
+            hits = (hits + correct)[-400:]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         state["step"] += 1
         if state["step"] % 20 == 0:
-            log(f"mm step {state['step']} t2i {loss_t2i.item():.3f} vqa {last_vqa:.3f} caption {last_cap:.3f} "
+            log(f"{schedule.name} step {state['step']} t2i {loss_t2i.item():.3f} vqa {last_vqa:.3f} "
+                f"(train acc last 400 {np.mean(hits) if hits else float('nan'):.3f}) caption {last_cap:.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min")
         if time.time() - last_save > 240:
             state["elapsed"] = time.time() - t0
@@ -643,7 +684,8 @@ def train_mm(model, processor, cfg: BuildConfig, work: Path, log) -> dict:
     state["elapsed"] = time.time() - t0
     _save_mm(ckpt, model, opt, rng, state)
     model.eval()
-    return {"mm_steps": state["step"], "mm_minutes_trained": round(state["elapsed"] / 60, 1)}
+    return {f"{schedule.name}_steps": state["step"],
+            f"{schedule.name}_minutes_trained": round(state["elapsed"] / 60, 1)}
 
 
 def _resume_phase(ckpt: Path, model, opt, rng: np.random.Generator, log) -> dict:
@@ -859,6 +901,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="yes/no questions per image in phase mm (1: one, as the first v2 build)")
     parser.add_argument("--vqdec-minutes", type=float, default=BuildConfig.vqdec_minutes)
     parser.add_argument("--und-minutes", type=float, default=BuildConfig.und_minutes)
+    parser.add_argument("--t2i-minutes", type=float, default=BuildConfig.t2i_minutes,
+                        help="phase t2i: generation-focused continuation (T2I every step), usually after --init")
+    parser.add_argument("--t2i-lr", type=float, default=BuildConfig.t2i_lr)
+    parser.add_argument("--t2i-vqa-every", type=int, default=BuildConfig.t2i_vqa_every,
+                        help="phase t2i: one understanding batch every this many T2I steps")
     parser.add_argument("--vis-minutes", type=float, default=BuildConfig.vis_minutes,
                         help="phase vis: per-patch pretraining of the SigLIP tower (run it with --phases vis,...)")
     parser.add_argument("--phases", default="vq,vqdec,mm,save,eval")
@@ -871,7 +918,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = BuildConfig(seed=args.seed, vq_minutes=args.vq_minutes, vqdec_minutes=args.vqdec_minutes,
                       mm_minutes=args.mm_minutes, mm_vision_lr=args.mm_vision_lr, mm_questions=args.mm_questions,
-                      und_minutes=args.und_minutes,
+                      und_minutes=args.und_minutes, t2i_minutes=args.t2i_minutes, t2i_lr=args.t2i_lr,
+                      t2i_vqa_every=args.t2i_vqa_every,
                       vis_minutes=args.vis_minutes)
     torch.set_num_threads(cfg.threads)
     work = Path(args.work)
@@ -973,6 +1021,12 @@ def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, 
     elif (work / "mm.pt").is_file():
         model.load_state_dict(torch.load(work / "mm.pt", weights_only=False)["model"], strict=False)
         stats.update(json.loads((work / "mm_stats.json").read_text()))
+    if "t2i" in phases:
+        stats.update(train_t2i(model, processor, cfg, work, log))
+        (work / "t2i_stats.json").write_text(json.dumps(stats))
+    elif (work / "t2i.pt").is_file():
+        model.load_state_dict(torch.load(work / "t2i.pt", weights_only=False)["model"], strict=False)
+        stats.update(json.loads((work / "t2i_stats.json").read_text()))
     if "und" in phases:
         stats.update(train_und(model, processor, cfg, work, log))
         (work / "und_stats.json").write_text(json.dumps(stats))
