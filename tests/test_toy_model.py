@@ -386,6 +386,39 @@ def test_phase_t2i_continues_the_generation_side_and_resumes(tmp_path, toy):
     assert again["t2i_steps"] == stats["t2i_steps"]
 
 
+def test_grow_decoder_inserts_identity_layers(toy):
+    """--grow-after: the grown model (6 -> 9 layers) gives the old model's T2I and understanding logits exactly at
+    first (new layers add zero to the residual stream), keeps every old weight under its new index, and its new
+    layers train (their output projections get gradients)."""
+    from ospo_fast.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    cfg = bm.BuildConfig()
+    old = bm.new_model(cfg, tokenizer)
+    old.load_state_dict({k: v.float() for k, v in toy.model.state_dict().items()})
+    grown = bm.grow_decoder(old, cfg, tokenizer, [1, 2, 3])
+    assert cfg.layers == 9 and len(grown.model.language_model.layers) == 9
+    assert [layer.self_attn.layer_idx for layer in grown.model.language_model.layers] == list(range(9))
+    old_q = old.model.language_model.layers[4].self_attn.q_proj.weight  # old layer 4 -> new 7
+    assert torch.equal(grown.model.language_model.layers[7].self_attn.q_proj.weight, old_q)
+    processor = bm.build_toy_processor(tokenizer)
+    rng = np.random.default_rng(3)
+    scenes, images = bm.scene_batch(rng, 3, "heldout")
+    captions = [world.caption(s) for s in scenes]
+    tokens = bm.encode_tokens(old, images)
+    uncond = torch.tensor([False, True, False])
+    questions = [bm.make_question(world.spec_of(s), rng, True) for s in scenes]
+    with torch.no_grad():
+        torch.testing.assert_close(bm.t2i_loss(grown, processor, captions, tokens, uncond),
+                                   bm.t2i_loss(old, processor, captions, tokens, uncond), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bm.vqa_logits(grown, processor, images, questions),
+                                   bm.vqa_logits(old, processor, images, questions), atol=1e-4, rtol=1e-5)
+    bm.t2i_loss(grown, processor, captions, tokens, uncond).backward()
+    assert grown.model.language_model.layers[2].self_attn.o_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(SystemExit, match="distinct layer indices"):
+        bm.grow_decoder(old, bm.BuildConfig(), tokenizer, [6])
+
+
 def test_init_decoder_copies_the_language_side_only(toy, tmp_path):
     """--init-decoder: the language model, LM head and aligner come from the saved model; the VQ, the SigLIP
     tower and the generation side keep the new model's weights. A directory without those weights is an error."""

@@ -909,6 +909,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vis-minutes", type=float, default=BuildConfig.vis_minutes,
                         help="phase vis: per-patch pretraining of the SigLIP tower (run it with --phases vis,...)")
     parser.add_argument("--phases", default="vq,vqdec,mm,save,eval")
+    parser.add_argument("--grow-after", default=None,
+                        help="with --init: insert a new, identity-initialised decoder layer after each of these "
+                             "comma-separated layer indices (e.g. 1,2,3: 6 -> 9 layers)")
     parser.add_argument("--init-decoder", default=None,
                         help="phase mm starts its language model, LM head and aligner from this saved toy model "
                              "(e.g. the v1 ospo_fast/assets/toy_janus); a resumed phase mm ignores it")
@@ -931,6 +934,11 @@ def main(argv: list[str] | None = None) -> None:
     phases = args.phases.split(",")
     if args.init:
         init_from_saved(model, Path(args.init), work, log)
+    if args.grow_after:
+        if not args.init:
+            raise SystemExit("--grow-after grows a built model: give it --init DIR")
+        model = grow_decoder(model, cfg, tokenizer, [int(i) for i in args.grow_after.split(",")])
+        log(f"decoder grown to {cfg.layers} layers (new layers after {args.grow_after})")
     vq_file = work / "vq.pt"
     if vq_file.is_file():
         model.model.vqmodel.load_state_dict(torch.load(vq_file))
@@ -991,6 +999,35 @@ def init_decoder_from(model, path: Path, log) -> None:
     if not picked or any(k.startswith(DECODER_PREFIXES) for k in missing):
         raise SystemExit(f"--init-decoder {path}: not a toy model of these sizes (decoder weights missing)")
     log(f"decoder initialised from {path} ({len(picked)} tensors)")
+
+
+def grow_decoder(model, cfg: BuildConfig, tokenizer, after: list[int]) -> JanusForConditionalGeneration:
+    """More decoder layers for a built model (issue #16's depth factor: with more layers ``masks.skip_layers``
+    keeps several middle ones): a new model with one new layer after each old layer index in ``after``, the old
+    layers' weights copied, each new layer freshly initialised but with its attention output (``o_proj``) and
+    MLP output (``down_proj``) zero, so it adds nothing to the residual stream: the grown model computes exactly
+    what the old one did, and training then starts from there. Sets ``cfg.layers``. Returns the new model."""
+    old_layers = cfg.layers
+    if not after or sorted(set(after)) != sorted(after) or not all(0 <= i < old_layers for i in after):
+        raise SystemExit(f"--grow-after {after}: give distinct layer indices in 0..{old_layers - 1}")
+    cfg.layers = old_layers + len(after)
+    new_index, position = {}, 0
+    for i in range(old_layers):
+        new_index[i] = position
+        position += 2 if i in after else 1
+    grown = new_model(cfg, tokenizer)
+    state = grown.state_dict()
+    prefix = "model.language_model.layers."
+    for name, value in model.state_dict().items():
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            name = f"{prefix}{new_index[int(index)]}.{rest}"
+        state[name] = value
+    for i in after:
+        for weight in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            state[f"{prefix}{new_index[i] + 1}.{weight}"] = torch.zeros_like(state[f"{prefix}0.{weight}"])
+    grown.load_state_dict(state)
+    return grown
 
 
 def init_from_saved(model, path: Path, work: Path, log) -> None:
