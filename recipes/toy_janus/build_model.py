@@ -939,6 +939,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--grow-after grows a built model: give it --init DIR")
         model = grow_decoder(model, cfg, tokenizer, [int(i) for i in args.grow_after.split(",")])
         log(f"decoder grown to {cfg.layers} layers (new layers after {args.grow_after})")
+        recorded = json.loads((work / "vq_stats.json").read_text())
+        (work / "vq_stats.json").write_text(json.dumps({**recorded, "grow_after": args.grow_after}))
     vq_file = work / "vq.pt"
     if vq_file.is_file():
         model.model.vqmodel.load_state_dict(torch.load(vq_file))
@@ -1046,30 +1048,20 @@ def init_from_saved(model, path: Path, work: Path, log) -> None:
 
 
 def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, phases: list[str], log) -> None:
-    """Phases mm (train), save (fp16 safetensors + processor + generation config) and eval (through
-    ``load_janus``, writing ``metrics.json`` and ``BUILD.md`` into ``out``)."""
+    """Phases mm, t2i and und (train, or load a finished phase's checkpoint from ``work``), save (fp16 safetensors
+    + processor + generation config) and eval (through ``load_janus``, writing ``metrics.json`` and ``BUILD.md``
+    into ``out``)."""
     processor = build_toy_processor(tokenizer)
     stats = json.loads((work / "vq_stats.json").read_text()) if (work / "vq_stats.json").is_file() else {}
     if (work / "vis_stats.json").is_file():
         stats.update(json.loads((work / "vis_stats.json").read_text()))
-    if "mm" in phases:
-        stats.update(train_mm(model, processor, cfg, work, log))
-        (work / "mm_stats.json").write_text(json.dumps(stats))
-    elif (work / "mm.pt").is_file():
-        model.load_state_dict(torch.load(work / "mm.pt", weights_only=False)["model"], strict=False)
-        stats.update(json.loads((work / "mm_stats.json").read_text()))
-    if "t2i" in phases:
-        stats.update(train_t2i(model, processor, cfg, work, log))
-        (work / "t2i_stats.json").write_text(json.dumps(stats))
-    elif (work / "t2i.pt").is_file():
-        model.load_state_dict(torch.load(work / "t2i.pt", weights_only=False)["model"], strict=False)
-        stats.update(json.loads((work / "t2i_stats.json").read_text()))
-    if "und" in phases:
-        stats.update(train_und(model, processor, cfg, work, log))
-        (work / "und_stats.json").write_text(json.dumps(stats))
-    elif (work / "und.pt").is_file():
-        model.load_state_dict(torch.load(work / "und.pt", weights_only=False)["model"], strict=False)
-        stats.update(json.loads((work / "und_stats.json").read_text()))
+    for name, train in (("mm", train_mm), ("t2i", train_t2i), ("und", train_und)):  # in this order
+        if name in phases:
+            stats.update(train(model, processor, cfg, work, log))
+            (work / f"{name}_stats.json").write_text(json.dumps(stats))
+        elif (work / f"{name}.pt").is_file():
+            model.load_state_dict(torch.load(work / f"{name}.pt", weights_only=False)["model"], strict=False)
+            stats.update(json.loads((work / f"{name}_stats.json").read_text()))
     stats["build"] = asdict(cfg)  # this run's budgets (a resumed phase may have been given a longer one)
     if "save" in phases:
         if (work / "vq_decoder.pt").is_file():  # phase vqdec may have finished beside phase mm
@@ -1134,6 +1126,8 @@ def build_report(m: dict) -> str:
                                     if m.get("vqdec_restarts") else ""), m.get("vqdec_steps", "?")),
         (f"multitask steps (T2I batch {b['mm_batch']}, VQA batch {b['mm_batch']} every {b['vqa_every']})",
          m.get("mm_steps", "?")),
+        *([(f"generation-focused steps (phase t2i: T2I batch {b['mm_batch']}, understanding every "
+            f"{b['t2i_vqa_every']})", m["t2i_steps"])] if "t2i_steps" in m else []),
         *([(f"understanding steps (phase und: VQA + caption batch {b['und_batch']}, T2I every "
             f"{b['und_t2i_every']})", m["und_steps"])] if "und_steps" in m else []),
         ("T2I held-out captions, CFG 5, strict / loose", _pair(m["t2i_heldout_cfg5"])),
@@ -1149,6 +1143,9 @@ def build_report(m: dict) -> str:
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     und_cmd = f" --und-minutes {b['und_minutes']}" if b.get("und_minutes") else ""
     und_cmd += f" --init-decoder {m['init_decoder']}" if m.get("init_decoder") else ""
+    und_cmd += (f" --t2i-minutes {b['t2i_minutes']} --t2i-lr {b['t2i_lr']:g} --t2i-vqa-every {b['t2i_vqa_every']}"
+                if m.get("t2i_steps") else "")
+    und_cmd += f" --grow-after {m['grow_after']}" if m.get("grow_after") else ""
     vis_cmd = (f" --vis-minutes {b['vis_minutes']} --mm-vision-lr {b['mm_vision_lr']:g} --mm-questions "
                f"{b.get('mm_questions', 1)}" if b.get("vis_minutes") else "")
     return f"""# builtin:toy: how it was built
