@@ -7,8 +7,9 @@ import torch
 from ospo_fast.ops.object_masks import select_layers
 
 
-def eager_object_maps(bundle, batch: dict, positions: torch.Tensor) -> torch.Tensor:
-    """batch: ``teacher_forced_inputs`` (prompt + image tokens); positions (B, O, S) key positions, -1 = padding ->
+def eager_object_maps(bundle, batch: dict, positions: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
+    """batch: ``teacher_forced_inputs`` (prompt + image tokens); positions (B, O, S) key positions, -1 = padding;
+    layers: default ``select_layers(num_layers)`` ->
     maps (B, O, G, G) float32 (zeros for padded objects). The model's attention implementation is restored."""
     lm = bundle.model.model.language_model
     original = lm.config._attn_implementation
@@ -20,7 +21,8 @@ def eager_object_maps(bundle, batch: dict, positions: torch.Tensor) -> torch.Ten
     finally:
         lm.set_attn_implementation(original)
     t = batch["input_ids"].shape[1]
-    attn = torch.stack([out.attentions[i] for i in select_layers(bundle.num_layers)])  # (L, B, H, T, T)
+    layers = select_layers(bundle.num_layers) if layers is None else layers
+    attn = torch.stack([out.attentions[i] for i in layers])  # (L, B, H, T, T)
     attn = attn[:, :, :, t:, :].mean(dim=2).mean(dim=0)  # (B, N, Tk)
     maps = torch.zeros(*positions.shape[:2], attn.shape[1])
     for b in range(positions.shape[0]):

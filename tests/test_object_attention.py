@@ -51,6 +51,17 @@ def test_teacher_forced_maps_equal_eager_attentions(tiny_bundle, inputs, eager_m
     assert tiny_bundle.model.model.language_model.config._attn_implementation == "sdpa"
 
 
+def test_teacher_forced_maps_of_chosen_layers_equal_eager_attentions(tiny_bundle, inputs):
+    """``layers=[i]``: one layer's maps (what benchmarks/toy_mask_probe.py reads per layer) equal eager's; a layer the
+    model does not have is an error naming the range."""
+    tokens, batch, positions = inputs
+    for layers in ([0], [tiny_bundle.num_layers - 1], [1, 3]):
+        maps = teacher_forced_object_maps(tiny_bundle, PROMPTS, tokens, OBJECTS, layers=layers)
+        _assert_same_masks(maps, eager_object_maps(tiny_bundle, batch, positions, layers), objects_valid(OBJECTS))
+    with pytest.raises(ValueError, match="outside 0.."):
+        teacher_forced_object_maps(tiny_bundle, PROMPTS, tokens, OBJECTS, layers=[tiny_bundle.num_layers])
+
+
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_step_by_step_capture_with_cache_and_cfg(tiny_bundle, inputs, eager_maps, cache_kind):
     """Prefill the text, then one image token per forward for the first cells and the rest in one chunk, with

@@ -51,6 +51,18 @@ def test_toy_shipped_files_and_sizes(toy):
     assert not toy.random_init
 
 
+def test_library_encodes_toy_pixels_as_the_build_does(toy):
+    """``encode_pixels_to_tokens`` (the reference-style PNG path) takes the toy's 64 px images (downsampling 8, not
+    Janus-Pro's 16) and gives the tokens the build trained on; other sizes are refused naming 64x64."""
+    from ospo_fast.engine.object_attention import encode_pixels_to_tokens
+
+    _, images = bm.scene_batch(np.random.default_rng(2), 4, "heldout")
+    tokens = encode_pixels_to_tokens(toy, torch.from_numpy(images))
+    assert torch.equal(tokens, bm.encode_tokens(toy.model, images))
+    with pytest.raises(ValueError, match="64x64"):
+        encode_pixels_to_tokens(toy, torch.from_numpy(images[:, :32, :32]))
+
+
 def test_toy_vq_roundtrip_keeps_scenes_judgeable(toy, metrics):
     """encode -> decode through transformers' own JanusVQVAE, judged against the ground-truth structure."""
     result = bm.eval_vq(toy.model, seed=bm.TEST_SEED, n=32)

@@ -339,13 +339,15 @@ def teacher_forced_inputs(bundle, prompts: list[str], image_tokens: torch.Tensor
 
 @torch.no_grad()
 def teacher_forced_object_maps(bundle, prompts: list[str], image_tokens: torch.Tensor, objects: list[list[str]],
-                               skip_layers: int = 5) -> torch.Tensor:
+                               skip_layers: int = 5, layers: list[int] | None = None) -> torch.Tensor:
     """Object-attention maps from one batched teacher-forced forward (SPEC stage 3, context ``base``).
 
-    prompts: B prompt strings; image_tokens: (B, N) long VQ tokens (N = G*G); objects: B lists of object words.
-    Cell j is the query whose input is image token j. Returns (B, O, G, G) float32 (padded objects: zeros).
+    prompts: B prompt strings; image_tokens: (B, N) long VQ tokens (N = G*G); objects: B lists of object words;
+    layers: the layers to average (default ``select_layers(num_layers, skip_layers)``; e.g. one layer to see where
+    each layer looks). Cell j is the query whose input is image token j. Returns (B, O, G, G) float32 (padded
+    objects: zeros).
     """
-    capture = _teacher_forced_capture(bundle, prompts, image_tokens, objects, skip_layers)
+    capture = _teacher_forced_capture(bundle, prompts, image_tokens, objects, skip_layers, layers)
     grid = int(round(capture.num_cells ** 0.5))
     return capture.maps().view(len(prompts), -1, grid, grid)
 
@@ -361,7 +363,7 @@ def teacher_forced_object_scores(bundle, prompts: list[str], image_tokens: torch
 
 
 def _teacher_forced_capture(bundle, prompts: list[str], image_tokens: torch.Tensor, objects: list[list[str]],
-                            skip_layers: int) -> ObjectAttentionCapture:
+                            skip_layers: int, layers: list[int] | None = None) -> ObjectAttentionCapture:
     """The capture after one batched teacher-forced forward of [prompt + <begin_of_image>] + image tokens."""
     if image_tokens.dim() != 2 or image_tokens.shape[0] != len(prompts) or len(objects) != len(prompts):
         raise ValueError(f"need image_tokens (B, N) and B prompts and object lists; got {tuple(image_tokens.shape)}, "
@@ -373,7 +375,10 @@ def _teacher_forced_capture(bundle, prompts: list[str], image_tokens: torch.Tens
     inputs = teacher_forced_inputs(bundle, prompts, image_tokens)
     positions = object_token_positions(bundle.tokenizer, inputs["input_ids"].cpu(), objects).to(bundle.device)
     t = inputs["input_ids"].shape[1]
-    capture = ObjectAttentionCapture(positions, select_layers(bundle.num_layers, skip_layers), num_cells=n)
+    if layers is not None and not all(0 <= i < bundle.num_layers for i in layers):
+        raise ValueError(f"layers {layers} outside 0..{bundle.num_layers - 1} (the model has {bundle.num_layers})")
+    layers = select_layers(bundle.num_layers, skip_layers) if layers is None else layers
+    capture = ObjectAttentionCapture(positions, layers, num_cells=n)
     with capture.recording(bundle.model):
         capture.set_cells(-t)  # query t + j has image token j as input
         bundle.model.model.language_model(inputs_embeds=inputs["inputs_embeds"],
@@ -387,11 +392,13 @@ def _teacher_forced_capture(bundle, prompts: list[str], image_tokens: torch.Tens
 def encode_pixels_to_tokens(bundle, pixels: torch.Tensor) -> torch.Tensor:
     """Reference-style path: re-encode images (as saved PNGs) to VQ tokens.
 
-    pixels: (B, H, W, 3) uint8 (as read from PNG) with H = W = grid * 16. Returns (B, grid * grid) long tokens.
+    pixels: (B, H, W, 3) uint8 (as read from PNG) with H = W = grid * the VQ's downsampling (16 for Janus-Pro:
+    384 px; 8 for the toy model: 64 px). Returns (B, grid * grid) long tokens.
     """
     if pixels.dim() != 4 or pixels.shape[-1] != 3:
         raise ValueError(f"pixels must be (B, H, W, 3) uint8, got shape {tuple(pixels.shape)}")
-    side = bundle.grid * 16
+    vq_config = bundle.model.config.vq_config
+    side = bundle.grid * 2 ** (len(vq_config.channel_multiplier) - 1)  # each multiplier after the first halves
     if pixels.shape[1] != side or pixels.shape[2] != side:
         raise ValueError(f"pixels are {pixels.shape[1]}x{pixels.shape[2]}, the VQ encoder of this model needs "
                          f"{side}x{side}; resize the image first")
