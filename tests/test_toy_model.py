@@ -431,6 +431,19 @@ def test_grow_decoder_inserts_identity_layers(toy):
         bm.grow_decoder(old, bm.BuildConfig(), tokenizer, [6])
 
 
+def test_a_continuation_adds_its_steps_to_the_built_models(tmp_path, monkeypatch):
+    """After --init (the built model's figures in vq_stats.json), a phase trained again reports the total steps and
+    minutes, so BUILD.md counts every round; its own figures are saved with the phase."""
+    (tmp_path / "vq_stats.json").write_text(json.dumps({"t2i_steps": 100, "t2i_minutes_trained": 60.0}))
+    monkeypatch.setattr(bm, "train_t2i", lambda *args: {"t2i_steps": 7, "t2i_minutes_trained": 1.5})
+    from ospo_fast.models.tokenizer import build_tokenizer
+
+    bm.run_later_phases(None, build_tokenizer(), bm.BuildConfig(), tmp_path, tmp_path / "out", ["t2i"],
+                        lambda message: None)
+    saved = json.loads((tmp_path / "t2i_stats.json").read_text())
+    assert saved["t2i_steps"] == 107 and saved["t2i_minutes_trained"] == 61.5
+
+
 def test_init_decoder_copies_the_language_side_only(toy, tmp_path):
     """--init-decoder: the language model, LM head and aligner come from the saved model; the VQ, the SigLIP
     tower and the generation side keep the new model's weights. A directory without those weights is an error."""

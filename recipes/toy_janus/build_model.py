@@ -1057,7 +1057,10 @@ def run_later_phases(model, tokenizer, cfg: BuildConfig, work: Path, out: Path, 
         stats.update(json.loads((work / "vis_stats.json").read_text()))
     for name, train in (("mm", train_mm), ("t2i", train_t2i), ("und", train_und)):  # in this order
         if name in phases:
-            stats.update(train(model, processor, cfg, work, log))
+            trained = train(model, processor, cfg, work, log)
+            for key in (f"{name}_steps", f"{name}_minutes_trained"):  # --init: a continuation adds to the figures
+                trained[key] += stats.get(key, 0)                        # of the model it starts from
+            stats.update(trained)
             (work / f"{name}_stats.json").write_text(json.dumps(stats))
         elif (work / f"{name}.pt").is_file():
             model.load_state_dict(torch.load(work / f"{name}.pt", weights_only=False)["model"], strict=False)
