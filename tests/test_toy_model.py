@@ -95,10 +95,17 @@ def test_toy_vqa_reads_the_image(metrics):
     assert per_kind["colour"]["accuracy"] > 0.9 and per_kind["shape"]["accuracy"] > 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="known gap of the v2 build: relation questions 0.71 on held-out captions, "
-                   "under the 0.85 target of issue #16; see BUILD.md")
-def test_toy_vqa_reads_relations(metrics):
-    assert metrics["vqa_per_kind_heldout"]["relation"]["accuracy"] >= 0.85
+def test_toy_vqa_reads_every_question_kind(metrics):
+    """Issue #16's target: Self-VQA accuracy >= 0.85 on colour, shape and relation questions (held-out captions)."""
+    per_kind = metrics["vqa_per_kind_heldout"]
+    assert set(per_kind) == {"colour", "shape", "relation"}
+    assert all(result["accuracy"] >= 0.85 and result["n"] >= 256 for result in per_kind.values()), per_kind
+
+
+@pytest.mark.xfail(strict=True, reason="known gap of the v2.1 build: T2I strict 8.8% at CFG 5 on held-out captions "
+                   "(7.3% on 640), under issue #16's 10-40%; see BUILD.md")
+def test_toy_t2i_strict_in_the_target_range(metrics):
+    assert 0.10 <= metrics["t2i_heldout_cfg5"]["strict"] <= 0.40
 
 
 def test_toy_vqa_above_chance(metrics):

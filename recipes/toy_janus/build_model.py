@@ -1043,6 +1043,8 @@ def init_from_saved(model, path: Path, work: Path, log) -> None:
     model.load_state_dict(saved.state_dict())
     metrics = json.loads((path / "metrics.json").read_text())
     keep = {k: v for k, v in metrics.items() if k.endswith(("_steps", "_trained"))}
+    keep.update(init=str(path), init_build=metrics.get("init_build", metrics["build"]))  # the first build's settings
+    keep.update({k: metrics[k] for k in ("init_decoder", "vis_patch_accuracy", "vqdec_restarts") if k in metrics})
     (work / "vq_stats.json").write_text(json.dumps(keep))
     log(f"initialised from {path} ({keep})")
 
@@ -1118,7 +1120,7 @@ def write_build_md(out: Path, metrics: dict) -> None:
 
 def build_report(m: dict) -> str:
     """BUILD.md text from the metrics dict."""
-    b, vq = m["build"], m["vq"]
+    b, vq = m.get("init_build", m["build"]), m["vq"]  # a continuation (--init): the first build's settings
     rows = [
         (f"VQ steps (batch {b['vq_batch']})", m.get("vq_steps", "?")),
         *([(f"SigLIP tower per-patch steps (phase vis, batch {b['vis_batch']})", m["vis_steps"])]
@@ -1129,8 +1131,8 @@ def build_report(m: dict) -> str:
                                     if m.get("vqdec_restarts") else ""), m.get("vqdec_steps", "?")),
         (f"multitask steps (T2I batch {b['mm_batch']}, VQA batch {b['mm_batch']} every {b['vqa_every']})",
          m.get("mm_steps", "?")),
-        *([(f"generation-focused steps (phase t2i: T2I batch {b['mm_batch']}, understanding every "
-            f"{b['t2i_vqa_every']})", m["t2i_steps"])] if "t2i_steps" in m else []),
+        *([(f"generation-focused steps (phase t2i: T2I batch {m['build']['mm_batch']}, understanding every "
+            f"{m['build']['t2i_vqa_every']})", m["t2i_steps"])] if "t2i_steps" in m else []),
         *([(f"understanding steps (phase und: VQA + caption batch {b['und_batch']}, T2I every "
             f"{b['und_t2i_every']})", m["und_steps"])] if "und_steps" in m else []),
         ("T2I held-out captions, CFG 5, strict / loose", _pair(m["t2i_heldout_cfg5"])),
@@ -1146,9 +1148,14 @@ def build_report(m: dict) -> str:
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     und_cmd = f" --und-minutes {b['und_minutes']}" if b.get("und_minutes") else ""
     und_cmd += f" --init-decoder {m['init_decoder']}" if m.get("init_decoder") else ""
-    und_cmd += (f" --t2i-minutes {b['t2i_minutes']} --t2i-lr {b['t2i_lr']:g} --t2i-vqa-every {b['t2i_vqa_every']}"
-                if m.get("t2i_steps") else "")
-    und_cmd += f" --grow-after {m['grow_after']}" if m.get("grow_after") else ""
+    then = m["build"]
+    continued = (f"\nThen continued from that model (DIR: {m.get('init', '?')}; the figures below are the continued "
+                 f"model's): `python "
+                 f"recipes/toy_janus/build_model.py --init DIR --work build/continued --out ospo_fast/assets/toy_janus "
+                 f"--phases t2i,save,eval --t2i-minutes {then['t2i_minutes']} --t2i-lr {then['t2i_lr']:g} "
+                 f"--t2i-vqa-every {then['t2i_vqa_every']}" + (f" --grow-after {m['grow_after']}" if m.get("grow_after")
+                                                               else "") + "`."
+                 if "init_build" in m and then.get("t2i_minutes") else "")
     vis_cmd = (f" --vis-minutes {b['vis_minutes']} --mm-vision-lr {b['mm_vision_lr']:g} --mm-questions "
                f"{b.get('mm_questions', 1)}" if b.get("vis_minutes") else "")
     return f"""# builtin:toy: how it was built
@@ -1156,7 +1163,7 @@ def build_report(m: dict) -> str:
 Command (CPU, 1 thread each, wall-clock budgets): `python recipes/toy_janus/build_model.py --out
 ospo_fast/assets/toy_janus --seed {m['seed']} --vq-minutes {b['vq_minutes']} --vqdec-minutes {b['vqdec_minutes']}
 --mm-minutes {b['mm_minutes']}{vis_cmd}{und_cmd}` (phase checkpoints and the log in `build/toy_janus_work/`; a rerun
-resumes).
+resumes).{continued}
 Phases:
 VQ-VAE, then the VQ decoder alone on frozen tokens beside the multitask phase (T2I + yes/no VQA), then save (fp16)
 and eval through `load_janus`. Budgets are wall clock and the machine was shared (load 6-11 on 2 cores), so a
