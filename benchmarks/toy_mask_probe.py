@@ -33,12 +33,14 @@ from ospo_fast.ops.object_masks import object_masks, select_layers  # noqa: E402
 from ospo_fast.toy import world  # noqa: E402
 from ospo_fast.toy.evaluate import mask_localisation  # noqa: E402
 
+MASKS = load_config("toy").masks  # the toy preset's mask settings (Otsu scale, smoothing), read once
+
 
 def localisation(bundle, captions: list[str], tokens: torch.Tensor, images: np.ndarray, words: list[list[str]],
                  layers: list[int]) -> float:
     """Mask precision / chance of the pipeline's union masks from the mean attention of ``layers``."""
     maps = teacher_forced_object_maps(bundle, captions, tokens, words, layers=layers)  # (B, O, G, G)
-    masks = object_masks(maps, load_config("toy").masks, object_valid=objects_valid(words))
+    masks = object_masks(maps, MASKS, object_valid=objects_valid(words))
     result = mask_localisation(list(images), list(masks.union.cpu().numpy()))
     return result["precision"] / result["chance"]
 
