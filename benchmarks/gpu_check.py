@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None, suite: dict[str, list[str]] | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "results.jsonl"
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update(OSPO_FAST_BENCH_RESULTS=str(results), PYTHONPATH=str(ROOT))
+        # the repo first, then whatever the caller had on PYTHONPATH (e.g. packages installed with --target)
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env.update(OSPO_FAST_BENCH_RESULTS=str(results), PYTHONPATH=path)
         tests = Step("GPU tests", [], note="skipped (--skip-tests)")
         if not args.skip_tests:
             tests = run_gpu_tests(args.budget * TEST_SHARE, env, Path(tmp))
