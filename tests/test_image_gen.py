@@ -168,6 +168,42 @@ def test_decode_step_is_one_graph_without_breaks_and_moves_no_python_state(bundl
     assert int(decoder.index) == 1  # the counter advanced on the device, inside the step
 
 
+def test_compiled_decode_step_has_no_index_arithmetic_beyond_int32(bundle):
+    """The first H200 run: inductor folded the sampler's ``arange * 0x9E3779B1`` into an int32 index expression
+    and Triton 3.6 refused the literal, so every compiled image run failed. In the aten graph inductor receives,
+    no value derived from an arange may meet an integer literal outside int32 (the hash now comes in as a tensor,
+    ``sampling.entry_keys``)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from ospo_fast.engine.image_gen import _decode_step
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    decoder = _no_capture_decoder(bundle, rows=2)
+    torch._dynamo.reset()
+    torch.compile(_decode_step, fullgraph=True, backend=aot_autograd(fw_compiler=record))(decoder)
+    assert graphs
+    arithmetic = {"mul", "add", "sub", "rsub", "bitwise_and", "bitwise_or", "bitwise_xor", "__lshift__",
+                  "__rshift__", "bitwise_left_shift", "bitwise_right_shift"}  # not slice's end sentinel, say
+    aranges = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step}
+    offending = []
+    for gm in graphs:
+        derived = set()
+        for node in gm.graph.nodes:
+            if node.target in aranges or any(a in derived for a in node.all_input_nodes):
+                derived.add(node)
+                if getattr(node.target, "_opname", None) not in arithmetic:
+                    continue
+                literals = [a for a in node.args if isinstance(a, int) and not isinstance(a, bool)]
+                offending += [f"{node.format_node()}" for a in literals if not -2**31 <= a < 2**31]
+    assert not offending, offending
+
+
 def test_a_new_decoder_of_the_same_shape_reuses_the_graph(bundle):
     """Decoders evicted from the pool and built again (new tensors, new cache) hit the same graph: the graph
     count is bounded by the shapes, not by the batches or calls (dynamo only, backend "eager": no inductor)."""

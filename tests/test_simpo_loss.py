@@ -384,6 +384,24 @@ def test_low_precision_weight_gradient_accumulates_in_float32():
     assert (d_w.double() - exact).abs().max().item() <= one_rounding * 1.01 + 1e-6
 
 
+def test_gpu_weight_gradient_rounds_once_per_chunk():
+    """The CUDA branch of dW (bf16 inputs on a GPU: tensor-core products in bf16, float32 accumulation across
+    chunks), run here on CPU tensors: within one bf16 rounding per chunk of the float64 product, while the CPU (and
+    any float32 input) keeps the exact float32 product."""
+    from ospo_fast.ops.simpo_loss import _add_weight_grad, _chunks, _exact_weight_grad
+
+    gen = torch.Generator().manual_seed(3)
+    dlogits, h = torch.randn(60, 131, generator=gen).bfloat16(), torch.randn(60, 24, generator=gen).bfloat16()
+    exact = dlogits.double().t() @ h.double()  # (V, D)
+    acc = torch.zeros(131, 24)
+    chunks = _chunks(60, 16)
+    for s, e in chunks:
+        _add_weight_grad(acc, dlogits[s:e], h[s:e], exact=False)
+    per_chunk = max((dlogits[s:e].double().t() @ h[s:e].double()).abs().max().item() for s, e in chunks)
+    assert (acc.double() - exact).abs().max().item() <= len(chunks) * per_chunk * 2**-8
+    assert not _exact_weight_grad(h.to("meta")) and _exact_weight_grad(h) and _exact_weight_grad(h.float().to("meta"))
+
+
 # --- chunk size per device ----------------------------------------------------------------------------------------
 
 def test_chunk_tokens_per_device():
@@ -438,14 +456,14 @@ def test_fused_row_sums_equal_trl_at_alpha_zero(backend, normalization):
     margin, SFT = mean NLL) on the logits the head would produce; the mapping is test_simpo_part_equals_trl's."""
     trainer = _trl_cpo_trainer()
     pairs, tokens, dim, vocab = 4, 9, 12, 37
-    hidden, weight, bias, targets, masks = _inputs(pairs, tokens, dim, vocab, seed=4)
+    hidden, weight, bias, targets, masks = _inputs(pairs, tokens, dim, vocab, seed=4, device=backend_device(backend))
     beta, ratio = 5.0, 0.5
     config = LossConfig(beta=beta, gamma_beta_ratio=ratio, alpha=0.0, normalization=normalization)
     ours = fused_obj_simpo_loss(hidden, weight, bias, targets, masks, config, backend=backend, chunk_tokens=20)
     logits = F.linear(hidden.double(), weight.double(), bias.double())
     avg = trainer.get_batch_logps(logits, targets, average_log_prob=True, is_encoder_decoder=True).float()
     stand_in = types.SimpleNamespace(beta=beta, simpo_gamma=beta * ratio, loss_type="simpo", label_smoothing=0.0,
-                                     alpha=0.0, accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+                                     alpha=0.0, accelerator=types.SimpleNamespace(device=hidden.device))
     losses, chosen, rejected = trainer.cpo_loss(stand_in, avg[:pairs], avg[pairs:])
     assert ours.simpo_loss.item() == pytest.approx(losses.mean().item(), abs=1e-5)
     assert ours.chosen_reward.item() == pytest.approx(chosen.mean().item(), abs=1e-5)
@@ -460,7 +478,7 @@ def test_fused_row_sums_chunks_across_rows(backend, dtype):
     """Chunks that cut rows (6 rows of 7 tokens, 10 tokens per chunk, the last one ragged): loss and gradients
     equal the reference within its own bf16 error."""
     hidden, weight, bias, targets, masks = (t.to(dtype) if t.is_floating_point() and i < 3 else t
-                                            for i, t in enumerate(_inputs(3, 7, 8, 50)))
+                                            for i, t in enumerate(_inputs(3, 7, 8, 50, device=backend_device(backend))))
     config = LossConfig(label_smoothing=0.05)
 
     def fused(h, w, b):

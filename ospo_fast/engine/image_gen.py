@@ -38,7 +38,7 @@ from transformers import StaticCache
 
 from ospo_fast.config import ImageConfig
 from ospo_fast.engine.prompts import image_prompt_inputs, position_ids_from_mask
-from ospo_fast.engine.sampling import sample_next
+from ospo_fast.engine.sampling import entry_keys, sample_next
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this many tokens
 OBJECT_BUCKET = 4  # objects per prompt and sub-tokens per object are padded to multiples of this
@@ -150,7 +150,7 @@ def _check_args(bundle, prompts, seeds, config: ImageConfig, objects) -> None:
 class _Decoder:
     """Decode state of one shape: a static cache of 2R rows and prompt_len + N + 1 slots, and device tensors
     tokens (R, N + 1), index (0-d: the image token the next step feeds), first_position (2R, 1), seeds (R,),
-    mask (2R, L), plus an object-attention capture whose cells follow ``index``. All keep their addresses
+    mask (2R, L), keys (V,) (the sampler's per-entry hash, an input so the compiled step builds none), plus an object-attention capture whose cells follow ``index``. All keep their addresses
     (marked static for CUDA graphs) and shapes across batches, so the step compiles once and replays."""
 
     def __init__(self, model, shape: _Shape, device: torch.device):
@@ -162,6 +162,7 @@ class _Decoder:
         self.first_position = torch.zeros(2 * r, 1, dtype=torch.int64, device=device)
         self.seeds = torch.zeros(r, dtype=torch.int64, device=device)
         self.mask = torch.ones(2 * r, cache_len, dtype=torch.int64, device=device)  # (2R, L)
+        self.keys = entry_keys(model.model.generation_head.vision_head.out_features, device)  # (V,)
         self.capture = None
         if shape.objects:
             from ospo_fast.engine.object_attention import ObjectAttentionCapture
@@ -169,7 +170,7 @@ class _Decoder:
             positions = torch.full((r, shape.objects, shape.subtokens), -1, dtype=torch.int64, device=device)
             self.capture = ObjectAttentionCapture(positions, list(shape.layers), shape.num_tokens)
             self.capture.set_cells(self.index)  # the query fed image token `index` is cell `index`
-        for t in [self.tokens, self.index, self.first_position, self.seeds, self.mask] + (
+        for t in [self.tokens, self.index, self.first_position, self.seeds, self.mask, self.keys] + (
                 self.capture.tensors() if self.capture is not None else []):
             torch._dynamo.mark_static_address(t)
 
@@ -200,7 +201,7 @@ class _Decoder:
 
     def sample(self, logits: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
         s = self.shape.sampling
-        return sample_next(logits, self.seeds, step, s.temperature, s.top_k, s.top_p)
+        return sample_next(logits, self.seeds, step, s.temperature, s.top_k, s.top_p, self.keys)
 
     def step(self) -> None:
         """Feed image token ``index`` of every row, write token ``index + 1``, advance ``index``: device-only."""

@@ -22,17 +22,33 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform(seeds: torch.Tensor, step: torch.Tensor | int, size: int) -> torch.Tensor:
+def entry_keys(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(size,) int64: each vocabulary entry's part of the counter hash, (entry * 0x9E3779B1) mod 2**32.
+
+    A decode step compiled with torch.compile takes this as an input tensor (``counter_uniform(keys=)``) instead
+    of building it: inside a compiled graph inductor folds ``arange * 0x9E3779B1`` into an int32 index expression,
+    and Triton 3.6 refuses the literal ("Scalar 2654435761 is out of range for type int32", the first H200 run).
+    """
+    entries = torch.arange(size, dtype=torch.int64, device=device)
+    return (entries * 0x9E3779B1) & _MASK32
+
+
+def counter_uniform(seeds: torch.Tensor, step: torch.Tensor | int, size: int,
+                    keys: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform numbers in (0, 1), one per (row, entry), a pure function of (seed, step, entry).
 
-    seeds: (R,) int64; step: int or 0-d int64 tensor; returns (R, size) float32.
+    seeds: (R,) int64; step: int or 0-d int64 tensor; keys: ``entry_keys(size)`` on the seeds' device, or None
+    to build it here (eager callers); returns (R, size) float32.
     """
     seeds = seeds.to(torch.int64)
     step = torch.as_tensor(step, dtype=torch.int64, device=seeds.device)
     row_key = _fmix32((seeds & _MASK32) ^ 0x9E3779B9)
     row_key = _fmix32(row_key ^ ((step * 0x632BE5AB + 0x7F4A7C15) & _MASK32))  # (R,)
-    entries = torch.arange(size, dtype=torch.int64, device=seeds.device)
-    bits = _fmix32((row_key[:, None] ^ ((entries * 0x9E3779B1) & _MASK32)) & _MASK32)  # (R, size)
+    if keys is None:
+        keys = entry_keys(size, seeds.device)
+    elif keys.shape != (size,):
+        raise ValueError(f"keys has shape {tuple(keys.shape)} for {size} entries; pass entry_keys({size})")
+    bits = _fmix32(row_key[:, None] ^ keys)  # (R, size)
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)
 
 
@@ -59,13 +75,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def sample_next(logits: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor | int, temperature: float,
-                top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+                top_k: int = 0, top_p: float = 1.0, keys: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row. temperature <= 0 means greedy (argmax, seeds unused).
 
-    logits: (R, V); seeds: (R,) int64; step: the token index (int or 0-d tensor). Returns (R,) int64.
+    logits: (R, V); seeds: (R,) int64; step: the token index (int or 0-d tensor); keys: ``entry_keys(V)``, which
+    a compiled caller must pass (see there). Returns (R,) int64.
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     scaled = filter_logits(logits.float() / temperature, top_k, top_p)
-    gumbel = -torch.log(-torch.log(counter_uniform(seeds, step, logits.shape[-1])))
+    gumbel = -torch.log(-torch.log(counter_uniform(seeds, step, logits.shape[-1], keys)))
     return (scaled + gumbel).argmax(dim=-1)
