@@ -2,6 +2,7 @@
 and its measured alignment on held-out prompts (exact judge) and its VQA accuracy match the figures recorded at
 build time (``assets/toy_janus/metrics.json``) within binomial noise."""
 
+import dataclasses
 import json
 import math
 
@@ -465,3 +466,82 @@ def test_init_decoder_copies_the_language_side_only(toy, tmp_path):
         assert torch.equal(value, expected), name
     with pytest.raises((OSError, SystemExit)):  # transformers: no model file there
         bm.init_decoder_from(model, tmp_path, lambda message: None)
+
+
+def test_object_regions_are_the_cells_each_shape_covers():
+    """The attention loss's targets: a shape word's cells are those its objects cover by a quarter or more, read
+    back from the object masks; two objects of one shape share the word, so their regions join."""
+    rng = np.random.default_rng(8)
+    scenes, _ = bm.scene_batch(rng, 16)
+    patch = bm.IMAGE_SIZE // bm.GRID
+    for scene in scenes:
+        regions = bm.object_regions(scene, 0.25)
+        assert set(regions) == {o.shape for o in scene.objects}
+        drawn = np.full((bm.IMAGE_SIZE, bm.IMAGE_SIZE), -1)
+        for index, obj in enumerate(scene.objects):
+            drawn[world.object_mask(obj)] = index
+        for shape, cells in regions.items():
+            mine = np.isin(drawn, [i for i, o in enumerate(scene.objects) if o.shape == shape])
+            for cell in range(bm.GRID * bm.GRID):
+                r, c = divmod(cell, bm.GRID)
+                share = max(float((drawn[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] == i).mean())
+                            for i, o in enumerate(scene.objects) if o.shape == shape)
+                assert bool(cells[cell]) == (share >= 0.25)
+            assert cells.any() == mine.any()
+    first = scenes[0].objects[0]
+    twin = world.Scene(objects=(dataclasses.replace(first, cx=12, cy=12), dataclasses.replace(first, cx=48, cy=48)))
+    alone = [bm.object_regions(world.Scene(objects=(o,)), 0.25)[o.shape] for o in twin.objects]
+    assert alone[0].any() and alone[1].any() and not (alone[0] & alone[1]).any()
+    assert torch.equal(bm.object_regions(twin, 0.25)[first.shape], alone[0] | alone[1])
+
+
+def test_object_attention_loss_is_the_cross_entropy_of_the_region(toy):
+    """On a real forward's layout, with attention probabilities set by hand: queries of image cells that attend to
+    an object's word only inside its region give log(region size), the minimum; uniform attention over the cells
+    gives log(63); unconditional rows are left out; the mask layers are the ones averaged."""
+    tok = toy.processor.tokenizer
+    scenes, images = bm.scene_batch(np.random.default_rng(3), 3)
+    tokens = bm.encode_tokens(toy.model, images)
+    uncond = torch.tensor([False, False, True])
+    captions = [world.caption(s) for s in scenes]
+    _, ids, _ = bm._t2i_forward(toy.model, toy.processor, captions, tokens, uncond)
+    t, cells, layers = ids.shape[1], 63, [1, 2]
+    total = t + cells
+
+    def attentions(localised: bool) -> tuple:
+        probs = torch.full((3, 4, total, total), 1e-3)
+        if localised:
+            for row, scene in enumerate(scenes[:2]):  # row 2 is unconditional: its words are pads
+                regions = bm.object_regions(scene, 0.25)
+                words = list(regions)
+                positions = bm.object_token_positions(tok, ids[row:row + 1], [words])[0]
+                for word, subtokens in zip(words, positions):
+                    outside = ~regions[word][:cells]
+                    for s in subtokens[subtokens >= 0]:
+                        probs[row, :, t:, s] = 0.5
+                        probs[row, :, t:, s][:, outside] = 0.0
+        wrong = [torch.rand(3, 4, total, total) for _ in range(6)]  # layers 0, 3-5 must not count
+        return tuple(probs if i in layers else wrong[i] for i in range(6))
+
+    best = bm.object_attention_loss(attentions(True), ids, tok, scenes, uncond, layers, 0.25)
+    expected = np.mean([math.log(int(r[:cells].sum())) for s in scenes[:2]
+                        for r in bm.object_regions(s, 0.25).values() if r[:cells].any()])
+    assert best.item() == pytest.approx(expected, abs=1e-4)
+    flat = bm.object_attention_loss(attentions(False), ids, tok, scenes, uncond, layers, 0.25)
+    assert flat.item() == pytest.approx(math.log(cells), abs=1e-4)
+
+
+def test_phase_t2i_with_the_attention_loss_trains_it_and_saves_sdpa(tmp_path, toy):
+    """--attn-weight: the loop runs the eager attention for the loss's probabilities, reports the loss (near
+    log(63) = 4.14 or below on the shipped model, whose masks are 1.1x chance), and hands the model back with sdpa,
+    the implementation the saved config and the library use."""
+    from ospo_fast.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    cfg = bm.BuildConfig(t2i_minutes=0.03, t2i_vqa_every=100, mm_batch=4, attn_weight=1.0)
+    model = bm.new_model(cfg, tokenizer)
+    model.load_state_dict({k: v.float() for k, v in toy.model.state_dict().items()})
+    stats = bm.train_t2i(model, bm.build_toy_processor(tokenizer), cfg, tmp_path, lambda message: None)
+    assert stats["t2i_steps"] >= 1 and stats["t2i_attn_weight"] == 1.0
+    assert 0.5 < stats["t2i_last_attn_loss"] < 5.0
+    assert model.model.language_model.config._attn_implementation == "sdpa"
