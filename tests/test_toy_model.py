@@ -545,3 +545,12 @@ def test_phase_t2i_with_the_attention_loss_trains_it_and_saves_sdpa(tmp_path, to
     assert stats["t2i_steps"] >= 1 and stats["t2i_attn_weight"] == 1.0
     assert 0.5 < stats["t2i_last_attn_loss"] < 5.0
     assert model.model.language_model.config._attn_implementation == "sdpa"
+
+
+def test_shipped_toy_was_never_taught_where_to_attend(metrics):
+    """Issue #16: the masks' grounding must emerge, so ``builtin:toy`` is built with ``--attn-weight 0`` (the
+    object-attention loss is for diagnostic builds only). A continuation records its own settings under ``build``,
+    the first build's under ``init_build``, and a phase that used the loss its ``*_attn_weight``."""
+    for settings in (metrics["build"], metrics.get("init_build", {})):
+        assert settings.get("attn_weight", 0.0) == 0.0, settings
+    assert not [key for key in metrics if key.endswith("_attn_weight")]

@@ -33,11 +33,13 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    ``--init DIR`` starts the later phases from a saved toy model instead of ``work``'s checkpoints (e.g.
    ``--init ospo_fast/assets/toy_janus --work build/und2 --out build/toy_und2 --phases und,save,eval``; BUILD.md
    records what such a continuation reached).
-2c. ``--attn-weight W`` (phases mm and t2i): adds ``W`` x the object-attention loss (``object_attention_loss``):
-   in the mask layers the toy preset reads (``masks.skip_layers``), the attention of image-token queries to an
-   object's word, normalised over the image, should spread over the cells the object covers. Unsupervised, the
-   small decoder's attention did not localise (masks 1.1x chance after 2,400 T2I steps and after growing to 9
-   layers); a real Janus-Pro learns this from scale, the toy is taught it, so that stage 3's masks mean something.
+2c. ``--attn-weight W`` (phases mm and t2i; a diagnostic, never for the shipped model): adds ``W`` x the
+   object-attention loss (``object_attention_loss``): in the mask layers the toy preset reads
+   (``masks.skip_layers``), the attention of image-token queries to an object's word, normalised over the image,
+   should spread over the cells the object covers. Issue #16 rules this out for ``builtin:toy`` (grounding must
+   emerge, as in Janus-Pro); it exists to answer a different question: given a model whose attention does ground
+   the objects, do stage 3's masks find them, and does the object weighting of the loss then pay? BUILD.md records
+   both answers ("Diagnostic: a model taught to ground").
 3. ``eval`` + ``save``: measure the figures (codes used, judge accuracy of reconstructions, T2I strict/loose on
    held-out prompts with CFG 5, VQA accuracy on held-out captions), save fp16 weights, processor, generation
    config, ``metrics.json`` and ``BUILD.md``.
@@ -115,7 +117,7 @@ class BuildConfig:
     t2i_minutes: float = 0.0  # phase t2i (0: not run): generation-focused continuation of a built model
     t2i_lr: float = 5e-4  # its peak LR (phase mm's groups, scaled by t2i_lr / mm_lr)
     t2i_vqa_every: int = 4  # one understanding batch every ``t2i_vqa_every`` T2I steps
-    attn_weight: float = 0.0  # phases mm/t2i: weight of the object-attention loss (``object_attention_loss``; 0: off)
+    attn_weight: float = 0.0  # diagnostic builds only (2c): weight of the object-attention loss; 0 for builtin:toy
     attn_min_cover: float = 0.25  # a cell belongs to an object's region when the object covers this much of it
     threads: int = 1
 
@@ -987,8 +989,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--t2i-vqa-every", type=int, default=BuildConfig.t2i_vqa_every,
                         help="phase t2i: one understanding batch every this many T2I steps")
     parser.add_argument("--attn-weight", type=float, default=BuildConfig.attn_weight,
-                        help="phases mm/t2i: weight of the object-attention loss (image-token queries of the mask "
-                             "layers attend to an object's word where the object is drawn); 0: off")
+                        help="phases mm/t2i, diagnostic builds only: weight of the object-attention loss (image-token "
+                             "queries of the mask layers attend to an object's word where the object is drawn); "
+                             "0: off, as builtin:toy must be (issue #16: grounding must emerge)")
     parser.add_argument("--vis-minutes", type=float, default=BuildConfig.vis_minutes,
                         help="phase vis: per-patch pretraining of the SigLIP tower (run it with --phases vis,...)")
     parser.add_argument("--phases", default="vq,vqdec,mm,save,eval")
