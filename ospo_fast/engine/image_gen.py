@@ -150,8 +150,9 @@ def _check_args(bundle, prompts, seeds, config: ImageConfig, objects) -> None:
 class _Decoder:
     """Decode state of one shape: a static cache of 2R rows and prompt_len + N + 1 slots, and device tensors
     tokens (R, N + 1), index (0-d: the image token the next step feeds), first_position (2R, 1), seeds (R,),
-    mask (2R, L), keys (V,) (the sampler's per-entry hash, an input so the compiled step builds none), plus an object-attention capture whose cells follow ``index``. All keep their addresses
-    (marked static for CUDA graphs) and shapes across batches, so the step compiles once and replays."""
+    mask (2R, L), keys (V,) (the sampler's per-entry hash, an input so the compiled step builds none), plus an
+    object-attention capture whose cells follow ``index``. All keep their addresses (marked static for CUDA graphs)
+    and shapes across batches, so the step compiles once and replays."""
 
     def __init__(self, model, shape: _Shape, device: torch.device):
         self.model, self.shape = model, shape
