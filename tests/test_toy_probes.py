@@ -1,0 +1,99 @@
+"""The toy model's diagnostic probes (benchmarks/toy_grounding_probe.py, benchmarks/toy_t2i_breakdown.py), whose
+figures BUILD.md reports as the measured reasons for issue #16's unmet targets: their building blocks agree with
+transformers' own masking, the processor's real prompt layout and the exact judge."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.toy_grounding_probe import image_nll, template_suffix_length, token_classes  # noqa: E402
+from benchmarks.toy_t2i_breakdown import failure_cause, shape_confusions  # noqa: E402
+from ospo_fast.engine.object_attention import encode_pixels_to_tokens, teacher_forced_inputs  # noqa: E402
+from ospo_fast.engine.prompts import prompt_token_ids  # noqa: E402
+from ospo_fast.models import load_janus  # noqa: E402
+from ospo_fast.toy import world  # noqa: E402
+from ospo_fast.toy.judge import JudgeResult, judge  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_janus("builtin:toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def renders(toy):
+    """Three held-out two-object captions of different lengths, their renders' VQ tokens and scenes."""
+    rng = np.random.default_rng(3)
+    specs = [s for s in world.split_specs("heldout") if s.relation][:3]
+    scenes = [world.scene_from_spec(s, rng) for s in specs]
+    captions = [world.caption_of_spec(s) for s in specs]
+    tokens = encode_pixels_to_tokens(toy, torch.from_numpy(np.stack([world.render(s) for s in scenes])))
+    return captions, tokens, scenes
+
+
+def test_template_suffix_is_what_the_processor_appends_after_the_caption(toy):
+    """The suffix is the chat template's text after the caption plus ``<begin_of_image>``, as the processor lays
+    out the prompt: the trailing ids of a prompt equal those of the template's own ending."""
+    suffix = template_suffix_length(toy.processor)
+    ids = prompt_token_ids(toy.processor, "a purple triangle above a cyan square")
+    text = toy.processor.apply_chat_template([{"role": "user", "content": "X"}], add_generation_prompt=True)
+    ending = text[text.index("X") + 1:]
+    expected = toy.tokenizer(ending, add_special_tokens=False)["input_ids"]
+    expected += [toy.tokenizer.convert_tokens_to_ids(toy.processor.image_start_token)]
+    assert ids[-suffix:] == expected
+    assert toy.tokenizer.decode(ids[-suffix - 1:-suffix]).strip() == "square"  # the caption ends right before
+
+
+def test_token_classes_name_every_caption_word(toy, renders):
+    captions, tokens, _ = renders
+    inputs = teacher_forced_inputs(toy, captions, tokens)
+    ids, t = inputs["input_ids"], inputs["input_ids"].shape[1]
+    classes = token_classes(toy, ids, inputs["attention_mask"][:, :t], template_suffix_length(toy.processor))
+    for caption, row in zip(captions, classes):
+        words = caption.split()
+        assert row.count("shape") == sum(w in world.SHAPES for w in words)
+        assert row.count("colour") == sum(w in world.COLORS for w in words)
+        assert row[-1] == "boi" and row.count("bos") == 1
+    assert any("pad" in row for row in classes)  # the captions differ in length: left padding is classed apart
+
+
+def test_image_nll_with_nothing_hidden_is_transformers_own_masking(toy, renders):
+    """The probe's custom 4D mask (causal + padding) gives the NLL that transformers' 2D padding mask gives, and
+    hiding the caption's words from the image positions changes it."""
+    captions, tokens, _ = renders
+    inputs = teacher_forced_inputs(toy, captions, tokens)
+    model, t = toy.model, inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.model.language_model(inputs_embeds=inputs["inputs_embeds"],
+                                         attention_mask=inputs["attention_mask"],
+                                         position_ids=inputs["position_ids"], use_cache=False)
+        logits = model.model.generation_head(out.last_hidden_state[:, t - 1:-1])
+        reference = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).item()
+        nothing = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+        assert image_nll(toy, inputs, tokens) == pytest.approx(reference, rel=1e-5)
+        assert image_nll(toy, inputs, tokens, nothing) == pytest.approx(reference, rel=1e-5)
+        classes = token_classes(toy, inputs["input_ids"], inputs["attention_mask"][:, :t],
+                                template_suffix_length(toy.processor))
+        words = torch.tensor([[c in ("shape", "colour", "other word") for c in row] for row in classes])
+        assert abs(image_nll(toy, inputs, tokens, words) - reference) > 1e-3
+
+
+def test_failure_cause_follows_the_judge():
+    """A true render is strict right; details failing each check in turn give that check's cause."""
+    scene = world.scene_from_spec(next(s for s in world.split_specs("heldout") if s.relation),
+                                  np.random.default_rng(0))
+    assert failure_cause(judge(world.render(scene), world.structure(scene))) == "strict right"
+    base = {"colours": True, "relations": True, "shapes": True, "extra_blobs": 0, "found": {}}
+    cases = [({"colours": False, "relations": False}, "colour missing"), ({"relations": False}, "relation wrong"),
+             ({"shapes": False}, "shape wrong"), ({"extra_blobs": 2}, "extra blob"),
+             ({"shapes": False, "extra_blobs": 1}, "shape wrong + extra blob"), ({}, "strict right")]
+    for change, cause in cases:
+        assert failure_cause(JudgeResult(strict=False, loose=True, details={**base, **change})) == cause
+    found = {"circle": {"shape": "triangle"}, "square": {"shape": "square"}, "red": {"shape": "circle"}}
+    assert shape_confusions(JudgeResult(False, True, {**base, "found": found})) == ["circle->triangle"]
