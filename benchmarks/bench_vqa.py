@@ -41,7 +41,7 @@ def per_question(bundle, images, ids) -> list[tuple[float, float]]:
     out = []
     for image in images:
         for q in QUESTIONS:
-            inputs = bundle.processor(text=[vqa_prompt(bundle, q)], images=[image], return_tensors="pt")
+            inputs = bundle.processor(text=[vqa_prompt(bundle.processor, q)], images=[image], return_tensors="pt")
             inputs = inputs.to(bundle.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(bundle.model.dtype)
             out += _yes_no(bundle.model(**inputs).logits[:, -1].float().softmax(-1), ids)
@@ -50,7 +50,7 @@ def per_question(bundle, images, ids) -> list[tuple[float, float]]:
 
 @torch.no_grad()
 def batched_full(bundle, images, ids) -> list[tuple[float, float]]:
-    texts = [vqa_prompt(bundle, q) for _ in images for q in QUESTIONS]
+    texts = [vqa_prompt(bundle.processor, q) for _ in images for q in QUESTIONS]
     repeated = [image for image in images for _ in QUESTIONS]
     inputs = bundle.processor(text=texts, images=repeated, padding=True, return_tensors="pt").to(bundle.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(bundle.model.dtype)

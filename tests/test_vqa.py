@@ -42,7 +42,7 @@ def _images(bundle):
 
 
 def _reference(bundle, image, question, ids):
-    inputs = bundle.processor(text=[vqa_prompt(bundle, question)], images=[image], return_tensors="pt")
+    inputs = bundle.processor(text=[vqa_prompt(bundle.processor, question)], images=[image], return_tensors="pt")
     with torch.no_grad():
         probs = bundle.model(**inputs).logits[0, -1].float().softmax(-1)
     return (max(probs[ids["yes"]], probs[ids["Yes"]]).item(), max(probs[ids["no"]], probs[ids["No"]]).item())
@@ -88,7 +88,7 @@ def test_prompt_and_answer_tokens_follow_the_chat_template(bundles):
     from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
     bundle = bundles["float32"]
-    text = vqa_prompt(bundle, "Is there a cat?")
+    text = vqa_prompt(bundle.processor, "Is there a cat?")
     image = bundle.processor.image_token
     assert text.startswith(DEFAULT_SYSTEM_PROMPT) and f"{image}\nIs there a cat?{VQA_SUFFIX}" in text
     ids = answer_token_ids(bundle)

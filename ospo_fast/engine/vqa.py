@@ -26,11 +26,10 @@ VQA_SUFFIX = " Please answer 'yes' or 'no' without explanation."
 _PROBE_QUESTION = "Is there a dog?"
 
 
-def vqa_prompt(bundle, question: str) -> str:
-    """The full understanding-chat text for one question (one ``<image_placeholder>``)."""
+def vqa_prompt(processor, question: str) -> str:
+    """The full understanding-chat text for one question (one ``<image_placeholder>``), for a Janus processor."""
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + VQA_SUFFIX}]}]
-    return DEFAULT_SYSTEM_PROMPT + bundle.processor.apply_chat_template(conv, add_generation_prompt=True,
-                                                                        tokenize=False)
+    return DEFAULT_SYSTEM_PROMPT + processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
 
 
 def _answer_separator(bundle) -> str:
@@ -47,7 +46,7 @@ def _answer_separator(bundle) -> str:
 def answer_token_ids(bundle) -> dict[str, int]:
     """Token id that starts each answer word ("yes", "Yes", "no", "No") right after the assistant prompt."""
     tokenizer = bundle.tokenizer
-    prompt = vqa_prompt(bundle, _PROBE_QUESTION)
+    prompt = vqa_prompt(bundle.processor, _PROBE_QUESTION)
     sep = _answer_separator(bundle)
     base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = {}
@@ -128,10 +127,10 @@ def prefix_cached_hidden(bundle, pixel_values: torch.Tensor, prefix: list[int], 
 def answer_logits(bundle, pixel_values: torch.Tensor, questions: list[list[str]]) -> torch.Tensor:
     """(R, V) next-token logits after each yes/no question (R = all questions of the n images, in order);
     differentiable: ``score_yes_no`` reads probabilities from it, the toy model's build trains on it."""
-    prefix, _ = split_prompts(bundle, [vqa_prompt(bundle, questions[0][0])])
+    prefix, _ = split_prompts(bundle, [vqa_prompt(bundle.processor, questions[0][0])])
     suffixes, owner = [], []
     for i, qs in enumerate(questions):
-        pre, suf = split_prompts(bundle, [vqa_prompt(bundle, q) for q in qs])
+        pre, suf = split_prompts(bundle, [vqa_prompt(bundle.processor, q) for q in qs])
         if pre != prefix:
             raise ValueError("all images must share one prompt prefix (same processor settings)")
         suffixes += suf

@@ -58,9 +58,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
+from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
 from ospo_fast.config import load_config
 from ospo_fast.engine.object_attention import object_token_positions
+from ospo_fast.engine.prompts import image_prompt_inputs
+from ospo_fast.engine.vqa import vqa_prompt
 from ospo_fast.models.factory import image_generation_config
 from ospo_fast.models.tokenizer import build_tokenizer
 from ospo_fast.ops.object_masks import select_layers
@@ -69,12 +72,6 @@ from ospo_fast.toy import world
 GRID = 8
 IMAGE_SIZE = world.SIZE
 CODEBOOK = 512
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful language and vision assistant. "
-    "You are able to understand the visual content that the user provides, "
-    "and assist the user with a variety of tasks using natural language.\n\n"
-)  # transformers' Janus processor's DEFAULT_SYSTEM_PROMPT
-VQA_SUFFIX = " Please answer 'yes' or 'no' without explanation."
 
 
 @dataclass
@@ -302,15 +299,8 @@ def decode_tokens(model: JanusForConditionalGeneration, tokens: torch.Tensor) ->
 
 # ------------------------------------------------------------------------------------------- prompts, questions
 
-def t2i_text(processor, caption: str) -> str:
-    """The chat-templated caption (``<begin_of_image>`` is appended by the processor in image mode)."""
-    return processor.apply_chat_template([{"role": "user", "content": caption}], add_generation_prompt=True)
-
-
-def vqa_text(processor, question: str) -> str:
-    """Janus's understanding chat: default system prompt, ``<image_placeholder>\n{q} Please answer ...``."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + VQA_SUFFIX}]}]
-    return DEFAULT_SYSTEM_PROMPT + processor.apply_chat_template(conversation, add_generation_prompt=True)
+# T2I and VQA prompts are the library's (``image_prompt_inputs``, ``vqa_prompt``): the toy is trained on the layout
+# that the pipeline uses it with.
 
 
 def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
@@ -494,9 +484,7 @@ def _t2i_forward(model, processor, captions: list[str], tokens: torch.Tensor, un
                  output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """``t2i_loss``'s forward: (NLL, the text ids (B, T) as fed, the decoder's attention probabilities per layer
     (B, heads, T + 63, T + 63) when ``output_attentions``, which needs the eager attention)."""
-    enc = processor(text=[t2i_text(processor, c) for c in captions], generation_mode="image",
-                    return_tensors="pt", padding=True)
-    ids, mask = enc.input_ids, enc.attention_mask  # (B, T)
+    ids, mask = image_prompt_inputs(processor, captions)  # (B, T), the library's prompt layout
     tok = processor.tokenizer
     keep = (ids == tok.bos_token_id) | (ids == tok.convert_tokens_to_ids(tok.boi_token))
     ids = torch.where(uncond[:, None] & ~keep, torch.full_like(ids, tok.pad_token_id), ids)
@@ -557,7 +545,7 @@ def object_attention_loss(attentions: tuple, ids: torch.Tensor, tokenizer, scene
 
 def vqa_logits(model, processor, images: np.ndarray, questions: list[str]) -> torch.Tensor:
     """Next-token logits (B, V) after the understanding chat for each (image uint8 (64,64,3), question)."""
-    enc = processor(text=[vqa_text(processor, q) for q in questions], images=list(images),
+    enc = processor(text=[vqa_prompt(processor, q) for q in questions], images=list(images),
                     return_tensors="pt", padding=True)
     dev = next(model.parameters()).device
     out = model(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev),
@@ -607,7 +595,7 @@ def shared_prefix_understanding(model, processor, images: np.ndarray, questions:
     tok = processor.tokenizer
     prefix, suffixes, owner, kinds = None, [], [], []
     for i, (qs, caption) in enumerate(zip(questions, captions)):
-        pre, suf = split_prompts(bundle, [vqa_text(processor, q) for q in qs] + [caption_text(processor, caption)])
+        pre, suf = split_prompts(bundle, [vqa_prompt(processor, q) for q in qs] + [caption_text(processor, caption)])
         prefix = prefix or pre
         if pre != prefix:
             raise ValueError("all images must share one prompt prefix")
@@ -872,10 +860,9 @@ def sample_toy_images(model, processor, captions: list[str], seed: int, guidance
     dev = next(model.parameters()).device
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
-        enc = processor(text=[t2i_text(processor, c) for c in chunk], generation_mode="image",
-                        return_tensors="pt", padding=True)
+        ids, mask = image_prompt_inputs(processor, chunk)
         torch.manual_seed(seed + start)
-        tokens.append(model.generate(inputs=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev),
+        tokens.append(model.generate(inputs=ids.to(dev), attention_mask=mask.to(dev),
                                      generation_mode="image", guidance_scale=guidance_scale, do_sample=True,
                                      temperature=1.0).cpu())
     tokens = torch.cat(tokens)
