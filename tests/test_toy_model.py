@@ -554,3 +554,67 @@ def test_shipped_toy_was_never_taught_where_to_attend(metrics):
     for settings in (metrics["build"], metrics.get("init_build", {})):
         assert settings.get("attn_weight", 0.0) == 0.0, settings
     assert not [key for key in metrics if key.endswith("_attn_weight")]
+
+
+def test_object_cell_weights_weigh_the_cells_the_objects_cover(toy):
+    """--t2i-fg-weight: W on the union of the objects' regions, 1 elsewhere; weights of 1 give the plain mean."""
+    rng = np.random.default_rng(9)
+    scenes, images = bm.scene_batch(rng, 6)
+    weights = bm.object_cell_weights(scenes, 4.0, 0.25)  # (6, 64)
+    for scene, row in zip(scenes, weights):
+        covered = torch.stack(list(bm.object_regions(scene, 0.25).values())).any(0)
+        assert torch.equal(row, torch.where(covered, 4.0, 1.0))
+    tokens = bm.encode_tokens(toy.model, images)
+    captions = [world.caption(s) for s in scenes]
+    uncond = torch.zeros(len(scenes), dtype=torch.bool)
+    with torch.no_grad():
+        plain = bm.t2i_loss(toy.model, toy.processor, captions, tokens, uncond)
+        ones = bm.t2i_loss(toy.model, toy.processor, captions, tokens, uncond, torch.ones_like(weights))
+        weighted = bm.t2i_loss(toy.model, toy.processor, captions, tokens, uncond, weights)
+    torch.testing.assert_close(ones, plain)
+    assert not torch.isclose(weighted, plain)
+
+
+def test_vq_locality_loss_and_the_shipped_vqs_global_codes(toy):
+    """--vq-local-weight: the loss is 0 on an empty image (every cell is its own empty-image cell), positive on
+    scenes, and trains the encoder; the measure reads 1.0 on empty images. The shipped VQ's background codes depend
+    on the objects elsewhere (BUILD.md: 1.4% of background cells keep their empty-image code)."""
+    rng = np.random.default_rng(10)
+    _, images = bm.scene_batch(rng, 8)
+    empty = np.empty_like(images)
+    empty[:] = world.BACKGROUND
+    vq = bm.new_model(bm.BuildConfig(), toy.tokenizer).model.vqmodel
+    vq.load_state_dict({k: v.float() for k, v in toy.model.model.vqmodel.state_dict().items()})
+    background = torch.tensor(world.BACKGROUND).view(1, 3, 1, 1).float().div(127.5).sub(1.0)
+    for batch, positive in ((empty, False), (images, True)):
+        pixels = bm.to_pixels(batch)
+        *_, z = bm.vq_forward(vq, pixels)
+        foreground = ((pixels - background).abs().sum(1, keepdim=True) > 1e-3).float()
+        loss = bm.background_locality_loss(vq, pixels, z, foreground)
+        assert (loss.item() > 1e-3) == positive, loss
+    loss.backward()
+    assert vq.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert bm.background_code_locality(toy.model, empty) == 1.0
+    assert bm.background_code_locality(toy.model, images) < 0.1
+
+
+def test_a_retrained_vq_resets_the_generation_embeddings_of_a_continuation(tmp_path, monkeypatch):
+    """--init + phase vq: the continued model's generation embeddings become the new codebook (the init model's
+    name its old codes), and the build record keeps the init model's history beside the new VQ's steps."""
+    seen = {}
+    monkeypatch.setattr(bm, "run_later_phases", lambda model, *args: seen.setdefault("model", model))
+    bm.main(["--init", str(TOY_DIR), "--work", str(tmp_path), "--out", str(tmp_path / "out"), "--phases", "vq",
+             "--vq-minutes", "0.02", "--vq-local-weight", "1"])
+    model = seen["model"]
+    codebook = model.model.vqmodel.quantize.embedding.weight
+    assert torch.equal(model.model.generation_embeddings.weight, codebook)
+    stats = json.loads((tmp_path / "vq_stats.json").read_text())
+    assert stats["init"] == str(TOY_DIR) and stats["vq_steps"] >= 1 and stats["build"]["vq_local_weight"] == 1.0
+    seen.clear()  # the next run of the continuation (same --init): the retrained VQ is loaded, not refused
+    bm.main(["--init", str(TOY_DIR), "--work", str(tmp_path), "--out", str(tmp_path / "out"), "--phases", "t2i"])
+    assert torch.equal(seen["model"].model.vqmodel.quantize.embedding.weight, codebook)
+    assert torch.equal(seen["model"].model.generation_embeddings.weight, codebook)
+    assert json.loads((tmp_path / "vq_stats.json").read_text()) == stats
+    torch.save({}, tmp_path / "t2i.pt")
+    with pytest.raises(SystemExit, match="already holds phase checkpoints"):
+        bm.main(["--init", str(TOY_DIR), "--work", str(tmp_path), "--out", str(tmp_path / "out"), "--phases", "t2i"])

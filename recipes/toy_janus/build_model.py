@@ -15,6 +15,14 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    ``vqdec``: then the decoder side alone on the frozen tokens (sharper shapes; tokens do not change, so it can
    run beside phase mm, as it did for the shipped build). ``vqdec_more``: a warm restart of it on the saved decoder
    for ``--vqdec-minutes`` more.
+1c. ``--vq-local-weight W`` (phase vq): the toy VQ's encoder sees the whole image (GroupNorm statistics, attention
+   at the 8x8 level), so a cell of plain background gets a code that depends on the objects elsewhere: in the v2.1
+   VQ, 1.4% of background cells keep the code they have in an empty image, and 83% of what the caption tells the
+   generator goes into predicting background tokens (BUILD.md, "Why two targets stay unmet"). This adds ``W`` x
+   the squared distance between each background cell's (normalised) latent and the same cell's latent in the
+   empty image, so that background codes say "background here" and the objects' words matter where the objects
+   are. Tokenizer pretraining; the decoder's attention is not touched. With ``--init``, a retrained VQ resets the
+   generation embeddings to the new codebook (as phase mm does), since the old ones name the old codes.
 1b. ``vis`` (optional, ``--vis-minutes``): the SigLIP tower alone, with a linear read-out of its last hidden states
    trained on dense per-patch targets (``patch_labels``: the colour and shape of the object covering each patch,
    and the patch's row and column), so that the understanding path tells shapes apart and keeps positions before
@@ -40,6 +48,10 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    emerge, as in Janus-Pro); it exists to answer a different question: given a model whose attention does ground
    the objects, do stage 3's masks find them, and does the object weighting of the loss then pay? BUILD.md records
    both answers ("Diagnostic: a model taught to ground").
+2d. ``--t2i-fg-weight W`` (phases mm and t2i): the T2I loss weights the image tokens of the cells an object covers
+   ``W`` times the background's (``object_cell_weights``), as the VQ's ``fg_weight`` does for pixels: about 80% of
+   the cells are plain background, which the model learns first. A property of the training images; no loss is
+   put on the attention. BUILD.md records what it did ("T2I loss on the objects").
 3. ``eval`` + ``save``: measure the figures (codes used, judge accuracy of reconstructions, T2I strict/loose on
    held-out prompts with CFG 5, VQA accuracy on held-out captions), save fp16 weights, processor, generation
    config, ``metrics.json`` and ``BUILD.md``.
@@ -91,6 +103,7 @@ class BuildConfig:
     vq_batch: int = 16
     vq_lr: float = 1e-3
     fg_weight: float = 10.0
+    vq_local_weight: float = 0.0  # (1c) weight of the VQ's locality loss on background cells (0: off)
     restart_every: int = 40
     vqdec_minutes: float = 12.0
     vis_minutes: float = 0.0  # phase vis (0: not run): dense per-patch supervision of the SigLIP tower
@@ -116,6 +129,7 @@ class BuildConfig:
     t2i_vqa_every: int = 4  # one understanding batch every ``t2i_vqa_every`` T2I steps
     attn_weight: float = 0.0  # diagnostic builds only (2c): weight of the object-attention loss; 0 for builtin:toy
     attn_min_cover: float = 0.25  # a cell belongs to an object's region when the object covers this much of it
+    t2i_fg_weight: float = 1.0  # (2d) weight of the T2I NLL of tokens in object cells, background 1 (1: plain mean)
     threads: int = 1
 
 
@@ -193,7 +207,8 @@ def vq_latents(vq, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def vq_forward(vq, pixels: torch.Tensor):
-    """Straight-through quantised reconstruction. Returns (recon (B,3,64,64), commit loss, ids (B*64), z (B*64,D))."""
+    """Straight-through quantised reconstruction. Returns (recon (B,3,64,64), commit loss, ids (B*64), flat
+    latents (B*64, D) detached, latents (B, 8, 8, D))."""
     z = vq_latents(vq, pixels)  # (B, 8, 8, D)
     flat = z.reshape(-1, z.shape[-1])
     book = F.normalize(vq.quantize.embedding.weight, dim=-1)  # (K, D)
@@ -202,7 +217,29 @@ def vq_forward(vq, pixels: torch.Tensor):
     commit = F.mse_loss(q, flat.detach()) + 0.25 * F.mse_loss(flat, q.detach())
     q = flat + (q - flat).detach()
     q = q.view(z.shape).permute(0, 3, 1, 2)  # (B, D, 8, 8)
-    return vq.decoder(vq.post_quant_conv(q)), commit, ids, flat.detach()
+    return vq.decoder(vq.post_quant_conv(q)), commit, ids, flat.detach(), z
+
+
+def background_locality_loss(vq, pixels: torch.Tensor, z: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between the latents ``z`` (B, 8, 8, D) of the cells that hold no object pixel
+    (``foreground`` (B, 1, 64, 64) float) and the same cells' latents in an empty image (docstring 1c)."""
+    empty = torch.tensor(world.BACKGROUND).view(1, 3, 1, 1).float().div(127.5).sub(1.0).expand(1, 3, *pixels.shape[2:])
+    z_empty = vq_latents(vq, empty)  # (1, 8, 8, D)
+    background = F.max_pool2d(foreground, IMAGE_SIZE // GRID)[:, 0] == 0  # (B, 8, 8)
+    distance = (z - z_empty).square().sum(-1)  # (B, 8, 8)
+    return distance[background].mean() if background.any() else distance.new_zeros(())
+
+
+@torch.no_grad()
+def background_code_locality(model, images: np.ndarray) -> float:
+    """Share of the cells without object pixels whose code equals that cell's code in an empty image."""
+    empty = np.empty_like(images[:1])
+    empty[:] = world.BACKGROUND
+    tokens = encode_tokens(model, images).view(len(images), GRID, GRID)
+    empty_tokens = encode_tokens(model, empty).view(1, GRID, GRID)
+    foreground = torch.from_numpy((images != np.array(world.BACKGROUND, dtype=np.uint8)).any(-1)).float()
+    background = F.max_pool2d(foreground[:, None], IMAGE_SIZE // GRID)[:, 0] == 0
+    return float((tokens == empty_tokens)[background].float().mean())
 
 
 def train_vq(model: JanusForConditionalGeneration, cfg: BuildConfig, log) -> dict:
@@ -223,11 +260,13 @@ def train_vq(model: JanusForConditionalGeneration, cfg: BuildConfig, log) -> dic
             group["lr"] = cfg.vq_lr * (0.5 * (1 + math.cos(math.pi * frac)) * 0.95 + 0.05)
         _, images = scene_batch(rng, cfg.vq_batch)
         pixels = to_pixels(images)
-        recon, commit, ids, flat = vq_forward(vq, pixels)
+        recon, commit, ids, flat, z = vq_forward(vq, pixels)
         fg = ((pixels - background).abs().sum(1, keepdim=True) > 1e-3).float()
         weight = 1.0 + (cfg.fg_weight - 1.0) * fg
         err = (recon - pixels)
         loss = (weight * (err.square() + err.abs())).mean() + commit
+        if cfg.vq_local_weight > 0:
+            loss = loss + cfg.vq_local_weight * background_locality_loss(vq, pixels, z, fg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -474,14 +513,17 @@ def eval_patches(model, head: torch.nn.Linear, seed: int, n: int) -> dict:
 
 # -------------------------------------------------------------------------------------------------- phase mm
 
-def t2i_loss(model, processor, captions: list[str], tokens: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+def t2i_loss(model, processor, captions: list[str], tokens: torch.Tensor, uncond: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean NLL of image tokens (B, 64) under the generation head, conditioned as Janus ``generate`` does;
-    rows with ``uncond`` set see BOS, pads and ``<begin_of_image>`` only (the CFG branch)."""
-    return _t2i_forward(model, processor, captions, tokens, uncond)[0]
+    rows with ``uncond`` set see BOS, pads and ``<begin_of_image>`` only (the CFG branch). ``weights`` (B, 64):
+    a weighted mean instead (``object_cell_weights``)."""
+    return _t2i_forward(model, processor, captions, tokens, uncond, weights=weights)[0]
 
 
 def _t2i_forward(model, processor, captions: list[str], tokens: torch.Tensor, uncond: torch.Tensor,
-                 output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+                 output_attentions: bool = False,
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """``t2i_loss``'s forward: (NLL, the text ids (B, T) as fed, the decoder's attention probabilities per layer
     (B, heads, T + 63, T + 63) when ``output_attentions``, which needs the eager attention)."""
     ids, mask = image_prompt_inputs(processor, captions)  # (B, T), the library's prompt layout
@@ -494,8 +536,17 @@ def _t2i_forward(model, processor, captions: list[str], tokens: torch.Tensor, un
     out = model.model.language_model(inputs_embeds=torch.cat([text, image], 1), attention_mask=attention,
                                      output_attentions=output_attentions)
     logits = model.model.generation_head(out.last_hidden_state[:, ids.shape[1] - 1:])  # (B, 64, K)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1), reduction="none")
+    nll = nll.mean() if weights is None else (nll * weights.reshape(-1)).sum() / weights.sum()
     return nll, ids, out.attentions if output_attentions else None
+
+
+def object_cell_weights(scenes: list, fg_weight: float, min_cover: float) -> torch.Tensor:
+    """(B, GRID * GRID) T2I loss weights: ``fg_weight`` on the cells an object covers by at least ``min_cover``
+    (``object_regions``), 1 elsewhere. Where the objects are is a property of the training image, like the VQ's
+    ``fg_weight``; nothing here touches the attention."""
+    covered = torch.stack([torch.stack(list(object_regions(scene, min_cover).values())).any(0) for scene in scenes])
+    return 1.0 + (fg_weight - 1.0) * covered.float()
 
 
 def object_regions(scene: world.Scene, min_cover: float) -> dict[str, torch.Tensor]:
@@ -719,14 +770,15 @@ def multitask(model, processor, cfg: BuildConfig, schedule: MultitaskSchedule, w
         tokens = encode_tokens(model, images)
         uncond = torch.from_numpy(rng.random(cfg.mm_batch) < cfg.p_uncond)
         captions = [world.caption(s) for s in scenes]
+        weights = object_cell_weights(scenes, cfg.t2i_fg_weight, cfg.attn_min_cover) if cfg.t2i_fg_weight != 1 else None
         if cfg.attn_weight > 0:
-            loss_t2i, ids, attentions = _t2i_forward(model, processor, captions, tokens, uncond, True)
+            loss_t2i, ids, attentions = _t2i_forward(model, processor, captions, tokens, uncond, True, weights)
             loss_attn = object_attention_loss(attentions, ids, processor.tokenizer, scenes, uncond, attn_layers,
                                               cfg.attn_min_cover)
             loss = loss_t2i + cfg.attn_weight * loss_attn
             last_attn = loss_attn.item()
         else:
-            loss_t2i = t2i_loss(model, processor, captions, tokens, uncond)
+            loss_t2i = t2i_loss(model, processor, captions, tokens, uncond, weights)
             loss = loss_t2i
         if step % schedule.vqa_every == 0:
             loss_vqa, loss_cap, correct = understanding_batch(model, processor, rng, cfg.mm_batch, cfg.mm_questions)
@@ -755,6 +807,8 @@ def multitask(model, processor, cfg: BuildConfig, schedule: MultitaskSchedule, w
     if cfg.attn_weight > 0:
         result[f"{schedule.name}_attn_weight"] = cfg.attn_weight
         result[f"{schedule.name}_last_attn_loss"] = round(last_attn, 4)
+    if cfg.t2i_fg_weight != 1:
+        result[f"{schedule.name}_fg_weight"] = cfg.t2i_fg_weight
     return result
 
 
@@ -943,7 +997,8 @@ def eval_vq(model, seed: int, n: int) -> dict:
     results = [judge(img, world.structure(s)) for img, s in zip(recon, scenes)]
     return {"n": n, "codes_used": int(tokens.unique().numel()),
             "recon_strict": float(np.mean([r.strict for r in results])),
-            "recon_loose": float(np.mean([r.loose for r in results]))}
+            "recon_loose": float(np.mean([r.loose for r in results])),
+            "background_codes_as_empty": background_code_locality(model, images)}
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -979,6 +1034,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="phases mm/t2i, diagnostic builds only: weight of the object-attention loss (image-token "
                              "queries of the mask layers attend to an object's word where the object is drawn); "
                              "0: off, as builtin:toy must be (issue #16: grounding must emerge)")
+    parser.add_argument("--vq-local-weight", type=float, default=BuildConfig.vq_local_weight,
+                        help="phase vq: weight of the locality loss (background cells' latents = the empty image's)")
+    parser.add_argument("--t2i-fg-weight", type=float, default=BuildConfig.t2i_fg_weight,
+                        help="phases mm/t2i: weight of the T2I loss on image tokens in object cells (background 1)")
     parser.add_argument("--vis-minutes", type=float, default=BuildConfig.vis_minutes,
                         help="phase vis: per-patch pretraining of the SigLIP tower (run it with --phases vis,...)")
     parser.add_argument("--phases", default="vq,vqdec,mm,save,eval")
@@ -996,6 +1055,7 @@ def main(argv: list[str] | None = None) -> None:
                       mm_minutes=args.mm_minutes, mm_vision_lr=args.mm_vision_lr, mm_questions=args.mm_questions,
                       und_minutes=args.und_minutes, t2i_minutes=args.t2i_minutes, t2i_lr=args.t2i_lr,
                       t2i_vqa_every=args.t2i_vqa_every, attn_weight=args.attn_weight,
+                      t2i_fg_weight=args.t2i_fg_weight, vq_local_weight=args.vq_local_weight,
                       vis_minutes=args.vis_minutes)
     torch.set_num_threads(cfg.threads)
     work = Path(args.work)
@@ -1021,8 +1081,13 @@ def main(argv: list[str] | None = None) -> None:
     elif "vq" in phases:
         stats.update(train_vq(model, cfg, log))
         torch.save(model.model.vqmodel.state_dict(), vq_file)
-        (work / "vq_stats.json").write_text(json.dumps(stats))
+        recorded = json.loads((work / "vq_stats.json").read_text()) if args.init else {}
+        (work / "vq_stats.json").write_text(json.dumps({**recorded, **stats}))
         log(f"saved {vq_file}")
+    if args.init and vq_file.is_file() and not any((work / f"{name}.pt").is_file() for name in ("t2i", "und")):
+        with torch.no_grad():  # the init model's generation embeddings name its old codes (docstring 1c)
+            model.model.generation_embeddings.weight.copy_(model.model.vqmodel.quantize.embedding.weight)
+        log("generation embeddings reset to the retrained VQ's codebook")
     vqdec_file = work / "vq_decoder.pt"
     if vqdec_file.is_file():
         model.model.vqmodel.load_state_dict(torch.load(vqdec_file))
@@ -1108,12 +1173,18 @@ def grow_decoder(model, cfg: BuildConfig, tokenizer, after: list[int]) -> JanusF
 def init_from_saved(model, path: Path, work: Path, log) -> None:
     """Copy a saved toy model's weights (fp16 -> fp32) into ``model`` and its build figures (``metrics.json``)
     into ``work``, so that the later phases continue from it. Refuses a ``work`` that already holds phase
-    checkpoints: they would silently replace the weights loaded here."""
-    stale = [p.name for p in work.glob("*.pt")]
+    checkpoints of phases mm, t2i or und: they would silently replace the weights loaded here. A VQ retrained in
+    ``work`` by an earlier run of the same continuation (``vq.pt``, ``vq_decoder.pt``) is meant to replace the init
+    model's, so it is allowed, and that run's record is kept."""
+    stale = [p.name for p in work.glob("*.pt") if p.name not in ("vq.pt", "vq_decoder.pt")]
     if stale:
         raise SystemExit(f"--init {path}: {work} already holds phase checkpoints {stale}; use an empty --work")
     saved = JanusForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     model.load_state_dict(saved.state_dict())
+    record = work / "vq_stats.json"
+    if (work / "vq.pt").is_file() and record.is_file() and json.loads(record.read_text()).get("init") == str(path):
+        log(f"initialised from {path}; the VQ retrained in {work} replaces its VQ")
+        return
     metrics = json.loads((path / "metrics.json").read_text())
     keep = {k: v for k, v in metrics.items() if k.endswith(("_steps", "_trained"))}
     keep.update(init=str(path), init_build=metrics.get("init_build", metrics["build"]))  # the first build's settings
