@@ -8,7 +8,9 @@ one teacher-forced forward with the eager attention, as the mask pass lays it ou
    caption, stay visible); with the template's suffix after the caption (``\n\n<|Assistant|>:`` for Janus;
    ``<begin_of_image>`` stays) hidden from them instead; and under Janus's unconditional prompt. The share of the
    caption's gain over unconditional that survives says where the image tokens read the caption from: the words
-   themselves, or a summary that the suffix holds.
+   themselves, or a summary that the suffix holds. Then where the caption's gain goes: to the tokens of cells
+   that hold object pixels or to those of plain background, and how many background cells have the VQ code they
+   have in an empty image (a local tokenizer: all of them).
 2. Per layer (head mean, image-token queries): the attention mass on BOS, the template (chat-template tokens
    before and after the caption, ``<begin_of_image>`` apart), ``<begin_of_image>``, the shape words, the colour
    words, the other caption words, and the earlier image tokens. Then, for each object's shape word, its attention
@@ -86,10 +88,10 @@ def object_cells(obj: world.ToyObject, grid: int) -> np.ndarray:
     return (mask.reshape(grid, patch, grid, patch).mean(axis=(1, 3)) >= MIN_COVER).reshape(-1)
 
 
-def image_nll(bundle, inputs: dict, tokens: torch.Tensor, hide: torch.Tensor | None = None) -> float:
-    """Mean NLL (nats per image token) of ``tokens`` (B, N), teacher-forced after the prompt. ``hide`` (B, T) bool:
-    prompt tokens that the positions predicting image tokens (``<begin_of_image>`` on) may not attend to; the prompt
-    tokens themselves still see them (a custom 4D mask: causal, padding, then ``hide``)."""
+def image_nll(bundle, inputs: dict, tokens: torch.Tensor, hide: torch.Tensor | None = None) -> torch.Tensor:
+    """NLL in nats (B, N) of each image token of ``tokens`` (B, N), teacher-forced after the prompt. ``hide`` (B, T)
+    bool: prompt tokens that the positions predicting image tokens (``<begin_of_image>`` on) may not attend to; the
+    prompt tokens themselves still see them (a custom 4D mask: causal, padding, then ``hide``)."""
     model = bundle.model
     embeds, mask, t = inputs["inputs_embeds"], inputs["attention_mask"].bool(), inputs["input_ids"].shape[1]
     length = embeds.shape[1]
@@ -100,7 +102,25 @@ def image_nll(bundle, inputs: dict, tokens: torch.Tensor, hide: torch.Tensor | N
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=additive[:, None],
                                      position_ids=inputs["position_ids"], use_cache=False)
     logits = model.model.generation_head(out.last_hidden_state[:, t - 1:-1])  # (B, N, K)
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).item()
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view(tokens.shape)
+
+
+def touched_cells(scene: world.Scene, grid: int) -> torch.Tensor:
+    """(grid * grid,) bool, row-major: the cells holding at least one object pixel."""
+    drawn = np.zeros((world.SIZE, world.SIZE), dtype=bool)
+    for obj in scene.objects:
+        drawn |= world.object_mask(obj)
+    patch = world.SIZE // grid
+    return torch.from_numpy(drawn.reshape(grid, patch, grid, patch).any(axis=(1, 3)).reshape(-1))
+
+
+def background_codes_as_empty(bundle, tokens: torch.Tensor, touched: torch.Tensor) -> float:
+    """Share of the untouched cells whose VQ code is the one the same cell has in an empty image: 1 for a
+    tokenizer whose codes are local, near 0 when a background cell's code depends on the objects elsewhere."""
+    empty = np.empty((1, world.SIZE, world.SIZE, 3), dtype=np.uint8)
+    empty[:] = world.BACKGROUND
+    empty_tokens = encode_pixels_to_tokens(bundle, torch.from_numpy(empty))  # (1, N)
+    return float((tokens == empty_tokens)[~touched].float().mean())
 
 
 def layer_breakdown(attention: torch.Tensor, classes: list[list[str]], scenes: list, positions: torch.Tensor,
@@ -162,14 +182,26 @@ def main() -> None:
     pad, bos, boi = special_ids(bundle)
     lm = bundle.model.model.language_model
     uncond["inputs_embeds"][:, :t] = lm.get_input_embeddings()(unconditional_ids(ids, bos, boi, pad))
-    nll = {"full prompt": image_nll(bundle, inputs, tokens), "words hidden": image_nll(bundle, inputs, tokens, is_word),
-           "suffix hidden": image_nll(bundle, inputs, tokens, is_suffix),
-           "unconditional": image_nll(bundle, uncond, tokens)}
+    per_token = {"full prompt": image_nll(bundle, inputs, tokens),
+                 "words hidden": image_nll(bundle, inputs, tokens, is_word),
+                 "suffix hidden": image_nll(bundle, inputs, tokens, is_suffix),
+                 "unconditional": image_nll(bundle, uncond, tokens)}
+    nll = {k: v.mean().item() for k, v in per_token.items()}
     gain = nll["unconditional"] - nll["full prompt"]
     kept = {k: (nll["unconditional"] - nll[k]) / gain for k in ("words hidden", "suffix hidden")}
     print(f"{args.model}: n={args.n} renders of held-out two-object captions; template suffix = {suffix} tokens")
     print("NLL per image token: " + ", ".join(f"{k} {v:.3f}" for k, v in nll.items()))
     print("the caption's gain over unconditional that survives: " + ", ".join(f"{k} {v:.0%}" for k, v in kept.items()))
+    touched = torch.stack([touched_cells(scene, bundle.grid) for scene in scenes])[:, :tokens.shape[1]]  # (n, N)
+    token_gain = per_token["unconditional"] - per_token["full prompt"]  # (n, N)
+    cells = {}
+    for name, where in (("object cells (any object pixel)", touched), ("background cells (none)", ~touched)):
+        cells[name] = {"share_of_cells": where.float().mean().item(), "gain_per_token": token_gain[where].mean().item(),
+                       "share_of_gain": (token_gain[where].sum() / token_gain.sum()).item()}
+        print(f"{name}: {cells[name]['share_of_cells']:.0%} of cells, the caption's gain "
+              f"{cells[name]['gain_per_token']:.3f} nats per token, {cells[name]['share_of_gain']:.0%} of the total")
+    local = background_codes_as_empty(bundle, tokens, touched)
+    print(f"background cells whose VQ code is the empty image's: {local:.1%}")
 
     lm.set_attn_implementation("eager")  # attention probabilities
     out = lm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
@@ -178,7 +210,7 @@ def main() -> None:
     print("attention mass of image-token queries (head mean); shape words: own/other cells, onset/other; object")
     print("cells after the first: attention to the object's own earlier cells / chance (copy)")
     print("layer " + " ".join(f"{name:>10s}" for name in CLASSES) + "  own/other  onset   copy")
-    rows = [{"measure": "nll", **nll, "gain_kept": kept}]
+    rows = [{"measure": "nll", **nll, "gain_kept": kept, "cells": cells, "background_codes_as_empty": local}]
     for layer, attention in enumerate(out.attentions):
         result = layer_breakdown(attention, classes, scenes, positions, bundle.grid)
         ratios = "  ".join(f"{result[k]:{w}.2f}" for k, w in

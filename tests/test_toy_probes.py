@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.toy_grounding_probe import image_nll, template_suffix_length, token_classes  # noqa: E402
+from benchmarks.toy_grounding_probe import (  # noqa: E402
+    background_codes_as_empty,
+    image_nll,
+    template_suffix_length,
+    token_classes,
+    touched_cells,
+)
 from benchmarks.toy_t2i_breakdown import failure_cause, shape_confusions  # noqa: E402
 from ospo_fast.engine.object_attention import encode_pixels_to_tokens, teacher_forced_inputs  # noqa: E402
 from ospo_fast.engine.prompts import prompt_token_ids  # noqa: E402
@@ -76,12 +82,12 @@ def test_image_nll_with_nothing_hidden_is_transformers_own_masking(toy, renders)
         logits = model.model.generation_head(out.last_hidden_state[:, t - 1:-1])
         reference = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).item()
         nothing = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
-        assert image_nll(toy, inputs, tokens) == pytest.approx(reference, rel=1e-5)
-        assert image_nll(toy, inputs, tokens, nothing) == pytest.approx(reference, rel=1e-5)
+        assert image_nll(toy, inputs, tokens).mean().item() == pytest.approx(reference, rel=1e-5)
+        assert image_nll(toy, inputs, tokens, nothing).mean().item() == pytest.approx(reference, rel=1e-5)
         classes = token_classes(toy, inputs["input_ids"], inputs["attention_mask"][:, :t],
                                 template_suffix_length(toy.processor))
         words = torch.tensor([[c in ("shape", "colour", "other word") for c in row] for row in classes])
-        assert abs(image_nll(toy, inputs, tokens, words) - reference) > 1e-3
+        assert abs(image_nll(toy, inputs, tokens, words).mean().item() - reference) > 1e-3
 
 
 def test_failure_cause_follows_the_judge():
@@ -97,3 +103,21 @@ def test_failure_cause_follows_the_judge():
         assert failure_cause(JudgeResult(strict=False, loose=True, details={**base, **change})) == cause
     found = {"circle": {"shape": "triangle"}, "square": {"shape": "square"}, "red": {"shape": "circle"}}
     assert shape_confusions(JudgeResult(False, True, {**base, "found": found})) == ["circle->triangle"]
+
+
+def test_touched_cells_and_background_code_locality(toy, renders):
+    """Touched cells are those with a pixel off the background in the render; an empty image's own codes are all
+    "as empty", and the shipped VQ gives most background cells of real scenes other codes (its codes are global)."""
+    _, tokens, scenes = renders
+    for scene in scenes:
+        image = world.render(scene)
+        off = (image != np.array(world.BACKGROUND, dtype=np.uint8)).any(-1)  # (64, 64)
+        expected = torch.from_numpy(off.reshape(toy.grid, 8, toy.grid, 8).any(axis=(1, 3)).reshape(-1))
+        assert torch.equal(touched_cells(scene, toy.grid), expected)
+    empty = np.empty((2, world.SIZE, world.SIZE, 3), dtype=np.uint8)
+    empty[:] = world.BACKGROUND
+    empty_tokens = encode_pixels_to_tokens(toy, torch.from_numpy(empty))
+    nothing = torch.zeros(empty_tokens.shape, dtype=torch.bool)
+    assert background_codes_as_empty(toy, empty_tokens, nothing) == 1.0
+    touched = torch.stack([touched_cells(scene, toy.grid) for scene in scenes])
+    assert background_codes_as_empty(toy, tokens, touched) < 0.2
