@@ -17,7 +17,7 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    for ``--vqdec-minutes`` more.
 1c. ``--vq-local-weight W`` (phase vq): the toy VQ's encoder sees the whole image (GroupNorm statistics, attention
    at the 8x8 level), so a cell of plain background gets a code that depends on the objects elsewhere: in the v2.1
-   VQ, 1.4% of background cells keep the code they have in an empty image, and 83% of what the caption tells the
+   VQ, 1.4% of background cells keep the code they have in an empty image, and 80% of what the caption tells the
    generator goes into predicting background tokens (BUILD.md, "Why two targets stay unmet"). This adds ``W`` x
    the squared distance between each background cell's (normalised) latent and the same cell's latent in the
    empty image, so that background codes say "background here" and the objects' words matter where the objects
@@ -51,7 +51,7 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
 2d. ``--t2i-fg-weight W`` (phases mm and t2i): the T2I loss weights the image tokens of the cells an object covers
    ``W`` times the background's (``object_cell_weights``), as the VQ's ``fg_weight`` does for pixels: about 80% of
    the cells are plain background, which the model learns first. A property of the training images; no loss is
-   put on the attention. BUILD.md records what it did ("T2I loss on the objects").
+   put on the attention. Not yet used for a build.
 3. ``eval`` + ``save``: measure the figures (codes used, judge accuracy of reconstructions, T2I strict/loose on
    held-out prompts with CFG 5, VQA accuracy on held-out captions), save fp16 weights, processor, generation
    config, ``metrics.json`` and ``BUILD.md``.
