@@ -105,24 +105,6 @@ def image_nll(bundle, inputs: dict, tokens: torch.Tensor, hide: torch.Tensor | N
     return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view(tokens.shape)
 
 
-def touched_cells(scene: world.Scene, grid: int) -> torch.Tensor:
-    """(grid * grid,) bool, row-major: the cells holding at least one object pixel."""
-    drawn = np.zeros((world.SIZE, world.SIZE), dtype=bool)
-    for obj in scene.objects:
-        drawn |= world.object_mask(obj)
-    patch = world.SIZE // grid
-    return torch.from_numpy(drawn.reshape(grid, patch, grid, patch).any(axis=(1, 3)).reshape(-1))
-
-
-def background_codes_as_empty(bundle, tokens: torch.Tensor, touched: torch.Tensor) -> float:
-    """Share of the untouched cells whose VQ code is the one the same cell has in an empty image: 1 for a
-    tokenizer whose codes are local, near 0 when a background cell's code depends on the objects elsewhere."""
-    empty = np.empty((1, world.SIZE, world.SIZE, 3), dtype=np.uint8)
-    empty[:] = world.BACKGROUND
-    empty_tokens = encode_pixels_to_tokens(bundle, torch.from_numpy(empty))  # (1, N)
-    return float((tokens == empty_tokens)[~touched].float().mean())
-
-
 def layer_breakdown(attention: torch.Tensor, classes: list[list[str]], scenes: list, positions: torch.Tensor,
                     grid: int) -> dict:
     """One layer's figures from its attention probabilities (B, heads, T + N, T + N)."""
@@ -192,7 +174,7 @@ def main() -> None:
     print(f"{args.model}: n={args.n} renders of held-out two-object captions; template suffix = {suffix} tokens")
     print("NLL per image token: " + ", ".join(f"{k} {v:.3f}" for k, v in nll.items()))
     print("the caption's gain over unconditional that survives: " + ", ".join(f"{k} {v:.0%}" for k, v in kept.items()))
-    touched = torch.stack([touched_cells(scene, bundle.grid) for scene in scenes])[:, :tokens.shape[1]]  # (n, N)
+    touched = torch.from_numpy(~world.plain_background_cells(renders, bundle.grid))  # (n, N): any object pixel
     token_gain = per_token["unconditional"] - per_token["full prompt"]  # (n, N)
     cells = {}
     for name, where in (("object cells (any object pixel)", touched), ("background cells (none)", ~touched)):
@@ -200,7 +182,8 @@ def main() -> None:
                        "share_of_gain": (token_gain[where].sum() / token_gain.sum()).item()}
         print(f"{name}: {cells[name]['share_of_cells']:.0%} of cells, the caption's gain "
               f"{cells[name]['gain_per_token']:.3f} nats per token, {cells[name]['share_of_gain']:.0%} of the total")
-    local = background_codes_as_empty(bundle, tokens, touched)
+    empty_tokens = encode_pixels_to_tokens(bundle, torch.from_numpy(world.empty_render()[None]))
+    local = world.background_code_share(tokens.numpy(), empty_tokens.numpy(), renders)
     print(f"background cells whose VQ code is the empty image's: {local:.1%}")
 
     lm.set_attn_implementation("eager")  # attention probabilities

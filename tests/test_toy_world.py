@@ -337,3 +337,31 @@ def test_paired_change_and_standard_errors(tmp_path):
     atomic_write_jsonl(tmp_path / "other" / "verdicts.jsonl", [{"prompt": "p0", "seed": 1, "strict": 1, "loose": 1}])
     with pytest.raises(ValueError, match="same prompts and seeds"):
         paired_change(tmp_path / "before", tmp_path / "other")
+
+
+def test_plain_background_cells_are_the_cells_no_object_mask_touches():
+    """From pixels, as the recipe and the probe compute it; checked against the objects' own masks, cell by cell."""
+    import numpy as np
+    import pytest
+
+    from ospo_fast.toy import world
+
+    rng = np.random.default_rng(5)
+    scenes = [world.sample_scene(rng) for _ in range(12)]
+    images = np.stack([world.render(scene) for scene in scenes])
+    for grid in (8, 16):
+        background = world.plain_background_cells(images, grid)
+        patch = world.SIZE // grid
+        for scene, cells in zip(scenes, background):
+            drawn = np.zeros((world.SIZE, world.SIZE), dtype=bool)
+            for obj in scene.objects:
+                drawn |= world.object_mask(obj)
+            touched = drawn.reshape(grid, patch, grid, patch).any(axis=(1, 3)).reshape(-1)
+            assert np.array_equal(cells, ~touched) and touched.any() and cells.any()
+    assert world.plain_background_cells(world.empty_render()[None], 8).all()
+    tokens = np.arange(64)[None].repeat(2, 0)
+    tokens[1, :32] = -1  # the second image's top half has other codes than the empty image
+    empty = np.stack([world.empty_render()] * 2)
+    assert world.background_code_share(tokens, np.arange(64)[None], empty) == 0.75
+    with pytest.raises(ValueError, match="grid that divides"):
+        world.plain_background_cells(images, 7)

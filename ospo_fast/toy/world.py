@@ -180,6 +180,35 @@ def render(scene: Scene) -> np.ndarray:
     return image
 
 
+def empty_render() -> np.ndarray:
+    """A scene without objects: uint8 (SIZE, SIZE, 3), all ``BACKGROUND``."""
+    image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
+    image[:] = BACKGROUND
+    return image
+
+
+def plain_background_cells(images: np.ndarray, grid: int) -> np.ndarray:
+    """(B, grid * grid) bool, row-major: the cells of renders ``images`` (B, SIZE, SIZE, 3) uint8 that hold no pixel
+    other than ``BACKGROUND``."""
+    if images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, 3) or SIZE % grid:
+        raise ValueError(f"images of shape {images.shape} on a {grid}x{grid} grid: give renders (B, {SIZE}, {SIZE}, 3) "
+                         f"and a grid that divides {SIZE}")
+    drawn = (images != np.asarray(BACKGROUND, dtype=images.dtype)).any(-1)  # (B, SIZE, SIZE)
+    patch = SIZE // grid
+    return ~drawn.reshape(len(images), grid, patch, grid, patch).any(axis=(2, 4)).reshape(len(images), -1)
+
+
+def background_code_share(tokens: np.ndarray, empty_tokens: np.ndarray, images: np.ndarray) -> float:
+    """How local a tokenizer's codes are: the share of the plain-background cells of ``images`` whose code in
+    ``tokens`` (B, N) equals the same cell's code in ``empty_tokens`` (1, N), the tokens of ``empty_render()``.
+    1 for a tokenizer whose codes are local; near 0 when a background cell's code depends on the objects
+    elsewhere in the image."""
+    tokens, empty_tokens = np.asarray(tokens), np.asarray(empty_tokens)
+    grid = int(round(tokens.shape[1] ** 0.5))
+    background = plain_background_cells(images, grid)
+    return float((tokens == empty_tokens)[background].mean())
+
+
 def caption_of_spec(spec: SceneSpec) -> str:
     first = f"a {spec.colors[0]} {spec.shapes[0]}"
     if len(spec.shapes) == 1:

@@ -232,14 +232,9 @@ def background_locality_loss(vq, pixels: torch.Tensor, z: torch.Tensor, foregrou
 
 @torch.no_grad()
 def background_code_locality(model, images: np.ndarray) -> float:
-    """Share of the cells without object pixels whose code equals that cell's code in an empty image."""
-    empty = np.empty_like(images[:1])
-    empty[:] = world.BACKGROUND
-    tokens = encode_tokens(model, images).view(len(images), GRID, GRID)
-    empty_tokens = encode_tokens(model, empty).view(1, GRID, GRID)
-    foreground = torch.from_numpy((images != np.array(world.BACKGROUND, dtype=np.uint8)).any(-1)).float()
-    background = F.max_pool2d(foreground[:, None], IMAGE_SIZE // GRID)[:, 0] == 0
-    return float((tokens == empty_tokens)[background].float().mean())
+    """``world.background_code_share`` of ``images`` through the model's own VQ."""
+    empty_tokens = encode_tokens(model, world.empty_render()[None])
+    return world.background_code_share(encode_tokens(model, images).numpy(), empty_tokens.numpy(), images)
 
 
 def train_vq(model: JanusForConditionalGeneration, cfg: BuildConfig, log) -> dict:
