@@ -17,7 +17,14 @@ one teacher-forced forward with the eager attention, as the mask pass lays it ou
    from the cells the object covers over its attention from the other cells (``own/other``; the masks need it well
    above 1), the same for the object's first covered cell in raster order only (``onset``), and for the object's
    later cells the share of their attention to the image that lands on the object's own earlier cells, over that
-   share by cell count (``copy``).
+   share by cell count (``copy``). Last, where the plain background reads the shape word: from the cells next to
+   the object (8-neighbourhood) over those farther away (``near/far``: above 1 when the background reads the word
+   where the object's edge is decided); and from the background cells after the first-drawn object's first cell
+   (raster order) and before the other's, away from both, the word of the object still to come over the word of
+   the one already begun (``pending/drawn``: same cells, same positions, so the image-position effect cancels;
+   above 1 when a word is read until its object appears, not where it lies). And from an object's cells, its own
+   shape word over the other object's shape word (``own word/other``: same cells, so what is common to the
+   caption's words cancels; the object-specific part of the map).
 
     python benchmarks/toy_grounding_probe.py [--model builtin:toy] [--n 64]
 
@@ -105,9 +112,21 @@ def image_nll(bundle, inputs: dict, tokens: torch.Tensor, hide: torch.Tensor | N
     return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view(tokens.shape)
 
 
+def ring_cells(cells: np.ndarray, grid: int) -> np.ndarray:
+    """(grid * grid,) bool: the cells next to ``cells`` (8-neighbourhood), ``cells`` themselves excluded."""
+    square = cells.reshape(grid, grid)
+    padded = np.pad(square, 1)
+    grown = np.zeros_like(square)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            grown |= padded[dy:dy + grid, dx:dx + grid]
+    return (grown & ~square).reshape(-1)
+
+
 def layer_breakdown(attention: torch.Tensor, classes: list[list[str]], scenes: list, positions: torch.Tensor,
-                    grid: int) -> dict:
-    """One layer's figures from its attention probabilities (B, heads, T + N, T + N)."""
+                    grid: int, untouched: np.ndarray) -> dict:
+    """One layer's figures from its attention probabilities (B, heads, T + N, T + N); ``untouched`` (B, N) bool:
+    the plain-background cells."""
     t = len(classes[0])
     att = attention.float().mean(1)[:, t:, :]  # (B, N, T + N): image-token queries, head mean
     mass = {name: 0.0 for name in CLASSES}
@@ -117,8 +136,9 @@ def layer_breakdown(attention: torch.Tensor, classes: list[list[str]], scenes: l
         for position, name in enumerate(row_classes):
             if name != "pad":
                 mass[name] += per_key[position].item() / len(classes)
-    own, other, onset, copy, copy_chance = [], [], [], [], []
+    own, other, onset, copy, copy_chance, near, far, pending, drawn, mine, theirs = ([] for _ in range(11))
     for row, scene in enumerate(scenes):
+        words, covers, rings, onsets = [], [], [], []
         for index, obj in enumerate(scene.objects):
             keys = [p for p in positions[row, index].tolist() if p >= 0]
             on_word = att[row][:, keys].sum(-1).numpy()  # (N,)
@@ -128,14 +148,40 @@ def layer_breakdown(attention: torch.Tensor, classes: list[list[str]], scenes: l
             own.append(on_word[cells].mean())
             other.append(on_word[~cells].mean())
             onset.append(on_word[np.argmax(cells)] / on_word[~cells].mean())
+            halo = ring_cells(cells, grid) & untouched[row]
+            distant = ~cells & ~ring_cells(cells, grid) & untouched[row]
+            if halo.any() and distant.any():
+                near.append(on_word[halo].mean())
+                far.append(on_word[distant].mean())
+            words.append(on_word)
+            covers.append(cells)
+            rings.append(ring_cells(cells, grid) | cells)
+            onsets.append(int(np.argmax(cells)))
             covered = np.flatnonzero(cells)
             for cell in covered[1:]:  # continuation cells: how much of their look at the image is at the object
                 earlier = torch.from_numpy(covered[covered <= cell]) + t
                 on_image = att[row, cell, t:t + cell + 1].sum()
                 copy.append((att[row, cell, earlier].sum() / on_image).item())
                 copy_chance.append(len(earlier) / (cell + 1))
+        if len(onsets) == 2:  # each object's cells: its own word against the other object's word
+            for i, j in ((0, 1), (1, 0)):
+                inside = covers[i] & ~covers[j]
+                if inside.any():
+                    mine.append(words[i][inside].mean())
+                    theirs.append(words[j][inside].mean())
+            # between the two onsets: one object is drawn, the other still to come
+            first, second = np.argsort(onsets)
+            window = np.zeros(len(words[0]), dtype=bool)
+            window[onsets[first] + 1:onsets[second]] = True
+            window &= untouched[row] & ~rings[0] & ~rings[1]
+            if window.any():
+                pending.append(words[second][window].mean())
+                drawn.append(words[first][window].mean())
     return {"mass": mass, "own_over_other": float(np.mean(own) / np.mean(other)),
-            "onset_over_other": float(np.mean(onset)), "copy_over_chance": float(np.mean(copy) / np.mean(copy_chance))}
+            "onset_over_other": float(np.mean(onset)), "copy_over_chance": float(np.mean(copy) / np.mean(copy_chance)),
+            "near_over_far": float(np.mean(near) / np.mean(far)),
+            "pending_over_drawn": float(np.mean(pending) / np.mean(drawn)),
+            "own_word_over_other_word": float(np.mean(mine) / np.mean(theirs))}
 
 
 @torch.no_grad()
@@ -192,12 +238,17 @@ def main() -> None:
     positions = object_token_positions(bundle.tokenizer, ids, [list(s.shapes) for s in specs])  # (B, O, S)
     print("attention mass of image-token queries (head mean); shape words: own/other cells, onset/other; object")
     print("cells after the first: attention to the object's own earlier cells / chance (copy)")
-    print("layer " + " ".join(f"{name:>10s}" for name in CLASSES) + "  own/other  onset   copy")
+    print("shape words from plain-background cells: next to the object over farther away (near/far); from the cells")
+    print("between the two objects' first cells: the word of the object still to come over the drawn one's; from an")
+    print("object's cells: its own shape word over the other object's (own word/other)")
+    print("layer " + " ".join(f"{name:>10s}" for name in CLASSES)
+          + "  own/other  onset   copy  near/far  pending/drawn  own word/other")
     rows = [{"measure": "nll", **nll, "gain_kept": kept, "cells": cells, "background_codes_as_empty": local}]
     for layer, attention in enumerate(out.attentions):
-        result = layer_breakdown(attention, classes, scenes, positions, bundle.grid)
+        result = layer_breakdown(attention, classes, scenes, positions, bundle.grid, ~touched.numpy())
         ratios = "  ".join(f"{result[k]:{w}.2f}" for k, w in
-                           (("own_over_other", 9), ("onset_over_other", 5), ("copy_over_chance", 5)))
+                           (("own_over_other", 9), ("onset_over_other", 5), ("copy_over_chance", 5),
+                            ("near_over_far", 8), ("pending_over_drawn", 13), ("own_word_over_other_word", 13)))
         print(f"L{layer:<4d} " + " ".join(f"{result['mass'][name]:10.3f}" for name in CLASSES) + "  " + ratios,
               flush=True)
         rows.append({"measure": "attention", "layer": layer, **result})

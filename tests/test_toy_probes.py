@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.toy_grounding_probe import image_nll, template_suffix_length, token_classes  # noqa: E402
+from benchmarks.toy_grounding_probe import (  # noqa: E402
+    image_nll,
+    layer_breakdown,
+    object_cells,
+    ring_cells,
+    template_suffix_length,
+    token_classes,
+)
 from benchmarks.toy_t2i_breakdown import failure_cause, shape_confusions  # noqa: E402
 from ospo_fast.engine.object_attention import encode_pixels_to_tokens, teacher_forced_inputs  # noqa: E402
 from ospo_fast.engine.prompts import prompt_token_ids  # noqa: E402
@@ -109,3 +116,34 @@ def test_background_code_share_on_the_shipped_vq(toy, renders):
     assert world.background_code_share(encode_pixels_to_tokens(toy, torch.from_numpy(empty)).numpy(),
                                        empty_tokens.numpy(), empty) == 1.0
     assert world.background_code_share(tokens.numpy(), empty_tokens.numpy(), images) < 0.2
+
+
+def test_layer_breakdown_ratios_on_planted_attention():
+    """Planted attention with a known answer: object 0's word read twice as much from its own cells, and the word of
+    the object still to come read ``pending`` times as much between the two onsets. The position-controlled ratios
+    (own word/other, pending/drawn) must return exactly what was planted."""
+    grid, t = 8, 4
+    scene = world.Scene((world.ToyObject("circle", "red", 14, 14, 20), world.ToyObject("square", "blue", 44, 44, 20)),
+                        "above")
+    images = world.render(scene)[None]
+    untouched = world.plain_background_cells(images, grid)
+    cells = [object_cells(obj, grid) for obj in scene.objects]
+    assert np.argmax(cells[0]) < np.argmax(cells[1])  # object 0 is drawn first
+    ring = ring_cells(cells[0], grid)
+    assert not (ring & cells[0]).any() and ring.sum() > 0
+    classes = [["bos", "shape", "shape", "boi"]]
+    positions = torch.tensor([[[1], [2]]])  # (B, O, S): each object's word key
+    for pending in (1.0, 3.0):
+        attention = torch.ones(1, 2, t + grid * grid, t + grid * grid).tril()
+        image = attention[0, :, t:, 1]
+        image[:, torch.from_numpy(cells[0])] = 2.0  # object 0's word, read from its own cells
+        window = np.zeros(grid * grid, dtype=bool)
+        window[np.argmax(cells[0]) + 1:np.argmax(cells[1])] = True
+        window &= untouched[0] & ~ring & ~cells[0] & ~ring_cells(cells[1], grid) & ~cells[1]  # away from both
+        attention[0, :, t:, 2][:, torch.from_numpy(window)] = pending  # object 1's word before object 1 starts
+        result = layer_breakdown(attention, classes, [scene], positions, grid, untouched)
+        assert result["own_word_over_other_word"] == pytest.approx(1.5)  # (2/1 + 1/1) / 2 over object 0 and 1
+        assert result["pending_over_drawn"] == pytest.approx(pending)
+        assert np.isfinite(result["copy_over_chance"])
+        if pending == 1.0:  # own/other is not position-controlled, but here only object 0's own cells differ
+            assert result["own_over_other"] == pytest.approx(1.5)
