@@ -24,7 +24,8 @@ one teacher-forced forward with the eager attention, as the mask pass lays it ou
    the one already begun (``pending/drawn``: same cells, same positions, so the image-position effect cancels;
    above 1 when a word is read until its object appears, not where it lies). And from an object's cells, its own
    shape word over the other object's shape word (``own word/other``: same cells, so what is common to the
-   caption's words cancels; the object-specific part of the map).
+   caption's words cancels; the object-specific part of the map). Last, per image row: the share of cells that
+   objects touch, and the attention of the row's image tokens to the shape words.
 
     python benchmarks/toy_grounding_probe.py [--model builtin:toy] [--n 64]
 
@@ -137,6 +138,7 @@ def layer_breakdown(attention: torch.Tensor, classes: list[list[str]], scenes: l
             if name != "pad":
                 mass[name] += per_key[position].item() / len(classes)
     own, other, onset, copy, copy_chance, near, far, pending, drawn, mine, theirs = ([] for _ in range(11))
+    by_row = np.zeros(grid)  # attention to the caption's shape words, per image row (summed over the words)
     for row, scene in enumerate(scenes):
         words, covers, rings, onsets = [], [], [], []
         for index, obj in enumerate(scene.objects):
@@ -153,6 +155,7 @@ def layer_breakdown(attention: torch.Tensor, classes: list[list[str]], scenes: l
             if halo.any() and distant.any():
                 near.append(on_word[halo].mean())
                 far.append(on_word[distant].mean())
+            by_row += on_word.reshape(grid, grid).mean(1) / len(scenes)
             words.append(on_word)
             covers.append(cells)
             rings.append(ring_cells(cells, grid) | cells)
@@ -181,7 +184,7 @@ def layer_breakdown(attention: torch.Tensor, classes: list[list[str]], scenes: l
             "onset_over_other": float(np.mean(onset)), "copy_over_chance": float(np.mean(copy) / np.mean(copy_chance)),
             "near_over_far": float(np.mean(near) / np.mean(far)),
             "pending_over_drawn": float(np.mean(pending) / np.mean(drawn)),
-            "own_word_over_other_word": float(np.mean(mine) / np.mean(theirs))}
+            "own_word_over_other_word": float(np.mean(mine) / np.mean(theirs)), "shape_words_by_row": by_row.tolist()}
 
 
 @torch.no_grad()
@@ -252,6 +255,12 @@ def main() -> None:
         print(f"L{layer:<4d} " + " ".join(f"{result['mass'][name]:10.3f}" for name in CLASSES) + "  " + ratios,
               flush=True)
         rows.append({"measure": "attention", "layer": layer, **result})
+    covered = touched.view(-1, bundle.grid, bundle.grid).float().mean((0, 2))
+    print("per image row (raster order): the share of cells with an object pixel, then per layer the attention of")
+    print("the row's image tokens to the caption's shape words")
+    print("covered " + " ".join(f"{x:6.3f}" for x in covered.tolist()))
+    for row in rows[1:]:
+        print(f"L{row['layer']:<6d} " + " ".join(f"{x:6.3f}" for x in row["shape_words_by_row"]))
     append_rows("toy_grounding_probe", rows, table="", config={"model": args.model, "n": args.n})
 
 
