@@ -147,3 +147,5 @@ def test_layer_breakdown_ratios_on_planted_attention():
         assert np.isfinite(result["copy_over_chance"])
         if pending == 1.0:  # own/other is not position-controlled, but here only object 0's own cells differ
             assert result["own_over_other"] == pytest.approx(1.5)
+            by_row = 2.0 + cells[0].reshape(grid, grid).mean(1)  # word 1 reads 1, word 0 reads 1 plus its cells
+            assert np.allclose(result["shape_words_by_row"], by_row)
