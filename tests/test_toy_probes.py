@@ -149,3 +149,20 @@ def test_layer_breakdown_ratios_on_planted_attention():
             assert result["own_over_other"] == pytest.approx(1.5)
             by_row = 2.0 + cells[0].reshape(grid, grid).mean(1)  # word 1 reads 1, word 0 reads 1 plus its cells
             assert np.allclose(result["shape_words_by_row"], by_row)
+
+
+def test_the_v22_candidate_has_the_local_vq_its_build_md_reports():
+    """recipes/toy_janus/candidates/v2.2_vqlocal10 (BUILD.md "A local enough VQ"): its recorded build used the
+    locality loss, and its VQ keeps the empty image's code on most plain-background cells, where the shipped VQ
+    keeps almost none (test_background_code_share_on_the_shipped_vq)."""
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "recipes/toy_janus/candidates/v2.2_vqlocal10"
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["build"]["vq_local_weight"] == 10 and metrics["vq"]["background_codes_as_empty"] > 0.5
+    candidate = load_janus(str(path), device="cpu")
+    rng = np.random.default_rng(7)
+    images = np.stack([world.render(world.sample_scene(rng)) for _ in range(16)])
+    tokens = encode_pixels_to_tokens(candidate, torch.from_numpy(images))
+    empty_tokens = encode_pixels_to_tokens(candidate, torch.from_numpy(world.empty_render()[None]))
+    assert world.background_code_share(tokens.numpy(), empty_tokens.numpy(), images) > 0.4
