@@ -22,7 +22,10 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    the squared distance between each background cell's (normalised) latent and the same cell's latent in the
    empty image, so that background codes say "background here" and the objects' words matter where the objects
    are. Tokenizer pretraining; the decoder's attention is not touched. With ``--init``, a retrained VQ resets the
-   generation embeddings to the new codebook (as phase mm does), since the old ones name the old codes.
+   generation embeddings to the new codebook (as phase mm does), since the old ones name the old codes. Weight 1
+   (12 min) made 28% of background codes local and did not move the masks; weight 10 (25 min) made 58% local, and
+   the continuation on it grounds (masks 1.4-1.7x chance against 1.1x) and draws better (BUILD.md, "A local enough
+   VQ"; the model: ``recipes/toy_janus/candidates/v2.2_vqlocal10``).
 1b. ``vis`` (optional, ``--vis-minutes``): the SigLIP tower alone, with a linear read-out of its last hidden states
    trained on dense per-patch targets (``patch_labels``: the colour and shape of the object covering each patch,
    and the patch's row and column), so that the understanding path tells shapes apart and keeps positions before
@@ -51,7 +54,8 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
 2d. ``--t2i-fg-weight W`` (phases mm and t2i): the T2I loss weights the image tokens of the cells an object covers
    ``W`` times the background's (``object_cell_weights``), as the VQ's ``fg_weight`` does for pixels: about 80% of
    the cells are plain background, which the model learns first. A property of the training images; no loss is
-   put on the attention. Not yet used for a build.
+   put on the attention. Weight 3 for 20 min on v2.1 did no better than the same continuation without it (T2I
+   12.2% / 11.6% strict, masks 1.16x / 1.09x; BUILD.md, "A local enough VQ").
 3. ``eval`` + ``save``: measure the figures (codes used, judge accuracy of reconstructions, T2I strict/loose on
    held-out prompts with CFG 5, VQA accuracy on held-out captions), save fp16 weights, processor, generation
    config, ``metrics.json`` and ``BUILD.md``.
