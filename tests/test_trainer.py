@@ -397,6 +397,31 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch):
         torch.testing.assert_close(wb[name], wa[name], atol=1e-6, rtol=1e-5)
 
 
+def test_resume_refuses_other_settings_and_accepts_operational_ones(tmp_path):
+    """A finished (or killed) training resumed with other loss or train settings would report the new settings on
+    the old weights: it is refused, naming the key and the fix. Operational settings (save_every) may change."""
+    from ospo_fast.store import FingerprintMismatch
+    from ospo_fast.train import train
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 3, seed=1)
+    config = tiny_config(max_steps=2, save_every=1)
+    first = train(config, pairs, tmp_path / "run")
+    stored = json.loads((tmp_path / "run" / "fingerprint.json").read_text())
+    assert stored["loss.beta"] == config.loss.beta and "train.save_every" not in stored
+    changed = tiny_config(max_steps=2, save_every=1)
+    changed.loss.uncond_anchor = 10.0
+    with pytest.raises(FingerprintMismatch, match=r"loss.uncond_anchor: 0.0 -> 10.0.*delete"):
+        train(changed, pairs, tmp_path / "run", resume=True)
+    longer = tiny_config(max_steps=3, save_every=1)
+    with pytest.raises(FingerprintMismatch, match="train.max_steps: 2 -> 3"):
+        train(longer, pairs, tmp_path / "run", resume=True)
+    again = train(tiny_config(max_steps=2, save_every=5), pairs, tmp_path / "run", resume=True)
+    assert read_metrics(again.metrics_path) == read_metrics(first.metrics_path)
+    (tmp_path / "run" / "fingerprint.json").unlink()  # a run from before fingerprint.json: its config.yaml decides
+    with pytest.raises(FingerprintMismatch, match="loss.uncond_anchor: 0.0 -> 10.0"):
+        train(changed, pairs, tmp_path / "run", resume=True)
+
+
 # -- non-finite losses and bad input ------------------------------------------------------------------------------
 def _nan_after(original, bad_calls):
     calls = {"n": 0}

@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ospo_fast.config import LossConfig, OSPOConfig, TrainConfig, save_config
+from ospo_fast.config import LossConfig, OSPOConfig, TrainConfig, load_config, save_config
 from ospo_fast.distributed import init_distributed
 from ospo_fast.engine.prompts import position_ids_from_mask
+from ospo_fast.store import atomic_write_json, check_fingerprint, config_fingerprint, file_identity
 from ospo_fast.train import checkpoint as ckpt
 from ospo_fast.train.data import BatchPlan, PairBatch, PairSet, collate, load_pair_set
 from ospo_fast.train.lora import apply_lora, merge_lora, set_trainable
@@ -185,6 +186,19 @@ def total_steps(config: TrainConfig, num_pairs: int, global_batch: int) -> int:
     return config.max_steps
 
 
+OPERATIONAL_TRAIN_KEYS = ("save_every", "log_every", "max_nonfinite_in_row", "tensorboard", "distributed",
+                          "gradient_checkpointing")  # how training runs, not what it computes: free to change on resume
+
+
+def training_fingerprint(config: OSPOConfig, pairs_path: Path) -> dict:
+    """``store.config_fingerprint`` of what determines the trained weights: the loss and train settings (the
+    operational ones apart), the seed, the model (``store.file_identity``) and its dtype, and the pairs file."""
+    train = {k: v for k, v in dataclasses.asdict(config.train).items() if k not in OPERATIONAL_TRAIN_KEYS}
+    return config_fingerprint({"loss": config.loss, "train": train, "seed": config.seed,
+                               "model.identity": file_identity(config.model.path), "model.dtype": config.model.dtype,
+                               "pairs": file_identity(pairs_path)})
+
+
 class Trainer:
     """One training run; ``train`` below is the public entry."""
 
@@ -194,6 +208,8 @@ class Trainer:
         self.config = config
         self.tc = config.train
         self.out_dir = out_dir
+        self.pairs_path = pairs_path
+        self.fingerprint = training_fingerprint(config, pairs_path)
         self.dist = init_distributed(config.model.device)
         self.device = self.dist.device
         if self.tc.distributed == "fsdp" and self.tc.lora:
@@ -459,6 +475,18 @@ class Trainer:
                    "seconds": seconds}
         return metrics
 
+    def _stored_fingerprint(self, path: Path) -> dict | None:
+        """The fingerprint the checkpoints in ``out_dir`` were trained with. Runs from before ``fingerprint.json``
+        have the ``config.yaml`` of their first start: its settings, with this run's model and pairs identities
+        (those it cannot tell). None when neither exists."""
+        if path.is_file():
+            return json.loads(path.read_text())
+        if (self.out_dir / "config.yaml").is_file():
+            old = load_config(str(self.out_dir / "config.yaml"))
+            old.model.path = self.config.model.path
+            return training_fingerprint(old, self.pairs_path)
+        return None
+
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self, resume: bool) -> TrainResult:
         from tqdm.auto import tqdm
@@ -466,11 +494,20 @@ class Trainer:
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
+        latest = ckpt.latest_intact(self.out_dir, self._damage, say=self.dist.main) if resume else None
+        fingerprint_path = self.out_dir / "fingerprint.json"
+        if latest is not None:  # resume only what these settings would have trained
+            stored = self._stored_fingerprint(fingerprint_path)
+            check_fingerprint(stored, self.fingerprint, f"training in {self.out_dir}",
+                              f"resume with the settings in {self.out_dir / 'config.yaml'}, or delete {self.out_dir} "
+                              "to train again with these")
+            self.load(latest)
+        self.dist.barrier()
+        if self.dist.main:
+            if latest is None:
+                atomic_write_json(fingerprint_path, self.fingerprint)
         config_path = save_config(self.config, self.out_dir / "config.yaml") if self.dist.main else \
             self.out_dir / "config.yaml"
-        latest = ckpt.latest_intact(self.out_dir, self._damage, say=self.dist.main) if resume else None
-        if latest is not None:
-            self.load(latest)
         self._truncate_metrics()
         if latest is None:
             torch.manual_seed(self.config.seed + 1 + self.dist.rank)  # one LoRA-dropout stream per rank
