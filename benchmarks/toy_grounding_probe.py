@@ -24,7 +24,7 @@ one teacher-forced forward with the eager attention, as the mask pass lays it ou
    the one already begun (``pending/drawn``: same cells, same positions, so the image-position effect cancels;
    above 1 when a word is read until its object appears, not where it lies). And from an object's cells, its own
    shape word over the other object's shape word (``own word/other``: same cells, so what is common to the
-   caption's words cancels; the object-specific part of the map). Last, per image row: the share of cells that
+   caption's words cancels; the object-specific part of the map). Then, per image row: the share of cells that
    objects touch, and the attention of the row's image tokens to the shape words.
 
     python benchmarks/toy_grounding_probe.py [--model builtin:toy] [--n 64]
@@ -150,15 +150,16 @@ def layer_breakdown(attention: torch.Tensor, classes: list[list[str]], scenes: l
             own.append(on_word[cells].mean())
             other.append(on_word[~cells].mean())
             onset.append(on_word[np.argmax(cells)] / on_word[~cells].mean())
-            halo = ring_cells(cells, grid) & untouched[row]
-            distant = ~cells & ~ring_cells(cells, grid) & untouched[row]
+            ring = ring_cells(cells, grid)
+            halo = ring & untouched[row]
+            distant = ~cells & ~ring & untouched[row]
             if halo.any() and distant.any():
                 near.append(on_word[halo].mean())
                 far.append(on_word[distant].mean())
             by_row += on_word.reshape(grid, grid).mean(1) / len(scenes)
             words.append(on_word)
             covers.append(cells)
-            rings.append(ring_cells(cells, grid) | cells)
+            rings.append(ring | cells)
             onsets.append(int(np.argmax(cells)))
             covered = np.flatnonzero(cells)
             for cell in covered[1:]:  # continuation cells: how much of their look at the image is at the object

@@ -502,10 +502,8 @@ class Trainer:
                               f"resume with the settings in {self.out_dir / 'config.yaml'}, or delete {self.out_dir} "
                               "to train again with these")
             self.load(latest)
-        self.dist.barrier()
-        if self.dist.main:
-            if latest is None:
-                atomic_write_json(fingerprint_path, self.fingerprint)
+        if self.dist.main and latest is None:
+            atomic_write_json(fingerprint_path, self.fingerprint)
         config_path = save_config(self.config, self.out_dir / "config.yaml") if self.dist.main else \
             self.out_dir / "config.yaml"
         self._truncate_metrics()
