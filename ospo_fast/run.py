@@ -148,7 +148,35 @@ def finished_summary(config: OSPOConfig, out: Path) -> dict | None:
     except json.JSONDecodeError:
         return None  # a damaged summary is simply rewritten by the run
     done = len(summary.get("iterations", [])) == config.iterations
-    return summary if done and summary.get("fingerprint") == run_fingerprint(config) else None
+    if not done or summary.get("fingerprint") != run_fingerprint(config):
+        return None
+    return summary if _trained_as_summarised(config, out, summary) else None
+
+
+def _trained_as_summarised(config: OSPOConfig, out: Path, summary: dict) -> bool:
+    """Whether every iteration's trained model the summary names is still in ``out`` and its training recorded
+    (``fingerprint.json``) the settings, starting model and pairs this config gives it. A summary that outlived
+    its outputs, or one over a training made with other settings, is then recomputed, not printed."""
+    from ospo_fast.store import fingerprint_diff
+    from ospo_fast.train.trainer import training_fingerprint
+
+    model_path = config.model.path
+    for entry in summary["iterations"]:
+        it_dir, trained = out / f"iter{entry['iteration']}", out / entry["model"]
+        recorded_path = it_dir / "train" / "fingerprint.json"
+        if not trained.is_dir() or not recorded_path.is_file():
+            return False
+        try:
+            recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return False
+        cfg = copy.deepcopy(config)
+        cfg.model.path = model_path
+        current = json.loads(json.dumps(training_fingerprint(cfg, it_dir / "synth" / "pairs.jsonl")))
+        if fingerprint_diff(recorded, current):
+            return False
+        model_path = _relative(trained)
+    return True
 
 
 def _relative(path: Path | str) -> str:

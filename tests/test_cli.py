@@ -178,6 +178,20 @@ def test_run_prints_real_paths_writes_no_absolute_ones_and_a_rerun_returns_at_on
     assert main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
 
+    # the summary is printed only while what it stands for is there: not once a trained model it names is gone,
+    # nor over a training recorded with other settings (a resume bug once left such a summary over stale weights)
+    os.rename("demo/iter2/train/merged", "moved")
+    with pytest.raises(AssertionError, match="recomputed"):
+        main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"])
+    os.rename("moved", "demo/iter2/train/merged")
+    recorded = tmp_path / "demo" / "iter1" / "train" / "fingerprint.json"
+    original = recorded.read_text()
+    recorded.write_text(json.dumps({**json.loads(original), "loss.uncond_anchor": 10.0}))
+    with pytest.raises(AssertionError, match="recomputed"):
+        main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"])
+    recorded.write_text(original)
+    assert main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"]) == 0  # whole again: at once
+
 
 def test_summary_defines_strict_and_loose():
     from ospo_fast.run import JUDGE_TERMS, format_summary
