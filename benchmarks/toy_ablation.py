@@ -1,6 +1,7 @@
 """The paper's ablations in miniature on the toy world (several seeds, mean +- standard error over seeds).
 
-Variants, each trained from the shipped ``builtin:toy`` model with the toy preset's training settings:
+Variants, each trained from the shipped ``builtin:toy`` model with the toy preset's training settings and the
+paper's loss (``loss.guided_rewards=false`` unless a variant says otherwise, whatever the preset sets):
 - base                 : no training
 - best-of-N + full loss: SILMM-style pairs (2N images of the same prompt, best vs worst Self-VQA score)
 - OSPO, plain SimPO    : perturbed-prompt pairs, alpha = 0, no SFT
@@ -47,6 +48,7 @@ from ospo_fast.store import atomic_write_json, read_jsonl  # noqa: E402
 from ospo_fast.toy.evaluate import judged_alignment, pair_judgement, pair_self_vqa  # noqa: E402
 from ospo_fast.train import train  # noqa: E402
 
+PAPER_LOSS = ["loss.guided_rewards=false", "loss.uncond_anchor=0"]  # under every variant's own switches
 FULL = ["loss.alpha=1", "loss.sft_weight=2"]
 LOSSES = {"plain_simpo": ["loss.alpha=0", "loss.sft_weight=0"], "object_simpo": ["loss.alpha=1", "loss.sft_weight=0"],
           "object_simpo_sft": FULL,
@@ -106,7 +108,7 @@ def reselect_unfiltered(seed: int, ospo_dir: Path, out: Path, prompts: int, mode
 def fit(seed: int, pairs: Path, out: Path, model: str, loss: list[str]) -> str:
     if not read_jsonl(pairs):
         raise RuntimeError(f"{pairs} holds no pairs; cannot train this variant")
-    config = load_config("toy", [f"seed={seed}", f"model.path={model}", *loss])
+    config = load_config("toy", [f"seed={seed}", f"model.path={model}", *PAPER_LOSS, *loss])
     return str(train(config, pairs, out).merged_dir)
 
 

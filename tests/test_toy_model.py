@@ -103,9 +103,8 @@ def test_toy_vqa_reads_every_question_kind(metrics):
     assert all(result["accuracy"] >= 0.85 and result["n"] >= 256 for result in per_kind.values()), per_kind
 
 
-@pytest.mark.xfail(strict=True, reason="known gap of the v2.1 build: T2I strict 8.8% at CFG 5 on held-out captions "
-                   "(7.3% on 640), under issue #16's 10-40%; see BUILD.md")
 def test_toy_t2i_strict_in_the_target_range(metrics):
+    """Issue #16's target, met since v2.2 (BUILD.md: 22.5% on 160 held-out captions; v2.1 had 8.7%)."""
     assert 0.10 <= metrics["t2i_heldout_cfg5"]["strict"] <= 0.40
 
 
@@ -575,10 +574,10 @@ def test_object_cell_weights_weigh_the_cells_the_objects_cover(toy):
     assert not torch.isclose(weighted, plain)
 
 
-def test_vq_locality_loss_and_the_shipped_vqs_global_codes(toy):
+def test_vq_locality_loss_and_the_shipped_vqs_local_codes(toy):
     """--vq-local-weight: the loss is 0 on an empty image (every cell is its own empty-image cell), positive on
-    scenes, and trains the encoder; the measure reads 1.0 on empty images. The shipped VQ's background codes depend
-    on the objects elsewhere (BUILD.md: 1.4% of background cells keep their empty-image code)."""
+    scenes, and trains the encoder; the measure reads 1.0 on empty images. The shipped VQ (v2.2, trained with it at
+    weight 10) keeps most background cells' empty-image code (BUILD.md: 58%; v2.1's global codes kept 1.4%)."""
     rng = np.random.default_rng(10)
     _, images = bm.scene_batch(rng, 8)
     empty = np.empty_like(images)
@@ -591,11 +590,11 @@ def test_vq_locality_loss_and_the_shipped_vqs_global_codes(toy):
         *_, z = bm.vq_forward(vq, pixels)
         foreground = ((pixels - background).abs().sum(1, keepdim=True) > 1e-3).float()
         loss = bm.background_locality_loss(vq, pixels, z, foreground)
-        assert (loss.item() > 1e-3) == positive, loss
+        assert (loss.item() > 1e-5) == positive, loss  # small on scenes: the shipped VQ was trained on it
     loss.backward()
     assert vq.encoder.conv_in.weight.grad.abs().sum() > 0
     assert bm.background_code_locality(toy.model, empty) == 1.0
-    assert bm.background_code_locality(toy.model, images) < 0.1
+    assert bm.background_code_locality(toy.model, images) > 0.3
 
 
 def test_a_retrained_vq_resets_the_generation_embeddings_of_a_continuation(tmp_path, monkeypatch):

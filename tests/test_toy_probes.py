@@ -1,4 +1,5 @@
-"""The toy model's diagnostic probes (benchmarks/toy_grounding_probe.py, benchmarks/toy_t2i_breakdown.py), whose
+"""The toy model's diagnostic probes (benchmarks/toy_grounding_probe.py, benchmarks/toy_t2i_breakdown.py,
+benchmarks/toy_guidance_probe.py), whose
 figures BUILD.md reports as the measured reasons for issue #16's unmet targets: their building blocks agree with
 transformers' own masking, the processor's real prompt layout and the exact judge."""
 
@@ -20,6 +21,7 @@ from benchmarks.toy_grounding_probe import (  # noqa: E402
     template_suffix_length,
     token_classes,
 )
+from benchmarks.toy_guidance_probe import token_logprobs  # noqa: E402
 from benchmarks.toy_t2i_breakdown import failure_cause, shape_confusions  # noqa: E402
 from ospo_fast.engine.object_attention import encode_pixels_to_tokens, teacher_forced_inputs  # noqa: E402
 from ospo_fast.engine.prompts import prompt_token_ids  # noqa: E402
@@ -31,6 +33,16 @@ from ospo_fast.toy.judge import JudgeResult, judge  # noqa: E402
 @pytest.fixture(scope="module")
 def toy():
     return load_janus("builtin:toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    """The shipped build's own figures (``assets/toy_janus/metrics.json``)."""
+    import json
+
+    from ospo_fast.models.loader import ASSET_DIR
+
+    return json.loads((ASSET_DIR / "toy_janus" / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +118,18 @@ def test_failure_cause_follows_the_judge():
     assert shape_confusions(JudgeResult(False, True, {**base, "found": found})) == ["circle->triangle"]
 
 
-def test_background_code_share_on_the_shipped_vq(toy, renders):
-    """An empty image's own codes are all "as empty"; the shipped VQ gives most background cells of real scenes
-    other codes (its codes are global, BUILD.md "Under it"): the figure the probe and the recipe print."""
+def test_background_code_share_on_the_shipped_vq(toy, renders, metrics):
+    """An empty image's own codes are all "as empty"; v2.2's VQ, retrained with the locality loss at weight 10
+    (BUILD.md "A local enough VQ"), keeps the empty image's code on most plain-background cells of real scenes,
+    where v2.1's global codes kept 1.4%: the figure the probe and the recipe print."""
     _, tokens, scenes = renders
     images = np.stack([world.render(scene) for scene in scenes])
     empty = np.stack([world.empty_render()] * 2)
     empty_tokens = encode_pixels_to_tokens(toy, torch.from_numpy(empty[:1]))
     assert world.background_code_share(encode_pixels_to_tokens(toy, torch.from_numpy(empty)).numpy(),
                                        empty_tokens.numpy(), empty) == 1.0
-    assert world.background_code_share(tokens.numpy(), empty_tokens.numpy(), images) < 0.2
+    assert metrics["build"]["vq_local_weight"] == 10 and metrics["vq"]["background_codes_as_empty"] > 0.5
+    assert world.background_code_share(tokens.numpy(), empty_tokens.numpy(), images) > 0.4
 
 
 def test_layer_breakdown_ratios_on_planted_attention():
@@ -151,18 +165,26 @@ def test_layer_breakdown_ratios_on_planted_attention():
             assert np.allclose(result["shape_words_by_row"], by_row)
 
 
-def test_the_v22_candidate_has_the_local_vq_its_build_md_reports():
-    """recipes/toy_janus/candidates/v2.2_vqlocal10 (BUILD.md "A local enough VQ"): its recorded build used the
-    locality loss, and its VQ keeps the empty image's code on most plain-background cells, where the shipped VQ
-    keeps almost none (test_background_code_share_on_the_shipped_vq)."""
-    import json
-
-    path = Path(__file__).resolve().parent.parent / "recipes/toy_janus/candidates/v2.2_vqlocal10"
-    metrics = json.loads((path / "metrics.json").read_text())
-    assert metrics["build"]["vq_local_weight"] == 10 and metrics["vq"]["background_codes_as_empty"] > 0.5
-    candidate = load_janus(str(path), device="cpu")
-    rng = np.random.default_rng(7)
-    images = np.stack([world.render(world.sample_scene(rng)) for _ in range(16)])
-    tokens = encode_pixels_to_tokens(candidate, torch.from_numpy(images))
-    empty_tokens = encode_pixels_to_tokens(candidate, torch.from_numpy(world.empty_render()[None]))
-    assert world.background_code_share(tokens.numpy(), empty_tokens.numpy(), images) > 0.4
+def test_guidance_probe_splits_cells_by_the_empty_images_code(toy, renders):
+    """The guidance probe's conditional log-probs, over all cells and split into the cells holding the empty image's
+    code and the rest, are transformers' own teacher-forced ones (``image_nll``) averaged over those cells; a
+    rejected image that is the empty image but for 4 cells has 60 of 64 empty-code cells."""
+    captions, tokens, _ = renders
+    empty_tokens = encode_pixels_to_tokens(toy, torch.from_numpy(world.empty_render()[None]))
+    rejected = empty_tokens.clone()
+    rejected[0, :4] = (empty_tokens[0, :4] + 1) % toy.model.config.vq_config.num_embeddings
+    pair = {"prompt": captions[0], "chosen": {"tokens": tokens[0].tolist()},
+            "rejected": {"tokens": rejected[0].tolist()}}
+    result = token_logprobs("builtin:toy", [pair], guidance=5.0)
+    with torch.no_grad():
+        reference = -image_nll(toy, teacher_forced_inputs(toy, captions[:1], tokens[:1]), tokens[:1])[0]  # (N,)
+    empty = tokens[0] == empty_tokens[0]
+    assert 0 < empty.sum() < len(empty)  # both kinds of cell are there
+    chosen = result["chosen"]
+    assert chosen["all"]["cond"] == pytest.approx(reference.mean().item(), abs=1e-4)
+    assert chosen["empty_code"]["cond"] == pytest.approx(reference[empty].mean().item(), abs=1e-4)
+    assert chosen["other"]["cond"] == pytest.approx(reference[~empty].mean().item(), abs=1e-4)
+    assert chosen["empty_code_share"] == pytest.approx(empty.float().mean().item())
+    assert result["rejected"]["empty_code_share"] == pytest.approx(60 / 64)
+    for side in ("chosen", "rejected"):  # the mixture u + 5 (c - u) is another distribution than either branch
+        assert result[side]["all"]["cfg"] != pytest.approx(result[side]["all"]["cond"], abs=1e-3)
