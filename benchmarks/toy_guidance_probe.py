@@ -33,8 +33,8 @@ from ospo_fast.train.data import prompt_token_ids  # noqa: E402
 from ospo_fast.train.trainer import PreferenceModel  # noqa: E402
 
 MODELS = {"base": None, "ospo_plain_simpo": "train_plain_simpo/merged",
-          "ospo_object_simpo_sft": "train_object_simpo_sft/merged", "ospo_guided_rewards": "train_guided_rewards/merged",
-          "ospo_iteration2": "train_iter2/merged"}
+          "ospo_object_simpo_sft": "train_object_simpo_sft/merged",
+          "ospo_guided_rewards": "train_guided_rewards/merged", "ospo_iteration2": "train_iter2/merged"}
 
 
 BRANCHES = ("cond", "uncond", "cfg")

@@ -25,7 +25,7 @@ Phases (each saves its result under ``--work``; a rerun skips finished phases):
    generation embeddings to the new codebook (as phase mm does), since the old ones name the old codes. Weight 1
    (12 min) made 28% of background codes local and did not move the masks; weight 10 (25 min) made 58% local, and
    the continuation on it grounds (masks 1.4-1.7x chance against 1.1x) and draws better (BUILD.md, "A local enough
-   VQ"; the model: ``recipes/toy_janus/candidates/v2.2_vqlocal10``).
+   VQ"; that model ships as ``builtin:toy`` v2.2).
 1b. ``vis`` (optional, ``--vis-minutes``): the SigLIP tower alone, with a linear read-out of its last hidden states
    trained on dense per-patch targets (``patch_labels``: the colour and shape of the object covering each patch,
    and the patch's row and column), so that the understanding path tells shapes apart and keeps positions before
