@@ -1,4 +1,5 @@
-"""Shared fixtures: offline Janus models are built once per session into a temporary cache."""
+"""Shared fixtures: offline Janus models are built once per session into a temporary cache; the shipped toy model
+and its recorded figures are loaded once per test module."""
 
 import os
 
@@ -28,6 +29,24 @@ def tiny_bundle():
     from ospo_fast.models import load_janus
 
     return load_janus("builtin:tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped ``builtin:toy`` Janus on CPU, loaded once per test module (a module may change it)."""
+    from ospo_fast.models import load_janus
+
+    return load_janus("builtin:toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def metrics() -> dict:
+    """The shipped ``builtin:toy`` build's own figures (``assets/toy_janus/metrics.json``)."""
+    import json
+
+    from ospo_fast.models.loader import ASSET_DIR
+
+    return json.loads((ASSET_DIR / "toy_janus" / "metrics.json").read_text())
 
 
 @pytest.fixture(params=DEVICES)

@@ -17,18 +17,6 @@ from recipes.toy_janus import build_model as bm
 TOY_DIR = ASSET_DIR / "toy_janus"
 
 
-@pytest.fixture(scope="module")
-def toy():
-    from ospo_fast.models import load_janus
-
-    return load_janus("builtin:toy", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def metrics():
-    return json.loads((TOY_DIR / "metrics.json").read_text())
-
-
 def _within_noise(measured: float, n: int, recorded: float, n_recorded: int) -> bool:
     """|measured - recorded| within 3 standard deviations of the difference of two binomial rates (+ half a
     count for discreteness)."""

@@ -25,24 +25,8 @@ from benchmarks.toy_guidance_probe import token_logprobs  # noqa: E402
 from benchmarks.toy_t2i_breakdown import failure_cause, shape_confusions  # noqa: E402
 from ospo_fast.engine.object_attention import encode_pixels_to_tokens, teacher_forced_inputs  # noqa: E402
 from ospo_fast.engine.prompts import prompt_token_ids  # noqa: E402
-from ospo_fast.models import load_janus  # noqa: E402
 from ospo_fast.toy import world  # noqa: E402
 from ospo_fast.toy.judge import JudgeResult, judge  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return load_janus("builtin:toy", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def metrics():
-    """The shipped build's own figures (``assets/toy_janus/metrics.json``)."""
-    import json
-
-    from ospo_fast.models.loader import ASSET_DIR
-
-    return json.loads((ASSET_DIR / "toy_janus" / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
