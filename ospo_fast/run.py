@@ -158,12 +158,12 @@ def _trained_as_summarised(config: OSPOConfig, out: Path, summary: dict) -> bool
     (``fingerprint.json``) the settings, starting model and pairs this config gives it. A summary that outlived
     its outputs, or one over a training made with other settings, is then recomputed, not printed."""
     from ospo_fast.store import fingerprint_diff
-    from ospo_fast.train.trainer import training_fingerprint
+    from ospo_fast.train.trainer import FINGERPRINT_FILE, training_fingerprint
 
     model_path = config.model.path
     for entry in summary["iterations"]:
         it_dir, trained = out / f"iter{entry['iteration']}", out / entry["model"]
-        recorded_path = it_dir / "train" / "fingerprint.json"
+        recorded_path = it_dir / "train" / FINGERPRINT_FILE
         if not trained.is_dir() or not recorded_path.is_file():
             return False
         try:
@@ -172,8 +172,7 @@ def _trained_as_summarised(config: OSPOConfig, out: Path, summary: dict) -> bool
             return False
         cfg = copy.deepcopy(config)
         cfg.model.path = model_path
-        current = json.loads(json.dumps(training_fingerprint(cfg, it_dir / "synth" / "pairs.jsonl")))
-        if fingerprint_diff(recorded, current):
+        if fingerprint_diff(recorded, training_fingerprint(cfg, it_dir / "synth" / "pairs.jsonl")):
             return False
         model_path = _relative(trained)
     return True

@@ -190,6 +190,9 @@ OPERATIONAL_TRAIN_KEYS = ("save_every", "log_every", "max_nonfinite_in_row", "te
                           "gradient_checkpointing")  # how training runs, not what it computes: free to change on resume
 
 
+FINGERPRINT_FILE = "fingerprint.json"  # in a training's out_dir: its training_fingerprint, written when it starts
+
+
 def training_fingerprint(config: OSPOConfig, pairs_path: Path) -> dict:
     """``store.config_fingerprint`` of what determines the trained weights: the loss and train settings (the
     operational ones apart), the seed, the model (``store.file_identity``) and its dtype, and the pairs file."""
@@ -495,7 +498,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
         latest = ckpt.latest_intact(self.out_dir, self._damage, say=self.dist.main) if resume else None
-        fingerprint_path = self.out_dir / "fingerprint.json"
+        fingerprint_path = self.out_dir / FINGERPRINT_FILE
         if latest is not None:  # resume only what these settings would have trained
             stored = self._stored_fingerprint(fingerprint_path)
             check_fingerprint(stored, self.fingerprint, f"training in {self.out_dir}",
