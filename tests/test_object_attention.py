@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ospo_fast.engine.attention import ATTENTION_NAME
 from ospo_fast.engine.object_attention import (
     CPU_CHUNK_ELEMENTS,
     ObjectAttentionCapture,
@@ -109,7 +110,7 @@ def test_recording_restores_attention_on_error_and_guards_misuse(tiny_bundle, in
     lm = tiny_bundle.model.model.language_model
     capture = ObjectAttentionCapture(positions, [3, 4], num_cells=64)
     with pytest.raises(RuntimeError, match="boom"), capture.recording(tiny_bundle.model):
-        assert lm.config._attn_implementation == "ospo_object_capture"
+        assert lm.config._attn_implementation == ATTENTION_NAME
         raise RuntimeError("boom")
     assert lm.config._attn_implementation == "sdpa"
     short = {k: v[:, :-1] for k, v in batch.items() if k != "input_ids"}

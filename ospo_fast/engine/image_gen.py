@@ -37,6 +37,7 @@ import torch
 from transformers import StaticCache
 
 from ospo_fast.config import ImageConfig
+from ospo_fast.engine.attention import DecodeSlots, engine_attention_on
 from ospo_fast.engine.prompts import image_prompt_inputs, position_ids_from_mask
 from ospo_fast.engine.sampling import entry_keys, sample_next
 
@@ -77,6 +78,7 @@ class _Shape:
     objects: int = 0
     subtokens: int = 0
     layers: tuple[int, ...] = ()
+    attention: str = "auto"  # the decode attention's backend; "full": SDPA over the whole static cache
 
 
 def unconditional_ids(input_ids: torch.Tensor, bos_id: int, boi_id: int, pad_id: int) -> torch.Tensor:
@@ -164,6 +166,11 @@ class _Decoder:
         self.seeds = torch.zeros(r, dtype=torch.int64, device=device)
         self.mask = torch.ones(2 * r, cache_len, dtype=torch.int64, device=device)  # (2R, L)
         self.keys = entry_keys(model.model.generation_head.vision_head.out_features, device)  # (V,)
+        self.slots = None  # row b's real keys: cache slots [start[b], end[b]), end advanced by the step
+        if shape.attention != "full":
+            self.slots = DecodeSlots(start=torch.zeros(2 * r, dtype=torch.int32, device=device),
+                                     end=torch.zeros(2 * r, dtype=torch.int32, device=device),
+                                     backend=shape.attention)
         self.capture = None
         if shape.objects:
             from ospo_fast.engine.object_attention import ObjectAttentionCapture
@@ -172,16 +179,21 @@ class _Decoder:
             self.capture = ObjectAttentionCapture(positions, list(shape.layers), shape.num_tokens)
             self.capture.set_cells(self.index)  # the query fed image token `index` is cell `index`
         for t in [self.tokens, self.index, self.first_position, self.seeds, self.mask, self.keys] + (
-                self.capture.tensors() if self.capture is not None else []):
+                self.capture.tensors() if self.capture is not None else []) + (
+                [self.slots.start, self.slots.end] if self.slots is not None else []):
             torch._dynamo.mark_static_address(t)
 
     def start(self, ids2: torch.Tensor, mask2: torch.Tensor, seeds: torch.Tensor,
               key_positions: torch.Tensor | None) -> None:
         """Prefill (eager) one batch: ids2 and mask2 (2R, T) on the device, seeds (R,), key_positions (R, O, S)
         or None; samples token 0 and points ``index`` at it."""
+        if bool((mask2[:, 1:] < mask2[:, :-1]).any()):
+            raise ValueError("prompt masks must be left-padded (zeros only before the first real token)")
         self.cache.reset()
         self.mask[:, :ids2.shape[1]].copy_(mask2)
         self.seeds.copy_(seeds)
+        if self.slots is not None:
+            self.slots.start.copy_((mask2 == 0).sum(dim=1))  # (2R,) left padding
         if self.capture is not None:
             self.capture.load(key_positions)
         positions = position_ids_from_mask(mask2)  # (2R, T)
@@ -190,9 +202,13 @@ class _Decoder:
         self.first_position.copy_(positions[:, -1:] + 1)
         self.index.zero_()
 
-    def logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, capture) -> torch.Tensor:
-        """embeds (2R, T, H), position_ids (2R, T) -> guided float32 logits (R, V) at the last position."""
+    def logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, capture,
+               slots: DecodeSlots | None = None) -> torch.Tensor:
+        """embeds (2R, T, H), position_ids (2R, T) -> guided float32 logits (R, V) at the last position. slots: a
+        decode step's filled cache slots (the decode attention reads only those), None for the prefill."""
         extra = {} if capture is None else {"object_capture": capture}
+        if slots is not None:
+            extra["decode_slots"] = slots
         out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=self.mask,
                                               position_ids=position_ids, past_key_values=self.cache, use_cache=True,
                                               **extra)
@@ -209,7 +225,9 @@ class _Decoder:
         index = self.index.view(1)
         last = self.tokens.index_select(1, index)  # (R, 1)
         embeds = self.model.prepare_embeddings_for_image_generation(last.repeat(2, 1))  # (2R, 1, H)
-        logits = self.logits(embeds, self.first_position + self.index, self.capture)  # (R, V)
+        if self.slots is not None:  # this step writes cache slot prompt_len + index
+            self.slots.end.copy_((self.index + (self.shape.prompt_len + 1)).expand(self.slots.end.shape))
+        logits = self.logits(embeds, self.first_position + self.index, self.capture, self.slots)  # (R, V)
         self.tokens.index_copy_(1, index + 1, self.sample(logits, self.index + 1)[:, None])
         self.index.add_(1)
 
@@ -280,7 +298,8 @@ def _tokenise(bundle, prompts: list[str], objects: list[list[str]] | None):
 
 @torch.no_grad()
 def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageConfig,
-                    objects: list[list[str]] | None = None, mask_layers: list[int] | None = None) -> ImageBatch:
+                    objects: list[list[str]] | None = None, mask_layers: list[int] | None = None,
+                    attention: str = "auto") -> ImageBatch:
     """Generate one image per (prompt, seed) with classifier-free guidance, ``config.batch_size`` at a time.
 
     prompts: B texts; seeds: B ints (the image depends only on prompt, seed and settings, in float32 on the CPU:
@@ -288,6 +307,9 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     compile ("auto" | true | false, see the module docstring). objects: per prompt, the object words whose
     attention maps to capture (layers ``mask_layers``, default ``select_layers(num_layers)``: all but the first
     and last k = min(5, (L - 1) // 2) of the L layers, e.g. layers 5..24 of 30, 4 and 5 of 10, all of 1 or 2).
+    attention: the decode steps' attention, ``ospo_fast.ops.decode_attention`` over each row's filled cache slots
+    with this backend ("auto", "ref", "sdpa", "triton"), or "full" (SDPA over the whole static cache, masked: the
+    engine before issue 33, kept as the baseline of benchmarks/bench_decode_attention.py).
     Returns ImageBatch(tokens (B, N), pixels (B, H, W, 3) uint8, object_maps (B, O, G, G) or None; O is the
     longest object list, shorter lists padded with zero maps).
     """
@@ -304,17 +326,18 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     captured = (0, 0) if key_positions is None else tuple(key_positions.shape[1:])
     # fixed rows per call, the ragged last batch padded; compiled: the same rows for every call
     rows = config.batch_size if compiled else min(config.batch_size, len(prompts))
-    decoder = _POOL.get(model, _Shape(rows, ids.shape[1], bundle.num_image_tokens, sampling, *captured, layers),
-                        device)
+    decoder = _POOL.get(model, _Shape(rows, ids.shape[1], bundle.num_image_tokens, sampling, *captured, layers,
+                                      attention), device)
     tokens, maps = [], []
-    for start in range(0, len(prompts), config.batch_size):
-        end = min(start + config.batch_size, len(prompts))
-        batch_tokens, batch_maps = _decode_batch(bundle, decoder, ids[start:end], mask[start:end],
-                                                 seeds[start:end],
-                                                 None if key_positions is None else key_positions[start:end],
-                                                 compiled)
-        tokens.append(batch_tokens)
-        maps.append(batch_maps)
+    with engine_attention_on(model):
+        for start in range(0, len(prompts), config.batch_size):
+            end = min(start + config.batch_size, len(prompts))
+            batch_tokens, batch_maps = _decode_batch(bundle, decoder, ids[start:end], mask[start:end],
+                                                     seeds[start:end],
+                                                     None if key_positions is None else key_positions[start:end],
+                                                     compiled)
+            tokens.append(batch_tokens)
+            maps.append(batch_maps)
     tokens = torch.cat(tokens)
     object_maps = object_scores = None
     if objects is not None:

@@ -2,15 +2,18 @@
 materialising the attention matrix (SPEC stage 3).
 
 The reference code runs a second eager forward with ``output_attentions=True`` and reads
-``attn[layer][b, head, query, key]``. Here a registered transformers attention implementation
-(``transformers.AttentionInterface``) computes each layer's output with SDPA as usual and, for the selected layers
-and the captured rows only, the probabilities of just the S object keys::
+``attn[layer][b, head, query, key]``. Here the engine's attention (``engine.attention``, registered through
+``transformers.AttentionInterface``) hands the capture, for the selected layers and the captured rows only, the
+probabilities of just the S object keys::
 
     p[b, h, q, s] = exp(q . k_s * scaling - logsumexp_{visible keys k}(q . k * scaling))
 
-The logsumexp is streamed over query chunks whose (chunk, Tk) score block for all heads stays under
-``chunk_elements`` numbers; the attention mask (left padding, causality, static-cache slots) is respected exactly as
-SDPA sees it. Captured values are averaged over heads, selected layers and sub-tokens into per-cell maps.
+- In a decode step of the image engine the decode attention (``ops.decode_attention``) computes them from its own
+  log-sum-exp over the filled slots (``record_probabilities``): no copy of K, no pass over the cache of its own.
+- In a multi-query forward (a teacher-forced pass) the logsumexp is streamed over query chunks whose (chunk, Tk)
+  score block for all heads stays under ``chunk_elements`` numbers (``_record``); the attention mask (left padding,
+  causality) is respected exactly as SDPA sees it.
+Captured values are averaged over heads, selected layers and sub-tokens into per-cell maps.
 
 Public API:
 - ``ObjectAttentionCapture(key_positions, layers, num_cells)`` with ``recording(model)``, ``set_cells(start)``,
@@ -30,14 +33,10 @@ import re
 from collections.abc import Iterator
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
+from ospo_fast.engine.attention import engine_attention_on
 from ospo_fast.engine.prompts import image_prompt_inputs, position_ids_from_mask
 from ospo_fast.ops.object_masks import CapturedScores, maps_from_scores_ref, select_layers
 
-ATTENTION_NAME = "ospo_object_capture"
 CPU_CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 scores: stays in a CPU core's caches
 MAX_CHUNK_ELEMENTS = 1 << 28  # 1 GiB of float32 scores
 
@@ -57,36 +56,6 @@ def capture_chunk_elements(device: torch.device | str, free_bytes: int | None = 
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
     return int(min(MAX_CHUNK_ELEMENTS, max(CPU_CHUNK_ELEMENTS, free_bytes // 16 // (3 * 4))))
-
-
-def _capturing_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         object_capture: ObjectAttentionCapture | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """SDPA attention that also hands (query, key, mask) of the selected layers to ``object_capture``, the
-    capture passed to the language model's forward as a keyword (transformers hands forward kwargs to attention)."""
-    if object_capture is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        object_capture._record(module.layer_idx, query, key, attention_mask, scale)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
-
-
-def _register() -> None:
-    AttentionInterface.register(ATTENTION_NAME, _capturing_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # masks exactly as SDPA receives them
-
-
-def _language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder whose attention is captured: JanusForConditionalGeneration, JanusModel or the LM itself."""
-    for path in ("model.language_model", "language_model"):
-        obj = model
-        for name in path.split("."):
-            obj = getattr(obj, name, None)
-        if obj is not None:
-            return obj
-    if hasattr(model, "layers") and hasattr(model, "config"):
-        return model
-    raise ValueError(f"cannot find a language model in {type(model).__name__}; pass a Janus model or its decoder")
 
 
 class ObjectAttentionCapture:
@@ -125,6 +94,7 @@ class ObjectAttentionCapture:
         self._heads = torch.ones((), dtype=torch.long, device=device)  # heads of the recorded layers
         self._counts = torch.zeros(self.num_cells, device=device)  # (N,) layers recorded per cell
         self._start: int | torch.Tensor | None = None
+        self._recording = False
         self.load(key_positions)
 
     def load(self, key_positions: torch.Tensor) -> None:
@@ -150,18 +120,16 @@ class ObjectAttentionCapture:
 
     @contextlib.contextmanager
     def recording(self, model: torch.nn.Module) -> Iterator[ObjectAttentionCapture]:
-        """Make ``model``'s language model use the capturing attention; restores the original on exit. Forwards
-        inside capture only when passed ``object_capture=self``."""
-        lm = _language_model(model)
-        original = lm.config._attn_implementation
-        if original == ATTENTION_NAME:
-            raise RuntimeError("this model is already recording with an ObjectAttentionCapture; nest none")
-        _register()
-        lm.set_attn_implementation(ATTENTION_NAME)
+        """Run ``model``'s language model with the engine's attention (``engine.attention``, restored on exit);
+        forwards inside capture only when passed ``object_capture=self``. A capture records in one block at a time."""
+        if self._recording:
+            raise RuntimeError("this ObjectAttentionCapture is already recording; nest none")
+        self._recording = True
         try:
-            yield self
+            with engine_attention_on(model):
+                yield self
         finally:
-            lm.set_attn_implementation(original)
+            self._recording = False
 
     def set_cells(self, start: int | torch.Tensor | None) -> None:
         """Queries of the next forward are cells start, start+1, ...; None stops capturing. A 0-d tensor is kept
@@ -197,9 +165,25 @@ class ObjectAttentionCapture:
                               token_valid=self.key_positions >= 0)
 
     # -- recording ------------------------------------------------------------------------------------------------
+    def wants(self, layer: int) -> bool:
+        """True when a forward of ``layer`` now should be recorded (cells set, layer selected)."""
+        return self._start is not None and layer in self.layers
+
+    def key_slots(self) -> torch.Tensor:
+        """(B, O*S) long: the object keys' cache slots, padding clamped to slot 0 (weighted 0 in ``maps``)."""
+        return self._gather.view(self.batch_size, -1)
+
+    def record_probabilities(self, layer: int, probs: torch.Tensor) -> None:
+        """A decode step's probabilities of the object keys, from the decode attention's own log-sum-exp:
+        probs (B, H, O*S) float32 for the one query per row, whose cell is the device counter's (or the int's)."""
+        if not self.wants(layer):
+            return
+        self._heads.fill_(probs.shape[1])
+        self._accumulate(probs.sum(dim=1)[:, :, None])  # (B, O*S, 1)
+
     def _record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                 scaling: float) -> None:
-        if self._start is None or layer not in self.layers:
+        if not self.wants(layer):
             return
         b, tq = self.batch_size, query.shape[2]
         if query.shape[0] < b:
@@ -215,9 +199,16 @@ class ObjectAttentionCapture:
             self._sums[:, :, cells] += columns
             self._counts[cells] += 1
             return
-        # cells from a device counter (compiled decode): every query, those outside the grid weighted 0
-        columns = self._object_columns(query[:b], key[:b], mask, scaling, 0, tq)  # (B, O*S, Tq)
-        cells = self._start + torch.arange(tq, device=query.device)  # (Tq,)
+        self._accumulate(self._object_columns(query[:b], key[:b], mask, scaling, 0, tq))  # (B, O*S, Tq)
+
+    def _accumulate(self, columns: torch.Tensor) -> None:
+        """Add columns (B, O*S, Tq) for the queries at cells start, start+1, ...; cells outside the grid weigh 0
+        (device counter: fixed-shape work, no host read)."""
+        tq = columns.shape[2]
+        if isinstance(self._start, int):
+            cells = torch.arange(self._start, self._start + tq, device=columns.device)
+        else:
+            cells = self._start + torch.arange(tq, device=columns.device)  # (Tq,)
         inside = ((cells >= 0) & (cells < self.num_cells)).float()  # (Tq,)
         index = cells.clamp(0, self.num_cells - 1)
         self._sums.index_add_(2, index, columns * inside)
