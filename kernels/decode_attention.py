@@ -13,8 +13,8 @@ serves every decode step. Two kernels:
 - ``_decode_combine_kernel``, grid (B * H,): merges the SPLITS partials by their log-sum-exps into the output (the
   query's dtype) and the float32 lse of the row and head. With ``CAPTURE`` it then writes, for the first
   ``capture_rows`` rows, the probability of each of the row's ``n_slots`` object keys,
-  ``exp(q . k_s * scale - lse)`` (0 for a slot outside the row's [start, end)), computed from the same scaled query and the same lse as the output: no extra pass
-  over the cache.
+  ``exp(q . k_s * scale - lse)`` (0 for a slot outside the row's [start, end)), computed from the same scaled query
+  and the same lse as the output: no extra pass over the cache.
 
 All arithmetic is float32 whatever the cache dtype. ``ospo_fast.ops.decode_attention`` launches them, picks SPLITS
 from the shape only (never from the step, so a CUDA graph replays) and holds the PyTorch reference.

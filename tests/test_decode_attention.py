@@ -68,9 +68,10 @@ def test_decode_attention_equals_sdpa_over_the_masked_cache(backend, shape, dtyp
     low, _ = _sdpa_oracle(q, k, v, start, end, scale, dtype)  # SDPA's own error in this dtype
     assert out.dtype == dtype and out.shape == q.shape
     own_error = (low.double() - exact).abs().max().item()
-    rounding = torch.finfo(dtype).eps * exact.abs().max().item()  # one rounding of the output (the interpreter truncates)
+    rounding = torch.finfo(dtype).eps * exact.abs().max().item()  # one output rounding (the interpreter truncates)
     assert (out.double() - exact).abs().max().item() <= 2 * own_error + rounding
-    picked = exact_probs[:capture_rows].gather(2, slots[:capture_rows, None, :].clamp(min=0).expand(-1, shape[1], -1))
+    index = slots[:capture_rows, None, :].clamp(min=0).expand(-1, shape[1], -1)  # (R, H, S)
+    picked = exact_probs[:capture_rows].gather(2, index)
     torch.testing.assert_close(probs.double(), picked, atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=1e-4)
     assert lse.dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 1e-3  # bfloat16: the CPU flash kernel scales q in bf16

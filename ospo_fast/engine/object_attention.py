@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterator
 
 import torch
+
 from ospo_fast.engine.attention import engine_attention_on
 from ospo_fast.engine.prompts import image_prompt_inputs, position_ids_from_mask
 from ospo_fast.ops.object_masks import CapturedScores, maps_from_scores_ref, select_layers

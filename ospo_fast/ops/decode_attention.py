@@ -105,9 +105,9 @@ def num_splits(rows_heads: int, max_keys: int, multiprocessors: int) -> int:
 
 
 def _decode_attention_triton(q, k, v, start, end, scale, slots, capture_rows, splits: int | None = None):
-    from ospo_fast.kernels.decode_attention import _decode_combine_kernel, _decode_partial_kernel
-
     import triton
+
+    from ospo_fast.kernels.decode_attention import _decode_combine_kernel, _decode_partial_kernel
 
     b, h, d = q.shape
     if splits is None:
@@ -132,8 +132,9 @@ def _decode_attention_triton(q, k, v, start, end, scale, slots, capture_rows, sp
     probs = torch.empty(capture_rows if capture else 0, h, n_slots, dtype=torch.float32, device=q.device)
     slots32 = slots[:capture_rows].clamp(min=0).to(torch.int32).contiguous() if capture else start32
     _decode_combine_kernel[(b * h,)](
-        part_out, part_lse, out, lse, q, k, start32, end32, slots32, probs, out.stride(0), out.stride(1), q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2), h, groups, scale, capture_rows if capture else 0, max(n_slots, 1),
+        part_out, part_lse, out, lse, q, k, start32, end32, slots32, probs, out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), h, groups, scale,
+        capture_rows if capture else 0, max(n_slots, 1),
         HEAD_DIM=d, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(max(n_slots, 1)),
         CAPTURE=capture, num_warps=4)
     return out, lse, probs
