@@ -4,8 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
+from ospo_fast.engine.sampling import counter_uniform, filter_logits
 from ospo_fast.engine.text_gen import (
     TextSampling,
     chat_inputs,
@@ -80,14 +83,36 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(bundle, to
 
 
 class _HostSyncs(TorchDispatchMode):
-    """Counts aten._local_scalar_dense: every tensor -> Python scalar (bool(t), t.item()) synchronises the host."""
+    """Counts host synchronisations, ``count``: aten._local_scalar_dense, every tensor -> Python scalar (bool(t),
+    t.item()); and ``hash_builds``: aranges of ``vocab`` entries (the sampler's ``entry_keys`` built again)."""
+
+    def __init__(self, vocab: int = 0):
+        super().__init__()
+        self.vocab = vocab
+        self.count = self.hash_builds = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        elif func.overloadpacket is torch.ops.aten.arange and out.numel() == self.vocab:
+            self.hash_builds += 1
+        return out
+
+
+class _HostData(TorchFunctionMode):
+    """Counts tensors made from Python data (torch.tensor / as_tensor / asarray of a non-tensor, e.g. the step as
+    an int): on CUDA each is a host-to-device copy from pageable memory, which waits for the stream. Writing a
+    Python scalar into a slice is not one (CUDA fills it with the scalar as a kernel argument)."""
+
+    MAKERS = (torch.tensor, torch.as_tensor, torch.asarray)
 
     def __init__(self):
         super().__init__()
         self.count = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.MAKERS and args and not isinstance(args[0], torch.Tensor):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -104,6 +129,61 @@ def test_the_host_syncs_once_per_stop_check_and_the_rows_do_not_change(bundle, g
     expected = generate_text_ids(bundle, CONVERSATIONS, dataclasses.replace(config, stop_check_every=1), [0, 1, 2])
     assert rows == expected and rows[1] == greedy_rows[1][:greedy_rows[1].index(stop)]
     assert stop_check_interval("cpu") == 1 and stop_check_interval("cuda") == 16
+
+
+def test_seeded_decoding_keeps_its_step_and_hash_on_the_device(bundle):
+    """Issue #33: the step was a Python int (a host-to-device copy per token) and the 102,400-entry hash was built
+    per token. Per token, measured as the difference between 16 and 8 tokens: no tensor from host data, no hash
+    build, one host sync per stop check (here every 8 tokens); the hash is built once per call. The code before
+    counted 1 tensor from host data and 1 hash build per token here."""
+    vocab = bundle.model.lm_head.weight.shape[0]
+    counts = {}
+    for new in (8, 16):
+        config = TextSampling(temperature=1.0, top_p=0.9, max_new_tokens=new, stop_check_every=8,
+                              stop_token_ids=[vocab])  # out of the vocabulary: no row stops, every token is decoded
+        with _HostSyncs(vocab) as syncs, _HostData() as host_data:
+            rows = generate_text_ids(bundle, CONVERSATIONS, config, [0, 1, 2])
+        assert [len(r) for r in rows] == [new] * 3
+        counts[new] = (syncs.count, host_data.count, syncs.hash_builds)
+    assert counts[8][2] == counts[16][2] == 1  # one hash build per call
+    assert counts[16][1] == counts[8][1]  # no host data per token
+    assert counts[16][0] - counts[8][0] == 1  # the one extra stop check
+
+
+class _CounterGumbel(LogitsProcessor):
+    """The sampler's draw as a transformers logits processor, step as a Python int and the hash built per call
+    (the old text loop's path): filtered logits / T + Gumbel noise of (seed, step, entry); greedy search over
+    these scores then takes argmax, the seeded draw."""
+
+    def __init__(self, seed: int, prompt_len: int, config: TextSampling):
+        self.seed, self.prompt_len, self.config = torch.tensor([seed]), prompt_len, config
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_len
+        scaled = filter_logits(scores.float() / self.config.temperature, self.config.top_k, self.config.top_p)
+        return scaled - torch.log(-torch.log(counter_uniform(self.seed, step, scores.shape[-1])))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.8)])
+def test_seeded_rows_equal_transformers_generate_with_the_counter_noise(bundle, greedy_rows, temperature, top_k,
+                                                                         top_p):
+    """Same seeds, same tokens: each row alone through transformers' generate, its scores drawn with the
+    sampler's counter noise at a Python-int step (the path before the device-side step), against the batched
+    loop with its device step and once-built hash (a stop check every 16 tokens, CUDA's interval)."""
+    config = TextSampling(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=NEW,
+                          stop_check_every=16)
+    seeds = [11, 12, 13]
+    rows = generate_text_ids(bundle, CONVERSATIONS, config, seeds)
+    eos = bundle.tokenizer.eos_token_id
+    for conv, seed, row in zip(CONVERSATIONS, seeds, rows):
+        ids, mask = chat_inputs(bundle, [conv])
+        noise = LogitsProcessorList([_CounterGumbel(seed, ids.shape[1], config)])
+        # GenerationMixin's generate: Janus's own drops logits_processor in text mode (it passes guidance_scale=None)
+        out = GenerationMixin.generate(bundle.model, ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+                                       logits_processor=noise, eos_token_id=eos, guidance_scale=None)
+        reference = out[0, ids.shape[1]:].tolist()
+        assert row == (reference[:reference.index(eos)] if eos in reference else reference)
+    assert len({tuple(r) for r in rows}) == 3 and rows != greedy_rows  # the noise drew other tokens
 
 
 def test_generate_text_decodes_without_special_tokens(bundle):

@@ -9,7 +9,9 @@ Sized per device: the KV cache is a growing ``DynamicCache`` everywhere (attenti
 preallocated static cache pays only under CUDA graphs, and text rows stop at very different lengths), and the
 stop check, the one host synchronisation of the loop, runs every ``stop_check_interval(device)`` tokens (CPU: every
 token, since ops there run synchronously and stopping early saves work; CUDA: every 16, so the GPU runs ahead of
-Python). Tokens decoded after a row's stop are masked out, so the result does not depend on the interval.
+Python). Tokens decoded after a row's stop are masked out, so the result does not depend on the interval. The
+step counter (a 0-d int64 tensor advanced in place) and the sampler's hash of the vocabulary (``entry_keys``, built
+once per call) live on the device, so between stop checks no token moves data from the host or waits for it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from ospo_fast.engine.prompts import position_ids_from_mask
-from ospo_fast.engine.sampling import sample_next
+from ospo_fast.engine.sampling import entry_keys, sample_next
 
 
 @dataclass
@@ -96,12 +98,18 @@ def generate_text_ids(bundle, conversations: list[list[dict]], config: TextSampl
     lm = model.model.language_model
     out = torch.full((batch, config.max_new_tokens), -1, dtype=torch.int64, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    step = torch.zeros((), dtype=torch.int64, device=device)  # the sampler's token index, advanced in place
+    keys = None  # entry_keys(V): the vocabulary's part of the sampler's hash, built at the first seeded step
     embeds = lm.get_input_embeddings()(input_ids)  # (B, T, H)
     for i in range(config.max_new_tokens):
         step_mask = _attention_mask(full_mask, prompt_len, i)
         hidden = lm(inputs_embeds=embeds, attention_mask=step_mask, position_ids=positions,
                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # (B, H)
-        token = sample_next(model.lm_head(hidden), seeds_t, i, config.temperature, config.top_k, config.top_p)
+        logits = model.lm_head(hidden)  # (B, V)
+        if keys is None and config.temperature > 0:
+            keys = entry_keys(logits.shape[-1], device)
+        token = sample_next(logits, seeds_t, step, config.temperature, config.top_k, config.top_p, keys=keys)
+        step += 1
         token = token.masked_fill(done, -1)
         out[:, i] = token
         done |= torch.isin(token, stops)
