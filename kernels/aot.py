@@ -35,7 +35,9 @@ import torch
 V_JANUS = 16_384  # Janus-Pro-1B/7B image vocabulary (the SimPO loss's V)
 P_JANUS = 24 * 24  # Janus-Pro-1B/7B image-token grid at 384 px (the object maps' P)
 ARCHS = (80, 90)  # A100, H100
-MODULES = ("ospo_fast.kernels.object_masks", "ospo_fast.kernels.simpo_loss")
+MODULES = ("ospo_fast.kernels.decode_attention", "ospo_fast.kernels.object_masks", "ospo_fast.kernels.simpo_loss")
+JANUS_HEADS = {"1B": 16, "7B": 32}  # query heads (= kv heads: MHA) of Janus-Pro-1B and 7B; head dim 128 for both
+H100_SMS = 132
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,40 @@ def _object_masks_launches() -> list[Launch]:
             otsu_scale=0.8), dict(NBINS=k.NBINS, KERNEL=5))]
 
 
-LAUNCHES = {"ospo_fast.kernels.object_masks": _object_masks_launches,
+def _decode_attention_launches() -> list[Launch]:
+    """The image engine's decode step in bf16 at the 1B and 7B shapes, 16 and 256 images (2 rows each under CFG),
+    a 64-token prompt bucket + 577 slots; SPLITS as the launcher picks it for an H100; the combine kernel with and
+    without the capture (4 objects x 4 sub-tokens, the engine's buckets)."""
+    from ospo_fast.kernels import decode_attention as k
+
+    from ospo_fast.ops.decode_attention import BLOCK_N, num_splits
+
+    out, d, slots_len = [], 128, 64 + 577
+    for model, heads in JANUS_HEADS.items():
+        for images in (16, 256):
+            rows = 2 * images
+            splits = num_splits(rows * heads, slots_len, H100_SMS)
+            kv = dict(stride_kb=heads * slots_len * d, stride_kh=slots_len * d, stride_kn=d)
+            case = f"bfloat16 {model} batch={images} splits={splits}"
+            out.append(Launch(k.__name__, "_decode_partial_kernel", case, dict(
+                q_ptr=torch.bfloat16, k_ptr=torch.bfloat16, v_ptr=torch.bfloat16, start_ptr=torch.int32,
+                end_ptr=torch.int32, part_out_ptr=torch.float32, part_lse_ptr=torch.float32, stride_qb=heads * d,
+                stride_qh=d, **kv, stride_vb=kv["stride_kb"], stride_vh=kv["stride_kh"], stride_vn=d,
+                n_heads=heads, groups=1, scale=d ** -0.5),
+                dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_N=BLOCK_N, SPLITS=splits, num_warps=4)))
+            for capture in (False, True):
+                out.append(Launch(k.__name__, "_decode_combine_kernel", f"{case} capture={capture}", dict(
+                    part_out_ptr=torch.float32, part_lse_ptr=torch.float32, out_ptr=torch.bfloat16,
+                    lse_ptr=torch.float32, q_ptr=torch.bfloat16, k_ptr=torch.bfloat16, start_ptr=torch.int32,
+                    end_ptr=torch.int32, slots_ptr=torch.int32, probs_ptr=torch.float32, stride_ob=heads * d,
+                    stride_oh=d, stride_qb=heads * d, stride_qh=d, **kv, n_heads=heads, groups=1,
+                    scale=d ** -0.5, capture_rows=images if capture else 0, n_slots=16),
+                    dict(HEAD_DIM=d, BLOCK_D=d, SPLITS=splits, BLOCK_S=16, CAPTURE=capture, num_warps=4)))
+    return out
+
+
+LAUNCHES = {"ospo_fast.kernels.decode_attention": _decode_attention_launches,
+            "ospo_fast.kernels.object_masks": _object_masks_launches,
             "ospo_fast.kernels.simpo_loss": _simpo_launches}
 
 
