@@ -173,3 +173,32 @@ def test_left_padding_in_the_middle_of_a_prompt_is_refused(bundle):
     with pytest.raises(ValueError, match="left-padded"):
         decoder.start(ids, mask, torch.zeros(1, dtype=torch.int64), None)
     assert dataclasses.is_dataclass(decoder.slots)
+
+
+def test_one_decoder_per_process_the_old_cache_freed_before_the_new(bundle, monkeypatch):
+    """``images.batch_size: auto`` plans memory for one KV cache: a call with another prompt bucket or object
+    bucket must drop the previous decoder (its cache) before it allocates the next one."""
+    import gc
+    import weakref
+
+    from ospo_fast.engine import image_gen
+
+    image_gen._POOL.clear()
+    alive: list[weakref.ref] = []
+    built_with_others_alive = []
+    original = image_gen._Decoder.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        gc.collect()
+        built_with_others_alive.append(sum(ref() is not None for ref in alive))
+        original(self, *args, **kwargs)
+        alive.append(weakref.ref(self.cache))
+
+    monkeypatch.setattr(image_gen._Decoder, "__init__", tracking_init)
+    config = ImageConfig(temperature=1.0, compile=False, batch_size=2)
+    long_prompt = "a red car " * 30  # a second prompt bucket (> 64 tokens)
+    generate_images(bundle, PROMPTS[:2], [0, 1], config)
+    generate_images(bundle, [long_prompt, "a cat"], [0, 1], config)
+    generate_images(bundle, PROMPTS[:2], [0, 1], config, objects=OBJECTS[:2])  # an object bucket
+    assert built_with_others_alive == [0, 0, 0]
+    assert len(image_gen._POOL._pool) == 1

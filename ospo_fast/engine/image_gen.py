@@ -234,23 +234,30 @@ class _Decoder:
 
 class _DecoderPool:
     """Decoders kept across calls: CUDA graphs replay only while the state tensors keep their addresses,
-    so a (model, shape, device) reuses one decoder; least recently used first out beyond ``limit``. Each holds a
-    whole KV cache (Janus-Pro-7B, 16 images of a 256-token bucket: about 13 GB in bf16), hence a small limit; a
-    shape evicted and met again costs a CUDA-graph re-recording, not a recompilation."""
+    so a (model, shape, device) reuses its decoder. Each holds a whole KV cache (Janus-Pro-7B, 16 images of a
+    256-token bucket: about 13 GB in bf16), and ``images.batch_size: auto`` plans memory for one; so the pool keeps
+    ``limit`` (1) decoders and drops the others *before* it builds a new one, so two caches are never alive at
+    once. A shape met again after another costs a new cache and a CUDA-graph re-recording, not a recompilation."""
 
-    def __init__(self, limit: int = 2):
+    def __init__(self, limit: int = 1):
         self.limit = limit
         self._pool: dict[tuple, _Decoder] = {}
 
     def get(self, model, shape: _Shape, device: torch.device) -> _Decoder:
         key = (id(model), shape, str(device))
         decoder = self._pool.pop(key, None)
-        if decoder is None or decoder.model is not model:
-            decoder = _Decoder(model, shape, device)
-        while len(self._pool) >= self.limit:
+        if decoder is not None and decoder.model is not model:
+            decoder = None
+        while len(self._pool) >= self.limit:  # free before allocating
             self._pool.pop(next(iter(self._pool)))
+        if decoder is None:
+            decoder = _Decoder(model, shape, device)
         self._pool[key] = decoder
         return decoder
+
+    def clear(self) -> None:
+        """Drop every decoder (and its cache)."""
+        self._pool.clear()
 
 
 _POOL = _DecoderPool()
