@@ -11,6 +11,8 @@ weights, no memory); FLOPs of the convolutional parts (VQ decoder, SigLIP tower)
 - time of a decode step = max(bytes read / bandwidth, FLOPs / peak) + per-step overhead (roofline); prefill,
   VQ decode, Self-VQA and training = FLOPs / (peak x efficiency) (``Device``);
 - ``plan_run``: per stage the work (generations, tokens, FLOPs, bytes), the batch, memory per device and hours.
+- ``synthesis_floor``: the memory-bandwidth floor of one image (CFG: 2 rows; the KV its attention reads, plus the
+  weights once per step shared by the batch) at the device's full bandwidth; ``ospo-fast plan`` prints it.
 
 Units: bytes, FLOPs, seconds. Nothing here queries a device at import time.
 """
@@ -561,6 +563,81 @@ def train_step_seconds(shape: ModelShape, pairs: int, device: Device, lora: bool
             + ops.train * device.op_overhead)
 
 
+# ------------------------------------------------------------------------------------------------ the floor
+
+@dataclass(frozen=True)
+class SynthesisShape:
+    """What the bandwidth floor of image synthesis needs of a model and a run: ``layers``, ``kv_width``
+    (num_key_value_heads x head_dim), ``prompt_len`` and ``image_tokens`` (tokens), ``weight_bytes`` (the weights
+    one decode step reads: decoder, generation aligner and head), ``kv_dtype_bytes`` (2: bf16) and ``rows`` per
+    image (2: CFG's conditional and unconditional rows)."""
+
+    layers: int
+    kv_width: int
+    prompt_len: int
+    image_tokens: int
+    weight_bytes: float
+    kv_dtype_bytes: int = 2
+    rows: int = 2
+
+    @classmethod
+    def of(cls, shape: ModelShape, prompt_len: int = IMAGE_PROMPT_TOKENS, dtype: str = "bfloat16") -> SynthesisShape:
+        """The floor's shape of a ``ModelShape`` with weights and KV cache in ``dtype``."""
+        b = DTYPE_BYTES[dtype]
+        return cls(shape.layers, shape.kv_heads * shape.head_dim, prompt_len, shape.image_tokens,
+                   float(shape.image_step_params * b), b)
+
+    @property
+    def kv_bytes_per_image(self) -> float:
+        """KV bytes an image's rows read while it is drawn: image token t (t = 0 .. N - 1) attends to the prompt
+        and the t tokens before it, so rows x sum_t (prompt + t) = rows x (N x prompt + N (N - 1) / 2) cached
+        tokens, each layers x 2 (K, V) x kv_width x kv_dtype_bytes."""
+        n = self.image_tokens
+        tokens = n * self.prompt_len + n * (n - 1) // 2
+        return float(self.rows * tokens * self.layers * 2 * self.kv_width * self.kv_dtype_bytes)
+
+
+@dataclass(frozen=True)
+class SynthesisFloor:
+    """The bandwidth floor of one image at ``batch`` images per batch on a device of ``bandwidth`` bytes/s (the
+    full datasheet figure, no efficiency factor): bytes per image = its KV reads + the weights read once per step
+    (N steps) shared by the batch; seconds per image = bytes / bandwidth."""
+
+    batch: int
+    bandwidth: float
+    kv_bytes: float
+    weight_bytes: float
+    bytes_per_image: float
+    seconds_per_image: float
+    images_per_s: float
+
+
+def synthesis_floor(model: SynthesisShape, batch: int, device: Device) -> SynthesisFloor:
+    """Bytes, seconds and images/s of one image at the memory-bandwidth floor of ``device`` (only its
+    ``bandwidth`` is used): no kernel reads less than the KV cache its attention needs and the weights once per
+    step. Janus-Pro-1B shape (24 layers x 2048) at a 64-token prompt: 79.6 GB of KV per image; 7B (30 x 4096):
+    199 GB. ``batch``: images per batch (e.g. ``cache_batch``)."""
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1 images")
+    weights = model.image_tokens * model.weight_bytes / batch
+    total = model.kv_bytes_per_image + weights
+    seconds = total / device.bandwidth
+    return SynthesisFloor(batch, device.bandwidth, model.kv_bytes_per_image, weights, total, seconds, 1 / seconds)
+
+
+def cache_batch(shape: ModelShape, device: Device, prompt_len: int = IMAGE_PROMPT_TOKENS, dtype: str = "bfloat16",
+                margin: float = MARGIN_FRACTION) -> int:
+    """The largest batch whose weights and static KV cache (``image_kv_bytes``) fit ``device.memory`` x (1 -
+    margin): the floor's batch (activations left out; ``auto_batch`` counts them and picks fewer)."""
+    b = DTYPE_BYTES[dtype]
+    free = device.memory * (1 - margin) - shape.total_params * b
+    per_image = image_kv_bytes(shape, 1, prompt_len, b)
+    if free < per_image:
+        raise ValueError(f"{device.name}: the weights ({shape.total_params * b / GiB:.2f} GiB) leave "
+                         f"{max(free, 0) / GiB:.2f} GiB, less than one image's KV cache ({per_image / GiB:.2f} GiB)")
+    return int(free // per_image)
+
+
 @dataclass
 class StagePlan:
     """One stage of ``plan_run``: work, batch, memory per device, predicted seconds (for the whole run)."""
@@ -673,8 +750,18 @@ def plan_run(config, shape: ModelShape, device: Device, devices: int = 1) -> lis
     return out
 
 
-def format_plan(stages: list[StagePlan], device: Device, devices: int, title: str = "") -> str:
-    """The plan as a fixed-width table plus totals and the stated assumptions."""
+def floor_line(floor: SynthesisFloor, device: Device, predicted_images_per_s: float) -> str:
+    """The images stage's floor as one line under the plan: bytes per image (KV + weights at the row's batch),
+    images/s per GPU at the full bandwidth, and the images row's prediction (images/s per GPU, fraction)."""
+    return (f"floor of images: {floor.bytes_per_image / 1e9:.1f} GB/image (KV {floor.kv_bytes / 1e9:.1f} + weights "
+            f"{floor.weight_bytes / 1e9:.1f} at batch {floor.batch}) = {floor.images_per_s:.1f} images/s per GPU at "
+            f"{device.bandwidth / 1e12:.2f} TB/s (the images row: {predicted_images_per_s:.1f}, "
+            f"{predicted_images_per_s / floor.images_per_s:.0%})")
+
+
+def format_plan(stages: list[StagePlan], device: Device, devices: int, title: str = "",
+                notes: tuple[str, ...] = ()) -> str:
+    """The plan as a fixed-width table, ``notes`` (lines under it), totals and the stated assumptions."""
     head = (f"{'stage':<10}{'work':>10}{'tokens':>11}{'TFLOP':>12}{'TB read':>10}{'batch':>7}"
             f"{'GiB/GPU':>9}{'hours':>9}  note")
     lines = [title] if title else []
@@ -685,6 +772,7 @@ def format_plan(stages: list[StagePlan], device: Device, devices: int, title: st
         fits = "" if s.memory <= device.memory * (1 - MARGIN_FRACTION) else "  DOES NOT FIT"
         lines.append(f"{s.stage:<10}{s.generations:>10}{s.tokens:>11.3g}{s.flops / 1e12:>12.4g}{s.bytes / 1e12:>10.3g}"
                      f"{s.batch!s:>7}{s.memory / GiB:>9.1f}{s.seconds / 3600:>9.2f}  {s.note}{fits}")
+    lines += notes
     total = sum(s.seconds for s in stages)
     lines.append(f"total: {total / 3600:.2f} hours wall on {devices} GPUs ({total * devices / 3600:.1f} GPU-hours)")
     lines.append(f"assumes: image prompt {IMAGE_PROMPT_TOKENS} tokens, base prompt {BASE_PROMPT_TOKENS}, text request "
@@ -707,4 +795,9 @@ def plan_report(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
     title = (f"plan for preset {preset} ({config.model.path}, {config.model.dtype}; {shape.total_params / 1e9:.2f}B "
              f"parameters, {shape.layers} layers, hidden {shape.hidden}): {config.prompts.num_prompts} prompts x "
              f"{config.perturb.num_perturbations} perturbations")
-    return format_plan(plan_run(config, shape, device, gpus), device, gpus, title)
+    stages = plan_run(config, shape, device, gpus)
+    images = next(s for s in stages if s.stage == "images")
+    model = SynthesisShape.of(shape, IMAGE_PROMPT_TOKENS, config.model.dtype)
+    floor = synthesis_floor(model, int(images.batch), device)
+    line = floor_line(floor, device, images.generations / gpus / images.seconds)
+    return format_plan(stages, device, gpus, title, notes=(line,))

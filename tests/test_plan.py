@@ -190,3 +190,62 @@ def test_fullsize_memory_plan_prints_every_stage():
     assert f"({shape.params['total']:,})" in text
     for name in ("stage 3 images", "stage 4 Self-VQA", "LoRA training (ckpt)", "h100: images"):
         assert name in text
+
+
+@pytest.mark.parametrize("kind,gpu,batch,images_per_s,issue", [
+    ("janus-pro-1b-shape", "h100", 270, 39.39, 39), ("janus-pro-7b-shape", "h100", 92, 12.12, 12),
+    ("janus-pro-1b-shape", "h200", 488, 58.10, 57), ("janus-pro-7b-shape", "h200", 179, 20.10, 20),
+    ("janus-pro-1b-shape", "a100-80gb", 270, 23.97, 24), ("janus-pro-7b-shape", "a100-80gb", 92, 7.38, 7)])
+def test_synthesis_floor_reproduces_the_issue_figures(kind, gpu, batch, images_per_s, issue):
+    """Issue #33's floor: bf16 KV, CFG, 576 image tokens, a 64-token prompt, at the largest batch whose weights and
+    static KV cache fit the GPU less the 10% margin (``cache_batch``). KV read per image by hand: 2 rows x (576 x 64
+    + 576 x 575 / 2) cached tokens x layers x 2 x kv width x 2 bytes = 79.6 GB (1B: 24 x 2048), 199 GB (7B: 30 x
+    4096); the weights of a step once per step, shared by the batch. The issue's 'about' figures are these rounded,
+    except H200 1B: 58.1 here for its 'about 57'."""
+    shape = plan.model_shape(plan.kind_config(kind), count_flops=False)
+    device = plan.GPUS[gpu]
+    model = plan.SynthesisShape.of(shape, prompt_len=64)
+    layers, width = (24, 2048) if "1b" in kind else (30, 4096)
+    assert (model.layers, model.kv_width, model.image_tokens, model.kv_dtype_bytes) == (layers, width, 576, 2)
+    assert model.kv_bytes_per_image == 2 * (576 * 64 + 576 * 575 // 2) * layers * 2 * width * 2
+    assert model.kv_bytes_per_image == {24: 79_612_084_224, 30: 199_030_210_560}[layers]
+
+    assert plan.cache_batch(shape, device, prompt_len=64) == batch
+    fits = lambda b: shape.total_params * 2 + plan.image_kv_bytes(shape, b, 64, 2) <= 0.9 * device.memory
+    assert fits(batch) and not fits(batch + 1)
+
+    floor = plan.synthesis_floor(model, batch, device)
+    assert floor.weight_bytes == 576 * shape.image_step_params * 2 / batch
+    assert floor.bytes_per_image == floor.kv_bytes + floor.weight_bytes
+    assert floor.seconds_per_image == floor.bytes_per_image / device.bandwidth
+    assert floor.images_per_s == pytest.approx(images_per_s, abs=0.005)
+    assert floor.images_per_s == pytest.approx(issue, abs=1.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        floor.batch = 1
+
+
+def test_synthesis_floor_falls_with_the_batch_to_the_kv_reads():
+    model = plan.SynthesisShape(layers=2, kv_width=8, prompt_len=4, image_tokens=3, weight_bytes=1e3)
+    device = plan.Device("test", memory=1e9, bandwidth=1e4, peak_flops=1.0, source="test")
+    kv = 2 * (3 * 4 + 3) * 2 * 2 * 8 * 2  # rows x (N x prompt + N (N - 1) / 2) x layers x (K, V) x width x bytes
+    one, many = plan.synthesis_floor(model, 1, device), plan.synthesis_floor(model, 1000, device)
+    assert one.bytes_per_image == kv + 3 * 1e3 and many.bytes_per_image == kv + 3.0
+    assert one.images_per_s == pytest.approx(1e4 / (kv + 3e3)) and many.images_per_s > one.images_per_s
+    with pytest.raises(ValueError, match="batch=0"):
+        plan.synthesis_floor(model, 0, device)
+
+
+@pytest.mark.parametrize("preset,gpu", [("janus-pro-1b", "h100"), ("janus-pro-7b", "h200")])
+def test_cli_plan_prints_the_images_floor(capsys, preset, gpu):
+    """The line under the table: bytes per image and the floor images/s at the images row's batch and the plan's
+    image prompt, on the chosen GPU."""
+    from ospo_fast.cli import main
+
+    assert main(["plan", "--preset", preset, "--gpu", gpu]) == 0
+    out = capsys.readouterr().out
+    batch = int(next(line.split()[5] for line in out.splitlines() if line.startswith("images ")))
+    shape = plan.model_shape(plan.kind_config(f"{preset}-shape"), count_flops=False)
+    floor = plan.synthesis_floor(plan.SynthesisShape.of(shape), batch, plan.GPUS[gpu])
+    line = next(line for line in out.splitlines() if line.startswith("floor of images:"))
+    assert f"{floor.bytes_per_image / 1e9:.1f} GB/image" in line and f"at batch {batch})" in line
+    assert f"= {floor.images_per_s:.1f} images/s per GPU at {plan.GPUS[gpu].bandwidth / 1e12:.2f} TB/s" in line
