@@ -1,6 +1,7 @@
 """The one module that says where a test's tensors live; GPU-only tests skip through it.
 
-- ``requires_cuda``: skip without a CUDA device.
+- ``requires_cuda``: skip without a CUDA device; ``requires_two_gpus``: skip with fewer than two (NCCL tests).
+- ``CUDA_GATES``: these marks; ``make gpu-check`` runs the tests they (or ``TRITON``) gate.
 - ``DEVICES`` / the ``device`` fixture (tests/conftest.py): "cpu" always, "cuda" when a device exists.
 - ``triton_device()``: where a Triton kernel's inputs must live: CPU tensors under ``TRITON_INTERPRET=1`` (how CI
   runs the kernels), CUDA tensors otherwise; None when neither can run (no triton, or no CUDA and no interpreter).
@@ -18,6 +19,9 @@ import torch
 from ospo_fast._backend import triton_available
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                       reason="needs two CUDA devices")
+CUDA_GATES = (requires_cuda, requires_two_gpus)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
