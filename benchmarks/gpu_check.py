@@ -19,9 +19,9 @@ the parts in order of value, each with its own time cap:
 
 Every row (device, date, commit, command) is appended to BENCHMARKS.md and ``benchmarks/results.jsonl`` the moment it
 is measured (append, flush, fsync), so a kill keeps everything before it. Compile seconds are rows of their own;
-synthesis rows give images/s and their fraction of the KV-read floor of that GPU (``synthesis_floor``). A part that
-passes its cap is stopped (SIGALRM), recorded as such, and the next part runs; a watchdog thread ends the whole run
-at ``--budget`` (default 480 s, one H100) plus a few seconds' grace, after writing a row.
+synthesis rows give images/s and their fraction of that GPU's bandwidth floor (``ospo_fast.plan.synthesis_floor``).
+A part that passes its cap is stopped (SIGALRM), recorded as such, and the next part runs; a watchdog thread ends
+the whole run at ``--budget`` (default 480 s, one H100) plus a few seconds' grace, after writing a row.
 
 ``--dry-run`` runs the same code on the CPU at tiny shapes with small caps and writes its rows to temporary files
 (or ``--benchmarks-file`` / ``--results-file``); tests/test_gpu_check.py runs it. Without ``--dry-run`` a machine
@@ -374,27 +374,23 @@ def gpu_spec(name: str):
     return None
 
 
-def synthesis_floor(config, prompt_tokens: int = 64, dtype_bytes: int = 2) -> float:
-    """Bytes of KV cache one CFG image reads while it is drawn: 2 rows x sum over its N steps of the context
-    (``prompt_tokens`` + step) x (layers x 2 (K, V) x kv_heads x head_dim x ``dtype_bytes``). About 80 GB at the
-    Janus-Pro-1B shape (24 layers, 2048 wide), 200 GB at the 7B shape (30 x 4096). The weights each step reads are
-    shared by the batch and left out: the floor is what no batch size removes. ``config``: a ``JanusConfig``."""
-    text = config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * dtype_bytes
-    steps = config.vision_config.num_image_tokens
-    return float(2 * (steps * prompt_tokens + steps * (steps - 1) // 2) * per_token)
+def floor_text(bundle, prompts: list[str], device_name: str, images_per_s: float) -> str:
+    """'x images/s; y% of the floor' for a synthesis row: ``ospo_fast.plan.synthesis_floor`` (the KV each image's
+    two CFG rows read at these prompts' mean token count, plus the weights once per step shared by the batch) at
+    this GPU's datasheet bandwidth; 'floor unknown' for a GPU without one on record."""
+    from ospo_fast.engine.prompts import image_prompt_inputs
+    from ospo_fast.plan import SynthesisShape, model_shape, synthesis_floor
 
-
-def floor_text(config, device_name: str, images_per_s: float) -> str:
-    """'x images/s; y% of the floor' for a synthesis row, or 'floor unknown' for a GPU without a bandwidth on
-    record."""
     spec = gpu_spec(device_name)
     if spec is None:
         return f"{images_per_s:.2f} images/s; floor unknown ({device_name})"
-    floor = spec.bandwidth / synthesis_floor(config)
-    return (f"{images_per_s:.2f} images/s; {images_per_s / floor:.1%} of the KV-read floor {floor:.1f} images/s "
-            f"({spec.bandwidth / 1e12:.2f} TB/s)")
+    _, mask = image_prompt_inputs(bundle.processor, prompts)
+    shape = SynthesisShape.of(model_shape(bundle.model.config, count_flops=False),
+                              prompt_len=round(mask.sum(1).float().mean().item()), dtype="bfloat16")
+    floor = synthesis_floor(shape, len(prompts), spec)
+    return (f"{images_per_s:.2f} images/s; {images_per_s / floor.images_per_s:.1%} of the bandwidth floor "
+            f"{floor.images_per_s:.1f} images/s ({floor.bytes_per_image / 1e9:.1f} GB/image: KV "
+            f"{floor.kv_bytes / 1e9:.1f} + weights {floor.weight_bytes / 1e9:.1f}; {spec.bandwidth / 1e12:.2f} TB/s)")
 
 
 # ------------------------------------------------------------------------------------------------ parts
@@ -469,7 +465,7 @@ def _synthesis(ctx: Context, bundle, batch: int, label: str):
             result=f"{compile_s}; {graphs} graph(s), {breaks} graph breaks", compile_s=first - m.median_s)
     images_per_s = batch / m.median_s
     ctx.add(f"{engine}, {label}, {bundle.num_image_tokens} tokens, CFG", seconds=m.median_s, peak_mib=m.peak_mib,
-            result=floor_text(bundle.model.config, ctx.rows.device, images_per_s), images_per_s=images_per_s,
+            result=floor_text(bundle, prompts, ctx.rows.device, images_per_s), images_per_s=images_per_s,
             repeats=m.repeats)
     return m
 
@@ -489,7 +485,7 @@ def part_generate_1b_b16(ctx: Context) -> None:
     prompts, _ = make_prompts(batch)
     m = timed(ctx, "transformers generate", lambda: transformers_generate(bundle, prompts, ImageConfig()), repeats=2)
     ctx.add(f"transformers generate(generation_mode='image'), batch {batch}, same prompts", seconds=m.median_s,
-            peak_mib=m.peak_mib, result=floor_text(bundle.model.config, ctx.rows.device, batch / m.median_s),
+            peak_mib=m.peak_mib, result=floor_text(bundle, prompts, ctx.rows.device, batch / m.median_s),
             images_per_s=batch / m.median_s, repeats=m.repeats)
     engine = ctx.results.get("engine-b16")
     if engine is not None:

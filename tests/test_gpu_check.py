@@ -195,19 +195,25 @@ def test_pytest_lines_give_counts_and_failures_also_from_a_killed_run():
                                               ["tests/test_a.py::test_y[cuda-bfloat16]"])
 
 
-def test_synthesis_floor_is_the_kv_cache_each_image_reads():
-    """2 rows x sum over 576 steps of (64 + step) tokens x layers x 2 x width x 2 bytes: about 80 GB at the 1B
-    shape, 200 GB at the 7B; images/s = bandwidth / bytes."""
-    one = gpu_check.synthesis_floor(kind_config("janus-pro-1b-shape", 24))
-    seven = gpu_check.synthesis_floor(kind_config("janus-pro-7b-shape", 24))
-    steps = sum(64 + s for s in range(576))
-    assert one == 2 * steps * 24 * 2 * 2048 * 2 and one == pytest.approx(79.6e9, rel=1e-3)
-    assert seven == 2 * steps * 30 * 2 * 4096 * 2 and seven == pytest.approx(199.0e9, rel=1e-3)
-    text = gpu_check.floor_text(kind_config("janus-pro-1b-shape", 24), "NVIDIA H100 80GB HBM3", 21.0)
-    floor = 3.35e12 / one
-    assert text == f"21.00 images/s; {21.0 / floor:.1%} of the KV-read floor {floor:.1f} images/s (3.35 TB/s)"
-    assert gpu_check.floor_text(kind_config("tiny", 8), "NVIDIA GeForce RTX 4090", 5.0).endswith(
-        "floor unknown (NVIDIA GeForce RTX 4090)")
+def test_synthesis_rows_give_their_fraction_of_the_planners_floor():
+    """The floor of ``ospo_fast.plan.synthesis_floor`` at the batch and the prompts' mean length, on the datasheet
+    bandwidth of the GPU named; at a 64-token prompt the 1B shape reads 79.6 GB of KV per image."""
+    from ospo_fast.engine.prompts import image_prompt_inputs
+    from ospo_fast.plan import SynthesisShape, model_shape, synthesis_floor
+
+    bundle = gpu_check.build_bundle(gpu_check.Shape("tiny", 8), "cpu")
+    prompts = ["a red car", "a blue bench and a green apple on a wooden table"]
+    text = gpu_check.floor_text(bundle, prompts, "NVIDIA H100 80GB HBM3", 3.0)
+    lengths = image_prompt_inputs(bundle.processor, prompts)[1].sum(1).tolist()
+    shape = SynthesisShape.of(model_shape(bundle.model.config, count_flops=False), prompt_len=round(sum(lengths) / 2))
+    floor = synthesis_floor(shape, 2, GPUS["h100"])
+    assert min(lengths) < shape.prompt_len < max(lengths)
+    assert text.startswith(f"3.00 images/s; {3.0 / floor.images_per_s:.1%} of the bandwidth floor "
+                           f"{floor.images_per_s:.1f} images/s") and text.endswith("3.35 TB/s)")
+    one = SynthesisShape.of(model_shape(kind_config("janus-pro-1b-shape", 24), count_flops=False), prompt_len=64)
+    assert one.kv_bytes_per_image == pytest.approx(79.6e9, rel=1e-3)
+    assert gpu_check.floor_text(bundle, prompts, "NVIDIA GeForce RTX 4090", 5.0) == \
+        "5.00 images/s; floor unknown (NVIDIA GeForce RTX 4090)"
 
 
 @pytest.mark.parametrize("name,key", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
