@@ -12,9 +12,9 @@ from ospo_fast._backend import triton_interpret
 from ospo_fast.config import ImageConfig
 from ospo_fast.engine.image_gen import generate_images, image_prompt_inputs
 from ospo_fast.ops.decode_attention import decode_attention, num_splits
+from tests.gpu import TRITON, backend_device, requires_cuda, triton_device
 
-BACKENDS = ["ref", "sdpa", pytest.param("triton", marks=pytest.mark.skipif(
-    not triton_interpret(), reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1"))]
+BACKENDS = ["ref", "sdpa", TRITON]  # triton: CUDA tensors on a GPU, CPU tensors under TRITON_INTERPRET=1
 # (rows, query heads, kv heads, cache slots, head dim): MHA (Janus-Pro), GQA, MQA; odd sizes throughout
 SHAPES = [(3, 5, 5, 131, 24), (4, 6, 2, 77, 16), (2, 4, 1, 200, 32)]
 
@@ -63,7 +63,9 @@ def test_decode_attention_equals_sdpa_over_the_masked_cache(backend, shape, dtyp
     q, k, v, start, end, slots = _case(shape, dtype)
     scale = shape[-1] ** -0.5
     capture_rows = 2
-    out, lse, probs = decode_attention(q, k, v, start, end, scale, slots, capture_rows, backend=backend)
+    device = backend_device(backend)
+    out, lse, probs = (t.cpu() for t in decode_attention(*(t.to(device) for t in (q, k, v, start, end)), scale,
+                                                         slots.to(device), capture_rows, backend=backend))
     exact, exact_probs = _sdpa_oracle(q.double(), k.double(), v.double(), start, end, scale, torch.float64)
     low, _ = _sdpa_oracle(q, k, v, start, end, scale, dtype)  # SDPA's own error in this dtype
     assert out.dtype == dtype and out.shape == q.shape
@@ -78,7 +80,7 @@ def test_decode_attention_equals_sdpa_over_the_masked_cache(backend, shape, dtyp
     torch.testing.assert_close(lse.double(), _exact_lse(q, k, start, end, scale), atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(not triton_interpret(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(triton_device() is None, reason="triton needs a CUDA device or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("splits", [1, 2, 4, 8])
 def test_every_key_split_gives_the_same_attention(splits):
     """Split-K over the key axis (flash-decoding): partial softmaxes merged by their log-sum-exps; splits left
@@ -87,9 +89,11 @@ def test_every_key_split_gives_the_same_attention(splits):
 
     q, k, v, start, end, slots = _case((3, 4, 2, 300, 16), torch.float32, seed=1)
     ref = decode_attention_ref(q, k, v, start, end, 0.25, slots, 3)
-    got = _decode_attention_triton(q, k, v, start, end, 0.25, slots, 3, splits=splits)
+    device = triton_device()
+    got = _decode_attention_triton(*(t.to(device) for t in (q, k, v, start, end)), 0.25, slots.to(device), 3,
+                                   splits=splits)
     for a, b in zip(ref, got):
-        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(b.cpu(), a, atol=2e-6, rtol=1e-5)
 
 
 def test_splits_fill_the_gpu_at_small_batches_only():
@@ -202,3 +206,18 @@ def test_one_decoder_per_process_the_old_cache_freed_before_the_new(bundle, monk
     generate_images(bundle, PROMPTS[:2], [0, 1], config, objects=OBJECTS[:2])  # an object bucket
     assert built_with_others_alive == [0, 0, 0]
     assert len(image_gen._POOL._pool) == 1
+
+
+@requires_cuda
+def test_teacher_forced_maps_on_cuda_equal_the_cpus(bundle):
+    """The mask pass's lse from CUDA's memory-efficient attention (bias padded to 16 keys) gives the CPU flash
+    path's maps (float32 model, ragged prompts)."""
+    from ospo_fast.engine.object_attention import teacher_forced_object_maps
+    from ospo_fast.models import load_janus
+
+    tokens = torch.randint(0, bundle.model.config.vq_config.num_embeddings, (3, bundle.num_image_tokens),
+                           generator=torch.Generator().manual_seed(0))
+    cpu = teacher_forced_object_maps(bundle, PROMPTS, tokens, OBJECTS, layers=[1, 2])
+    cuda = teacher_forced_object_maps(load_janus("builtin:tiny-4", device="cuda"), PROMPTS, tokens, OBJECTS,
+                                      layers=[1, 2])
+    torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=1e-4)

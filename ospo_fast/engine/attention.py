@@ -6,8 +6,10 @@ modules run it without any patching of library code.
   reads only its filled cache slots, and with ``object_capture=`` the selected layers hand the capture the
   probabilities of the object keys computed from that kernel's own log-sum-exp.
 - Everything else (prefill, teacher-forced passes, a decode without ``decode_slots``) is transformers' SDPA with
-  the mask transformers builds for SDPA; with ``object_capture=`` the capture records the selected layers' queries
-  and keys (``ObjectAttentionCapture._record``).
+  the mask transformers builds for SDPA. With ``object_capture=``, a selected layer runs the same SDPA kernel
+  through the aten op that also returns its log-sum-exp (``attention_with_lse``: CPU flash attention, CUDA
+  memory-efficient attention) and hands the lse to the capture, which then scores only the object keys; a
+  capture with ``stop_after_last_layer`` ends the forward after its last layer (``ForwardStopped``).
 
 ``engine_attention_on(model)`` switches a model's language model to this implementation and back; it nests (an
 inner switch of a model already switched does nothing).
@@ -27,6 +29,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ospo_fast.ops.decode_attention import decode_attention
 
 ATTENTION_NAME = "ospo_engine"
+
+
+class ForwardStopped(Exception):
+    """Raised by the engine's attention after a capture's last selected layer when the capture asked for it
+    (``stop_after_last_layer``): a teacher-forced mask pass needs no later layer. Caught by that pass."""
 
 
 @dataclass
@@ -56,10 +63,48 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         if capture is not None:
             capture.record_probabilities(module.layer_idx, probs)  # (R, H, O*S)
         return out[:, None], None  # (B, 1, H, D)
-    if object_capture is not None:
-        object_capture._record(module.layer_idx, query, key, attention_mask, scale)
+    if object_capture is not None and object_capture.wants(module.layer_idx):
+        out, lse = attention_with_lse(query, key, value, attention_mask, scale)  # (B, H, Tq, D), (B, H, Tq)
+        object_capture._record(module.layer_idx, query, key, attention_mask, scale, lse=lse)
+        if object_capture.stop_after_last_layer and module.layer_idx == object_capture.layers[-1]:
+            raise ForwardStopped(module.layer_idx)
+        return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA that also returns the log-sum-exp of each query's scores, from the kernel SDPA itself runs.
+
+    query (B, H, Tq, D), key/value (B, Hkv, Tk, D) (GQA/MQA: repeated to H heads, as transformers' SDPA path
+    does), mask as transformers builds it for SDPA (bool (B|1, 1, Tq, Tk+), True = visible, or additive; None =
+    causal for Tq > 1). Returns out (B, H, Tq, D) in the query's dtype and lse (B, H, Tq) float32. CPU:
+    ``_scaled_dot_product_flash_attention_for_cpu`` (what ``F.scaled_dot_product_attention`` runs there); CUDA:
+    ``_scaled_dot_product_efficient_attention`` with ``compute_log_sumexp`` (its bias padded to 16 keys, as PyTorch
+    pads it)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    b, h, tq, _ = query.shape
+    tk = key.shape[2]
+    is_causal = mask is None and tq > 1
+    bias = None
+    if mask is not None:
+        mask = mask[:, :, :, :tk]
+        bias = mask.to(query.dtype) if mask.dtype != torch.bool else torch.zeros(
+            mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=bias, scale=scale)
+        return out, lse.float()
+    if bias is not None:  # the memory-efficient kernel wants the bias's rows 16-element aligned
+        padded = torch.zeros(*bias.shape[:-1], -(-tk // 16) * 16, dtype=bias.dtype, device=bias.device)
+        padded[..., :tk] = bias
+        bias = padded[..., :tk].expand(b, h, tq, tk)
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, bias, True, 0.0, is_causal, scale=scale)
+    return out, lse[..., :tq].float()
 
 
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -10,16 +10,19 @@ probabilities of just the S object keys::
 
 - In a decode step of the image engine the decode attention (``ops.decode_attention``) computes them from its own
   log-sum-exp over the filled slots (``record_probabilities``): no copy of K, no pass over the cache of its own.
-- In a multi-query forward (a teacher-forced pass) the logsumexp is streamed over query chunks whose (chunk, Tk)
-  score block for all heads stays under ``chunk_elements`` numbers (``_record``); the attention mask (left padding,
-  causality) is respected exactly as SDPA sees it.
+- In a multi-query forward (a teacher-forced pass, a prefill) the engine's attention computes the layer's output
+  and its log-sum-exp in one SDPA kernel (``engine.attention.attention_with_lse``) and hands the lse over
+  (``_record(..., lse=)``): the capture then scores only the S object keys, in blocks of ``chunk_elements`` numbers
+  (a fixed size per device). A teacher-forced pass stops after the last selected layer. Without an lse (``_record``
+  called directly) the logsumexp is streamed over query chunks of the full (chunk, Tk) score block. Either way
+  the attention mask (left padding, causality) is respected exactly as SDPA sees it.
 Captured values are averaged over heads, selected layers and sub-tokens into per-cell maps.
 
 Public API:
 - ``ObjectAttentionCapture(key_positions, layers, num_cells)`` with ``recording(model)``, ``set_cells(start)``,
   ``maps()``: forwards inside ``recording`` capture when called with ``object_capture=capture``; used by the
   compiled decode step (cells from its device step counter) or by a single teacher-forced forward;
-- ``capture_chunk_elements(device)``: the score-block size per device (CPU: cache-sized; CUDA: from free memory);
+- ``capture_chunk_elements(device)``: the score-block size per device (fixed: CPU cache-sized, CUDA 256 MiB);
 - ``object_token_positions(tokenizer, input_ids, objects)``: object words -> sub-token key positions;
 - ``teacher_forced_object_maps(bundle, prompts, image_tokens, objects, skip_layers)``: one batched forward of
   [chat prompt + <begin_of_image>] + image tokens -> (B, O, G, G) maps;
@@ -34,29 +37,21 @@ from collections.abc import Iterator
 
 import torch
 
-from ospo_fast.engine.attention import engine_attention_on
+from ospo_fast.engine.attention import ForwardStopped, engine_attention_on
 from ospo_fast.engine.prompts import image_prompt_inputs, position_ids_from_mask
 from ospo_fast.ops.object_masks import CapturedScores, maps_from_scores_ref, select_layers
 
 CPU_CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 scores: stays in a CPU core's caches
-MAX_CHUNK_ELEMENTS = 1 << 28  # 1 GiB of float32 scores
+CUDA_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 scores
 
 
-def capture_chunk_elements(device: torch.device | str, free_bytes: int | None = None) -> int:
-    """How many attention scores (queries x keys x heads x rows) the capture holds at once on ``device``.
-
-    CPU: ``CPU_CHUNK_ELEMENTS`` (cache-sized blocks are fastest there). CUDA: a sixteenth of the free memory
-    (``free_bytes``, default ``torch.cuda.mem_get_info``), counted as three float32 copies of the score block
-    (scores, exp, gather), between ``CPU_CHUNK_ELEMENTS`` and ``MAX_CHUNK_ELEMENTS``: at Janus-Pro shapes on an
-    80 GB GPU one chunk holds a few hundred queries, so a teacher-forced pass is a few chunks per layer, not
-    a hundred.
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return CPU_CHUNK_ELEMENTS
-    if free_bytes is None:
-        free_bytes = torch.cuda.mem_get_info(device)[0]
-    return int(min(MAX_CHUNK_ELEMENTS, max(CPU_CHUNK_ELEMENTS, free_bytes // 16 // (3 * 4))))
+def capture_chunk_elements(device: torch.device | str) -> int:
+    """How many attention scores (queries x keys x heads x rows) the capture holds at once on ``device``: a fixed
+    block, never a share of free memory (which the KV cache and CUDA graphs' pools make unpredictable). CPU:
+    ``CPU_CHUNK_ELEMENTS`` (cache-sized blocks are fastest there); CUDA: ``CUDA_CHUNK_ELEMENTS``. With the
+    attention's own lse the block holds only object-key scores: a Janus-Pro teacher-forced pass (16 images x 16
+    heads x 16 object keys) is one block per layer."""
+    return CUDA_CHUNK_ELEMENTS if torch.device(device).type == "cuda" else CPU_CHUNK_ELEMENTS
 
 
 class ObjectAttentionCapture:
@@ -96,6 +91,7 @@ class ObjectAttentionCapture:
         self._counts = torch.zeros(self.num_cells, device=device)  # (N,) layers recorded per cell
         self._start: int | torch.Tensor | None = None
         self._recording = False
+        self.stop_after_last_layer = False  # a teacher-forced pass needs no layer after the last selected one
         self.load(key_positions)
 
     def load(self, key_positions: torch.Tensor) -> None:
@@ -183,7 +179,9 @@ class ObjectAttentionCapture:
         self._accumulate(probs.sum(dim=1)[:, :, None])  # (B, O*S, 1)
 
     def _record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                scaling: float) -> None:
+                scaling: float, lse: torch.Tensor | None = None) -> None:
+        """Record the selected layer's queries (B', H, Tq, D) against keys (B', Hkv, Tk, D) under ``mask`` (as SDPA
+        receives it); lse (B', H, Tq) float32: the attention's own log-sum-exp, or None to compute it here."""
         if not self.wants(layer):
             return
         b, tq = self.batch_size, query.shape[2]
@@ -195,12 +193,12 @@ class ObjectAttentionCapture:
             if q0 >= q1:
                 return
             self._check_keys(key.shape[2])
-            columns = self._object_columns(query[:b], key[:b], mask, scaling, q0, q1)  # (B, O*S, q1 - q0)
+            columns = self._object_columns(query[:b], key[:b], mask, scaling, q0, q1, lse)  # (B, O*S, q1 - q0)
             cells = slice(self._start + q0, self._start + q1)
             self._sums[:, :, cells] += columns
             self._counts[cells] += 1
             return
-        self._accumulate(self._object_columns(query[:b], key[:b], mask, scaling, 0, tq))  # (B, O*S, Tq)
+        self._accumulate(self._object_columns(query[:b], key[:b], mask, scaling, 0, tq, lse))  # (B, O*S, Tq)
 
     def _accumulate(self, columns: torch.Tensor) -> None:
         """Add columns (B, O*S, Tq) for the queries at cells start, start+1, ...; cells outside the grid weigh 0
@@ -221,25 +219,37 @@ class ObjectAttentionCapture:
                              "key_positions must index the KV sequence (cache slots)")
 
     def _object_columns(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                        q0: int, q1: int) -> torch.Tensor:
+                        q0: int, q1: int, lse: torch.Tensor | None = None) -> torch.Tensor:
         """Queries q0:q1 of (B, H, Tq, D) against keys (B, Hkv, Tk, D) -> (B, O*S, q1 - q0) float32 sums over
-        heads of each sub-token key's probability."""
+        heads of each sub-token key's probability. With ``lse`` (B', H, Tq) only the object keys are scored;
+        without, the logsumexp over all Tk keys is computed here, chunk by chunk."""
         b, h, tq, d = query.shape
         hkv, tk = key.shape[1], key.shape[2]
         groups = h // hkv
         o, s = self.key_positions.shape[1:]
         gather_idx = self._gather  # (B, 1, 1, O*S)
-        k = key.float()
-        chunk = max(1, self.chunk_elements // max(1, b * h * tk))
+        if lse is not None:
+            picked = key.gather(2, gather_idx.view(b, 1, o * s, 1).expand(b, hkv, o * s, d))  # (B, Hkv, O*S, D)
+            picked = picked.float().repeat_interleave(groups, dim=1).transpose(-1, -2)  # (B, H, D, O*S)
+        else:
+            k = key.float()
+        chunk = max(1, self.chunk_elements // max(1, b * h * (o * s if lse is not None else tk)))
         out = []
         for c0 in range(q0, q1, chunk):
             c1 = min(q1, c0 + chunk)
-            q = query[:, :, c0:c1].float().reshape(b, hkv, groups * (c1 - c0), d)  # (B, Hkv, g*C, D)
-            scores = torch.matmul(q, k.transpose(-1, -2)).view(b, h, c1 - c0, tk) * scaling  # (B, H, C, Tk)
-            scores = scores + self._additive_mask(mask, b, tq, tk, c0, c1, query.device)
-            lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, C, 1)
-            picked = scores.gather(-1, gather_idx.expand(b, h, c1 - c0, o * s))  # (B, H, C, O*S)
-            out.append(torch.exp(picked - lse).sum(dim=1).transpose(1, 2))  # (B, O*S, C)
+            if lse is not None:
+                scores = torch.matmul(query[:, :, c0:c1].float(), picked) * scaling  # (B, H, C, O*S)
+                visible = self._additive_mask(mask, b, tq, tk, c0, c1, query.device)  # (B|1, 1, C|1, Tk)
+                visible = visible.expand(b, 1, c1 - c0, tk).gather(-1, gather_idx.expand(b, 1, c1 - c0, o * s))
+                probs = torch.exp(scores + visible - lse[:b, :, c0:c1, None])
+            else:
+                q = query[:, :, c0:c1].float().reshape(b, hkv, groups * (c1 - c0), d)  # (B, Hkv, g*C, D)
+                scores = torch.matmul(q, k.transpose(-1, -2)).view(b, h, c1 - c0, tk) * scaling  # (B, H, C, Tk)
+                scores = scores + self._additive_mask(mask, b, tq, tk, c0, c1, query.device)
+                chunk_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, C, 1)
+                picked_scores = scores.gather(-1, gather_idx.expand(b, h, c1 - c0, o * s))  # (B, H, C, O*S)
+                probs = torch.exp(picked_scores - chunk_lse)
+            out.append(probs.sum(dim=1).transpose(1, 2))  # (B, O*S, C)
         return torch.cat(out, dim=-1)
 
     @staticmethod
@@ -371,12 +381,16 @@ def _teacher_forced_capture(bundle, prompts: list[str], image_tokens: torch.Tens
         raise ValueError(f"layers {layers} outside 0..{bundle.num_layers - 1} (the model has {bundle.num_layers})")
     layers = select_layers(bundle.num_layers, skip_layers) if layers is None else layers
     capture = ObjectAttentionCapture(positions, layers, num_cells=n)
+    capture.stop_after_last_layer = True  # the layers after the last selected one change no captured value
     with capture.recording(bundle.model):
         capture.set_cells(-t)  # query t + j has image token j as input
-        bundle.model.model.language_model(inputs_embeds=inputs["inputs_embeds"],
-                                          attention_mask=inputs["attention_mask"],
-                                          position_ids=inputs["position_ids"], use_cache=False,
-                                          object_capture=capture)
+        try:
+            bundle.model.model.language_model(inputs_embeds=inputs["inputs_embeds"],
+                                              attention_mask=inputs["attention_mask"],
+                                              position_ids=inputs["position_ids"], use_cache=False,
+                                              object_capture=capture)
+        except ForwardStopped:
+            pass  # raised by the engine's attention after the last selected layer recorded
     return capture
 
 
