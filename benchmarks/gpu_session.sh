@@ -9,7 +9,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     transformers==5.23.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-# (about 15 MB; the carry limit is 64 MiB, so torch 2.13 and Triton 3.9 cannot travel: the check runs on the image's
+# (well under the 64 MiB carry limit, which torch 2.13 and Triton 3.9 would pass: the check runs on the image's
 # torch and Triton, and its first row says which.) Then: device run `bash benchmarks/gpu_session.sh` with carry
 # [".whl"] and timeout_s 590; the rows are in files_at/BENCHMARKS.md (the last section) and files_at/results.jsonl.
 # On a GPU machine with a network, `make gpu-check` does the same.
