@@ -9,9 +9,11 @@
    leaf ops that compute, views/allocations/no-op casts not counted; a Triton or C++ kernel is one op), C++ and the
    torch reference on the CPU; with ``--triton-ops`` under TRITON_INTERPRET=1 also the Triton path's torch ops and
    kernel launches (counted at the launcher), on CUDA its time.
-3. Teacher-forced object maps for 16 images: the capturing attention (one batched forward, no attention matrix)
-   against transformers' eager ``output_attentions=True`` forward, one image at a time (the reference code's
-   method) and batched. CPU default: ``builtin:tiny`` (8x8) and ``builtin:tiny-24`` (24x24); on a GPU:
+3. Teacher-forced object maps for 16 images: the capturing attention (one batched forward up to the last selected
+   layer, the selected layers' SDPA lse reused, no attention matrix) against transformers' eager
+   ``output_attentions=True`` forward, one image at a time (the reference code's method) and batched, with the
+   bare forward of the same batch (no capture, every layer) beside it. CPU default: ``builtin:tiny`` (8x8) and
+   ``builtin:tiny-24`` (24x24); on a GPU:
    ``--model builtin:janus-pro-1b-shape --device cuda``.
 """
 
@@ -228,6 +230,17 @@ def eager_maps(bundle, prompts, tokens, objects, skip: int = 5) -> torch.Tensor:
     return maps.transpose(1, 2).reshape(b, o, bundle.grid, bundle.grid)
 
 
+@torch.no_grad()
+def bare_forward(bundle, prompts, tokens) -> None:
+    """The language model's forward of the same teacher-forced batch, no capture: what the mask pass costs at least
+    (it stops after its last selected layer, so it can cost less)."""
+    from ospo_fast.engine.object_attention import teacher_forced_inputs
+
+    inputs = teacher_forced_inputs(bundle, prompts, tokens)
+    bundle.model.model.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                                      position_ids=inputs["position_ids"], use_cache=False)
+
+
 def bench_teacher_forced(model: str, device: torch.device, n_images: int, repeats: int, batched_eager: bool) -> None:
     from ospo_fast.engine.object_attention import teacher_forced_object_maps
     from ospo_fast.models import load_janus
@@ -256,8 +269,9 @@ def bench_teacher_forced(model: str, device: torch.device, n_images: int, repeat
     results = [timed("eager output_attentions, per image", lambda: run_eager(True), device, repeats)]
     if batched_eager:
         results.append(timed("eager output_attentions, batched", lambda: run_eager(False), device, repeats))
-    results.append(timed("capture (sdpa + streamed lse)", lambda: teacher_forced_object_maps(
+    results.append(timed("capture (the SDPA kernel's lse)", lambda: teacher_forced_object_maps(
         bundle, prompts, tokens, objects), device, repeats))
+    results.append(timed("bare forward, same batch", lambda: bare_forward(bundle, prompts, tokens), device, repeats))
     report("object_masks_teacher_forced", results, baseline="eager output_attentions, per image", device=device,
            config={"model": model, "images": n_images, "grid": bundle.grid, "layers": bundle.num_layers,
                    "max_abs_err_vs_eager": f"{err:.2e}", "threads": torch.get_num_threads()})
