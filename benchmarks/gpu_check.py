@@ -185,6 +185,7 @@ class Context:
     results: dict = field(default_factory=dict)  # Measurements later parts compare with
     part: str = ""
     deadline: float = 0.0
+    children: list = field(default_factory=list)  # subprocesses (Popen) to stop with the part or the run
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -246,10 +247,23 @@ def run_parts(ctx: Context, parts: list[Part]) -> dict[str, str]:
     return outcome
 
 
+def stop_children(ctx: Context) -> None:
+    """Kill the process group of every subprocess a part started that is still running."""
+    while ctx.children:
+        child = ctx.children.pop()
+        if child.poll() is None:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait()
+
+
 def start_watchdog(rows: Rows, ctx: Context, seconds: float) -> threading.Timer:
     """Ends the process (exit 3) ``seconds`` from now, after a row naming the part it stopped."""
 
     def fire():
+        stop_children(ctx)
         rows.add(ctx.part or "-", f"watchdog: the whole run passed its budget ({seconds:.0f} s with grace); "
                                   "stopped here, rows above were measured")
         os._exit(3)
@@ -723,15 +737,22 @@ def part_gpu_tests(ctx: Context) -> None:
     release_decoders()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"  # each result line reaches the log at once: a stopped run still counts
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check",
            "--gpu-only", *ctx.settings.tests]
     start = time.perf_counter()
-    try:
-        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(1.0, ctx.left() - 3))
-        output, status = out.stdout + out.stderr, f"exit {out.returncode}"
-    except subprocess.TimeoutExpired as error:
-        output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
-        status = f"stopped at {error.timeout:.0f} s"
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as log:
+        child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)  # its own process group: stopped with all it started
+        ctx.children.append(child)
+        try:
+            status = f"exit {child.wait(timeout=max(1.0, ctx.left() - 3))}"
+        except subprocess.TimeoutExpired as error:
+            status = f"stopped at {error.timeout:.0f} s"
+        finally:
+            stop_children(ctx)
+        log.seek(0)
+        output = log.read()
     print(output[-6000:], flush=True)
     counts, failed = parse_pytest(output)
     summary = ", ".join(f"{v} {k}" for k, v in counts.items()) or "no test lines"
