@@ -17,7 +17,7 @@ Judged alignment (strict: colour + shape + relation; loose: colour + position) b
 prompts and sampling seeds for every variant, under three conditions: held-out captions with CFG 5 (the SPEC's
 sampling), held-out captions without guidance (CFG 1: the conditional model alone) and training-split captions
 without guidance. Each synthesis run also reports what its pairs hold by the judge (``pair_judgement``), how well
-its object masks cover the drawn objects (``toy_mask_localisation``) and how often the model's own Self-VQA answers on
+its object masks cover the drawn objects (``pair_mask_localisation``) and how often the model's own Self-VQA answers on
 its pairs are right (``pair_self_vqa``).
 
     python benchmarks/toy_ablation.py --seeds 0 1 2 [--prompts 384] [--eval-prompts 160] [--out runs/ablation]
@@ -43,9 +43,14 @@ from benchmarks.harness import RESULTS, device_name, git_commit  # noqa: E402
 from ospo_fast.config import load_config  # noqa: E402
 from ospo_fast.models import load_janus  # noqa: E402
 from ospo_fast.pipeline import Pipeline  # noqa: E402
-from ospo_fast.run import toy_mask_localisation  # noqa: E402
 from ospo_fast.store import atomic_write_json, read_jsonl  # noqa: E402
-from ospo_fast.toy.evaluate import judged_alignment, pair_judgement, pair_self_vqa  # noqa: E402
+from ospo_fast.toy.evaluate import (  # noqa: E402
+    judged_alignment,
+    pair_judgement,
+    pair_mask_localisation,
+    pair_self_vqa,
+    retuned_guidance,
+)
 from ospo_fast.train import train  # noqa: E402
 
 PAPER_LOSS = ["loss.guided_rewards=false", "loss.uncond_anchor=0"]  # under every variant's own switches
@@ -75,10 +80,9 @@ def evaluate(model_path: str, n: int) -> dict:
 
 
 def evaluate_retuned(model_path: str, n: int, unguided: dict) -> dict:
-    """Option (c): the CFG weight of ``RETUNE`` best on ``n // 2`` training captions (``ospo_fast.run
-    .retuned_guidance``), then held-out at it in place of CFG 5; the guidance-free conditions are ``unguided``'s."""
-    from ospo_fast.run import retuned_guidance
-
+    """Option (c): the CFG weight of ``RETUNE`` best on ``n // 2`` training captions
+    (``ospo_fast.toy.evaluate.retuned_guidance``), then held-out at it in place of CFG 5; the guidance-free conditions
+    are ``unguided``'s."""
     bundle = load_janus(model_path, device="cpu")
     config = load_config("toy", [f"eval.toy_retune_guidance={RETUNE}", f"eval.toy_retune_prompts={n // 2}"])
     weight, tuning = retuned_guidance(bundle, config)
@@ -167,7 +171,7 @@ def one_seed(seed: int, root: Path, prompts: int, eval_n: int, model: str) -> di
     results = {"prompts": prompts, "eval_n": eval_n, "model": model, "variants": variants,
                "pairs": {name: pair_judgement(path.parent) for name, path in
                          (("ospo", ospo), ("no_filter", unfiltered), ("best_of_n", bon), ("ospo_iteration2", ospo2))},
-               "masks": {name: toy_mask_localisation(path.parent) for name, path in
+               "masks": {name: pair_mask_localisation(path.parent) for name, path in
                          (("ospo", ospo), ("ospo_iteration2", ospo2))},
                "pair_vqa": pair_vqa(root)}
     atomic_write_json(saved, results)

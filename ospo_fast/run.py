@@ -2,7 +2,8 @@
 
 For each OSPO iteration: stages 1-4 into ``<out>/iter<i>/synth`` (pairs, images, masks, report), stage 5 into
 ``<out>/iter<i>/train`` (checkpoints, metrics, merged model); iteration i+1 starts from iteration i's trained
-model. On the toy world the held-out judged alignment is measured before the first and after every iteration.
+model. The evaluation step (``ospo_fast.evaluate``, the kind the config selects: on the toy world, the exact
+judge's alignment on held-out prompts) judges the starting model and every iteration's trained model and pairs.
 The closing summary (``<out>/summary.json`` and printed) has records per stage, filter reasons, pass rates per
 category, the loss curve, time per stage and images/s; it says plainly when the model is random-initialised.
 """
@@ -10,7 +11,6 @@ category, the loss curve, time per stage and images/s; it says plainly when the 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import time
@@ -19,80 +19,23 @@ from pathlib import Path
 
 from ospo_fast.config import OSPOConfig, save_config
 from ospo_fast.distributed import init_distributed
+from ospo_fast.evaluate import Evaluation, evaluation_for
 from ospo_fast.models.loader import is_random_init
 from ospo_fast.pipeline import Pipeline
 from ospo_fast.report import write_report
 from ospo_fast.runstore import RunStore
 from ospo_fast.store import atomic_write_json, read_jsonl
+from ospo_fast.toy.evaluate import pair_mask_localisation as toy_mask_localisation  # noqa: F401 (old name, tests)
 
 
 class NoPairsError(RuntimeError):
     """Stages 1-4 kept no pair, so there is nothing to train on."""
 
 
-def _evaluate(config: OSPOConfig, model_path: str, save_to: Path | None = None) -> dict[str, dict]:
-    """Toy world only: judged alignment on held-out prompts at ``images.guidance_scale`` (key "") and at each of
-    ``eval.toy_extra_guidance`` (key "@cfg<w>"); {} when not on the toy world or switched off. With ``save_to``
-    (``<run>/heldout/<name>``) the images and verdicts of key k go to ``<run>/heldout/<name><k>`` for the report."""
-    if config.prompts.vocabulary != "toy" or config.eval.toy_heldout_prompts <= 0:
-        return {}
-    from ospo_fast.models import load_janus
-    from ospo_fast.toy.evaluate import judged_alignment
-
-    m = config.model
-    bundle = load_janus(model_path, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
-    results = {}
-    for weight in dict.fromkeys([config.images.guidance_scale, *config.eval.toy_extra_guidance]):  # no repeats
-        key = "" if weight == config.images.guidance_scale else f"@cfg{weight:g}"
-        images = dataclasses.replace(config.images, guidance_scale=weight)
-        save_dir = None if save_to is None else save_to.with_name(save_to.name + key)
-        desc = f"judge {'held-out' if save_to is None else save_to.name}{key}"
-        results[key] = judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed, config=images,
-                                        batch_size=config.eval.batch_size, save_dir=save_dir, desc=desc)
-    if config.eval.toy_retune_guidance:
-        weight, tuning = retuned_guidance(bundle, config)
-        images = dataclasses.replace(config.images, guidance_scale=weight)
-        save_dir = None if save_to is None else save_to.with_name(save_to.name + "@retuned")
-        results["@retuned"] = {**judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed,
-                                                  config=images, batch_size=config.eval.batch_size,
-                                                  save_dir=save_dir, desc=f"judge held-out @ re-tuned CFG {weight:g}"),
-                               "retuned_on": tuning}
-    return results
-
-
-def retuned_guidance(bundle, config: OSPOConfig) -> tuple[float, dict]:
-    """``eval.toy_retune_guidance``: the weight of that list whose images of ``eval.toy_retune_prompts``
-    training-split captions the judge finds best (loose, then strict; the first listed on a tie), and every
-    weight's {"strict", "loose", "n"} on them. The seeds differ from the held-out run's."""
-    from ospo_fast.toy.evaluate import judged_alignment
-
-    tuning = {}
-    for weight in config.eval.toy_retune_guidance:
-        images = dataclasses.replace(config.images, guidance_scale=weight)
-        r = judged_alignment(bundle, config.eval.toy_retune_prompts, seed=config.seed + 1, config=images,
-                             batch_size=config.eval.batch_size, split="train", desc=f"re-tune CFG {weight:g}")
-        tuning[f"{weight:g}"] = {"n": r["n"], "strict": r["strict"], "loose": r["loose"]}
-
-    def rank(weight: float) -> tuple[float, float]:  # max() keeps the first of equals: the earlier listed
-        return tuning[f"{weight:g}"]["loose"], tuning[f"{weight:g}"]["strict"]
-
-    return max(config.eval.toy_retune_guidance, key=rank), tuning
-
-
-def toy_mask_localisation(synth_dir: Path) -> dict:
-    """Toy world only: how well the attention masks of the generated images cover the drawn objects."""
-    import numpy as np
-
-    from ospo_fast.toy.evaluate import mask_localisation
-
-    store = RunStore(synth_dir)
-    images, masks = [], []
-    for record in store.read_stage("images"):  # checked against the manifest; PNGs against their sha256
-        for side in ("chosen", "rejected"):
-            images.append(store.load_image(record[side]))
-            grid = int(round(len(record[side]["mask"]) ** 0.5))
-            masks.append(np.asarray(record[side]["mask"], dtype=bool).reshape(grid, grid))
-    return mask_localisation(images, masks)
+def _evaluate(evaluation: Evaluation, model_path: str, name: str) -> dict[str, dict]:
+    """The evaluation step (rank 0): the figures of the model at ``model_path`` as the summary's "alignment"
+    entries, keyed ``name`` ("before" or "after_iter<i>") + the setting's suffix."""
+    return {name + key: figures for key, figures in evaluation.judge_model(model_path, name).items()}
 
 
 def stage_summary(synth_dir: Path) -> dict:
@@ -214,11 +157,11 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
                      "iterations": [], "alignment": {}, "alignment_change": {},
                      "fingerprint": run_fingerprint(config),
                      "stages_off": [] if config.densify.enabled else ["densify"]}
+    evaluation = evaluation_for(config, out / "heldout")
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-        for key, result in _evaluate(config, config.model.path, out / "heldout" / "before").items():
-            summary["alignment"][f"before{key}"] = result
+        summary["alignment"].update(_evaluate(evaluation, config.model.path, "before"))
     model_path = config.model.path
     for iteration in range(1, config.iterations + 1):
         cfg = copy.deepcopy(config)
@@ -240,21 +183,11 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
             entry = {"iteration": iteration, "synth": stage_summary(it_dir / "synth"),
                      "train": loss_summary(result.metrics_path), "model": os.path.relpath(trained, out),
                      "seconds": {"synthesis": round(synth_seconds, 2), "training": round(train_seconds, 2)}}
-            after = _evaluate(config, model_path, out / "heldout" / f"after_iter{iteration}")
-            for key, result in after.items():
-                summary["alignment"][f"after_iter{iteration}{key}"] = result
-            if after:
-                from ospo_fast.toy.evaluate import pair_judgement, pair_self_vqa, paired_change
-
-                heldout = out / "heldout"
-                for key in after:  # after minus before, image by image
-                    summary["alignment_change"][f"iter{iteration}{key}"] = paired_change(
-                        heldout / f"before{key}", heldout / f"after_iter{iteration}{key}")
-
-                entry["mask_localisation"] = toy_mask_localisation(it_dir / "synth")
-                entry["pair_judgement"] = pair_judgement(it_dir / "synth")
-                if config.questions.source == "rules":  # the judge knows the truth of rule questions only
-                    entry["pair_self_vqa"] = pair_self_vqa(it_dir / "synth")
+            name = f"after_iter{iteration}"
+            summary["alignment"].update(_evaluate(evaluation, model_path, name))
+            change = evaluation.compare("before", name)
+            summary["alignment_change"].update({f"iter{iteration}{key}": c for key, c in change.items()})
+            entry.update(evaluation.judge_pairs(it_dir / "synth"))
             summary["iterations"].append(entry)
             write_report(it_dir / "synth")  # after the held-out judging: the report shows its before/after gallery
             atomic_write_json(out / "summary.json", summary)

@@ -3,14 +3,18 @@ and a summary whose numbers agree with the files."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
+import ospo_fast.evaluate
 from ospo_fast.cli import main
 from ospo_fast.config import load_config
+from ospo_fast.evaluate import evaluation_for, evaluation_kind
 from ospo_fast.models import load_janus
 from ospo_fast.run import format_summary, run_ospo
 from ospo_fast.store import read_jsonl
+from ospo_fast.toy.evaluate import ToyEvaluation
 
 OVERRIDES = ["model.path=builtin:tiny-4", "iterations=2",
              "prompts.num_prompts=3", "perturb.num_perturbations=2", "images.batch_size=6",
@@ -57,6 +61,50 @@ def test_summary_agrees_with_files(tiny_run):
     assert sum(it["synth"]["filter_reasons"].values()) == manifest["stages"]["vqa"]["records"]
     text = format_summary(summary)
     assert "RANDOM-INITIALISED" in text and "images/s" in text
+
+
+def test_the_config_selects_the_kind_of_evaluation():
+    """The toy world with held-out judging on is judged by the toy judge; every other run by nothing."""
+    assert evaluation_kind(load_config("toy")) == "toy"
+    assert evaluation_kind(load_config("toy", ["eval.toy_heldout_prompts=0"])) == "none"
+    assert evaluation_kind(load_config("tiny")) == "none"
+    assert isinstance(evaluation_for(load_config("toy"), Path("heldout")), ToyEvaluation)
+    assert evaluation_for(load_config("tiny"), Path("heldout")).judge_model("builtin:tiny-4", "before") == {}
+
+
+def test_run_calls_the_evaluation_step_of_its_kind(tmp_path, monkeypatch):
+    """The run judges only through ``ospo_fast.evaluate``: the evaluation of the config's kind gets the starting
+    model, then the trained model by the path the next iteration would load, then the iteration's synthesis run;
+    the summary holds what it returned, under the run's names."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, config, heldout_dir):
+            calls.append(("init", config.model.path, heldout_dir))
+
+        def judge_model(self, model_path, name):
+            calls.append(("judge_model", model_path, name))
+            return {"": {"judged": model_path}, "@other": {"judged": name}}
+
+        def compare(self, before, after):
+            calls.append(("compare", before, after))
+            return {"": {"change": 0.5}}
+
+        def judge_pairs(self, synth_dir):
+            calls.append(("judge_pairs", synth_dir))
+            return {"pair_figures": {"n": 3}}
+
+    monkeypatch.setitem(ospo_fast.evaluate.EVALUATIONS, "recorder", Recorder)
+    monkeypatch.setattr(ospo_fast.evaluate, "evaluation_kind", lambda config: "recorder")
+    summary = run_ospo(load_config("tiny", [*OVERRIDES, "iterations=1"]), tmp_path)
+    trained = os.path.relpath(tmp_path / "iter1" / "train" / "merged")  # as iteration 2 would load it
+    assert calls == [("init", "builtin:tiny-4", tmp_path / "heldout"),
+                     ("judge_model", "builtin:tiny-4", "before"), ("judge_model", trained, "after_iter1"),
+                     ("compare", "before", "after_iter1"), ("judge_pairs", tmp_path / "iter1" / "synth")]
+    assert summary["alignment"] == {"before": {"judged": "builtin:tiny-4"}, "before@other": {"judged": "before"},
+                                    "after_iter1": {"judged": trained}, "after_iter1@other": {"judged": "after_iter1"}}
+    assert summary["alignment_change"] == {"iter1": {"change": 0.5}}
+    assert summary["iterations"][0]["pair_figures"] == {"n": 3}
 
 
 def test_no_pairs_is_a_clear_error(tmp_path, capsys):

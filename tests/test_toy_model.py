@@ -138,11 +138,10 @@ def test_run_judges_at_every_requested_guidance(toy):
     import dataclasses
 
     from ospo_fast.config import load_config
-    from ospo_fast.run import _evaluate
-    from ospo_fast.toy.evaluate import judged_alignment
+    from ospo_fast.toy.evaluate import heldout_alignment, judged_alignment
 
     config = load_config("toy", ["eval.toy_heldout_prompts=8", "eval.toy_extra_guidance=[1.0]"])
-    results = _evaluate(config, "builtin:toy")
+    results = heldout_alignment(config, "builtin:toy")
     assert sorted(results) == ["", "@cfg1"]
     for key, weight in (("", 5.0), ("@cfg1", 1.0)):
         direct = judged_alignment(toy, 8, seed=config.seed, batch_size=config.eval.batch_size,
@@ -156,14 +155,13 @@ def test_retuned_guidance_is_chosen_on_training_captions_only(toy):
     import dataclasses
 
     from ospo_fast.config import load_config
-    from ospo_fast.run import _evaluate
-    from ospo_fast.toy.evaluate import judged_alignment
+    from ospo_fast.toy.evaluate import heldout_alignment, judged_alignment
 
     weights = [1.0, 2.0, 5.0]
     config = load_config("toy", ["eval.toy_heldout_prompts=8", "eval.toy_extra_guidance=[]",
                                  f"eval.toy_retune_guidance={weights}",
                                  "eval.toy_retune_prompts=8"])
-    results = _evaluate(config, "builtin:toy")
+    results = heldout_alignment(config, "builtin:toy")
     assert sorted(results) == ["", "@retuned"]
     tuned = {}
     for weight in weights:

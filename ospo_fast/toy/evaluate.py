@@ -1,16 +1,103 @@
 """Judged text-image alignment of a model on the toy world's held-out prompts (generated with the engine, scored
-by the exact judge). Seeds are fixed per prompt index, so two models are compared on the same noise."""
+by the exact judge). Seeds are fixed per prompt index, so two models are compared on the same noise.
+
+``ToyEvaluation`` is the run's evaluation step on the toy world (the ``"toy"`` kind of ``ospo_fast.evaluate``):
+held-out alignment before and after each iteration (``heldout_alignment``), the paired change, and what each
+iteration's pairs hold by the judge (masks, images, Self-VQA answers)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
 
-from ospo_fast.config import ImageConfig
+from ospo_fast.config import ImageConfig, OSPOConfig
 from ospo_fast.toy import world
 from ospo_fast.toy.judge import judge
+
+
+class ToyEvaluation:
+    """The toy world's evaluation of a run (``ospo_fast.evaluate.Evaluation``): the judged images and verdicts of
+    model ``name`` at setting suffix k are kept in ``heldout_dir/<name><k>`` for the report's gallery."""
+
+    def __init__(self, config: OSPOConfig, heldout_dir: Path) -> None:
+        self.config, self.heldout_dir = config, Path(heldout_dir)
+
+    def judge_model(self, model_path: str, name: str) -> dict[str, dict]:
+        return heldout_alignment(self.config, model_path, self.heldout_dir / name)
+
+    def compare(self, before: str, after: str) -> dict[str, dict]:
+        """After minus before, image by image (``paired_change``), at every setting ``judge_model`` judged."""
+        return {key: paired_change(self.heldout_dir / f"{before}{key}", self.heldout_dir / f"{after}{key}")
+                for key in setting_keys(self.config)}
+
+    def judge_pairs(self, synth_dir: Path) -> dict[str, dict]:
+        figures = {"mask_localisation": pair_mask_localisation(synth_dir), "pair_judgement": pair_judgement(synth_dir)}
+        if self.config.questions.source == "rules":  # the judge knows the truth of rule questions only
+            figures["pair_self_vqa"] = pair_self_vqa(synth_dir)
+        return figures
+
+
+def _guidance_weights(config: OSPOConfig) -> list[float]:
+    """``images.guidance_scale`` then each of ``eval.toy_extra_guidance``, without repeats."""
+    return list(dict.fromkeys([config.images.guidance_scale, *config.eval.toy_extra_guidance]))
+
+
+def _guidance_key(config: OSPOConfig, weight: float) -> str:
+    return "" if weight == config.images.guidance_scale else f"@cfg{weight:g}"
+
+
+def setting_keys(config: OSPOConfig) -> list[str]:
+    """The keys of ``heldout_alignment``'s result, in its order."""
+    keys = [_guidance_key(config, weight) for weight in _guidance_weights(config)]
+    return keys + (["@retuned"] if config.eval.toy_retune_guidance else [])
+
+
+def heldout_alignment(config: OSPOConfig, model_path: str, save_to: Path | None = None) -> dict[str, dict]:
+    """Judged alignment on held-out prompts at ``images.guidance_scale`` (key "") and at each of
+    ``eval.toy_extra_guidance`` (key "@cfg<w>"), and at the re-tuned weight (key "@retuned") when
+    ``eval.toy_retune_guidance`` lists any. With ``save_to`` (``<run>/heldout/<name>``) the images and verdicts of
+    key k go to ``<run>/heldout/<name><k>`` for the report."""
+    from ospo_fast.models import load_janus
+
+    m = config.model
+    bundle = load_janus(model_path, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
+    results = {}
+    for weight in _guidance_weights(config):
+        key = _guidance_key(config, weight)
+        images = dataclasses.replace(config.images, guidance_scale=weight)
+        save_dir = None if save_to is None else save_to.with_name(save_to.name + key)
+        desc = f"judge {'held-out' if save_to is None else save_to.name}{key}"
+        results[key] = judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed, config=images,
+                                        batch_size=config.eval.batch_size, save_dir=save_dir, desc=desc)
+    if config.eval.toy_retune_guidance:
+        weight, tuning = retuned_guidance(bundle, config)
+        images = dataclasses.replace(config.images, guidance_scale=weight)
+        save_dir = None if save_to is None else save_to.with_name(save_to.name + "@retuned")
+        results["@retuned"] = {**judged_alignment(bundle, config.eval.toy_heldout_prompts, seed=config.seed,
+                                                  config=images, batch_size=config.eval.batch_size,
+                                                  save_dir=save_dir, desc=f"judge held-out @ re-tuned CFG {weight:g}"),
+                               "retuned_on": tuning}
+    return results
+
+
+def retuned_guidance(bundle, config: OSPOConfig) -> tuple[float, dict]:
+    """``eval.toy_retune_guidance``: the weight of that list whose images of ``eval.toy_retune_prompts``
+    training-split captions the judge finds best (loose, then strict; the first listed on a tie), and every
+    weight's {"strict", "loose", "n"} on them. The seeds differ from the held-out run's."""
+    tuning = {}
+    for weight in config.eval.toy_retune_guidance:
+        images = dataclasses.replace(config.images, guidance_scale=weight)
+        r = judged_alignment(bundle, config.eval.toy_retune_prompts, seed=config.seed + 1, config=images,
+                             batch_size=config.eval.batch_size, split="train", desc=f"re-tune CFG {weight:g}")
+        tuning[f"{weight:g}"] = {"n": r["n"], "strict": r["strict"], "loose": r["loose"]}
+
+    def rank(weight: float) -> tuple[float, float]:  # max() keeps the first of equals: the earlier listed
+        return tuning[f"{weight:g}"]["loose"], tuning[f"{weight:g}"]["strict"]
+
+    return max(config.eval.toy_retune_guidance, key=rank), tuning
 
 
 def judged_alignment(bundle, num_prompts: int, seed: int = 0, config: ImageConfig | None = None,
@@ -126,6 +213,21 @@ def mask_localisation(images: list[np.ndarray], masks: list[np.ndarray]) -> dict
     return {"n": len(precision), "precision": float(np.mean(precision)) if precision else float("nan"),
             "chance": float(np.mean(chance)) if chance else float("nan"),
             "recall": float(np.mean(recall)) if recall else float("nan")}
+
+
+def pair_mask_localisation(synth_dir: Path) -> dict:
+    """``mask_localisation`` of a synthesis run's pairs: how well the attention masks of the generated images cover
+    the drawn objects."""
+    from ospo_fast.runstore import RunStore
+
+    store = RunStore(synth_dir)
+    images, masks = [], []
+    for record in store.read_stage("images"):  # checked against the manifest; PNGs against their sha256
+        for side in ("chosen", "rejected"):
+            images.append(store.load_image(record[side]))
+            grid = int(round(len(record[side]["mask"]) ** 0.5))
+            masks.append(np.asarray(record[side]["mask"], dtype=bool).reshape(grid, grid))
+    return mask_localisation(images, masks)
 
 
 def pair_judgement(synth_dir: Path) -> dict:
