@@ -7,7 +7,12 @@ Cases (same prompts, same model, same run):
 3. ``ospo_fast.engine.generate_images`` eager (``images.compile=false``) + VQ decode;
 4. the engine with its decode step compiled (``images.compile=true``: inductor on CPU, CUDA graphs on CUDA);
 5. the eager engine with in-flight object-attention capture (mask capture overhead).
-Images/s, ms per decode step, peak memory and ratios; compile time is excluded (warm-up).
+Images/s, ms per decode step, peak memory and ratios; compile time is excluded (warm-up). Each case's images/s is
+also printed as a fraction of the memory-bandwidth floor (``ospo_fast.plan.synthesis_floor``: per image the KV the
+two CFG rows' attention reads at the prompts' mean length, plus the weights once per step shared by the batch)
+on the device it runs on, whose bandwidth is measured in the same process: ``dst.copy_(src)`` of a
+``--bandwidth-mib`` float32 tensor, read + write bytes per second, median of 5 (on the CPU, with the threads torch
+uses; on CUDA a device-to-device copy).
 Then a synthesis study: ``--synthesis-prompts`` (64) prompts of mixed lengths, ``--synthesis-batch`` (16) per
 batch with a ragged last batch, both mask contexts, compiled: how many graphs ``torch._dynamo`` compiled
 (``counters["stats"]["unique_graphs"]``; the engine promises one per context) and the graph breaks (none).
@@ -36,6 +41,13 @@ from ospo_fast.engine.image_gen import (  # noqa: E402
     unconditional_ids,
 )
 from ospo_fast.models import load_janus  # noqa: E402
+from ospo_fast.plan import (  # noqa: E402
+    Device,
+    SynthesisFloor,
+    SynthesisShape,
+    model_shape,
+    synthesis_floor,
+)
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink"]
 THINGS = ["car", "bench", "dog", "cat", "apple", "chair", "table", "book", "lamp", "tree", "boat", "clock"]
@@ -114,6 +126,26 @@ def transformers_generate(bundle, prompts: list[str], config: ImageConfig) -> to
     return _to_uint8(bundle, bundle.model.decode_image_tokens(tokens))
 
 
+def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth of ``device`` in bytes/s: ``dst.copy_(src)`` of a ``mib`` MiB float32 tensor (read + write:
+    2 x its bytes per copy), median of ``repeats`` after one warm-up copy."""
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = measure("copy", lambda: dst.copy_(src), device=device, warmup=1, repeats=repeats, memory=False).median_s
+    return 2 * src.nbytes / seconds
+
+
+def image_floor(bundle, prompts: list[str], dtype: str,
+                bandwidth: float) -> tuple[SynthesisFloor, SynthesisShape]:
+    """The floor of these prompts drawn in one batch on a device of ``bandwidth`` bytes/s (``synthesis_floor``
+    at the prompts' mean token count) and the ``SynthesisShape`` it used."""
+    _, mask = image_prompt_inputs(bundle.processor, prompts)
+    model = SynthesisShape.of(model_shape(bundle.model.config, count_flops=False),
+                              prompt_len=round(mask.sum(1).float().mean().item()), dtype=dtype)
+    device = Device("measured", memory=0.0, bandwidth=bandwidth, peak_flops=0.0, source="copy in this process")
+    return synthesis_floor(model, len(prompts), device), model
+
+
 def interleaved(cases, device: torch.device, rounds: int) -> list[Measurement]:
     """Median over ``rounds`` rounds that each time every case once, in turn (a shared, busy machine slows whole
     stretches of time: interleaving spreads that over all cases), plus one peak-memory run per case."""
@@ -141,6 +173,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--synthesis-prompts", type=int, default=64, help="prompts of the graph study (0: skip)")
     parser.add_argument("--synthesis-batch", type=int, default=16)
+    parser.add_argument("--bandwidth-mib", type=int, default=256, help="tensor copied to measure the bandwidth")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,15 +192,26 @@ def main() -> None:
         ("engine compiled", lambda: generate_images(bundle, prompts, seeds, compiled)),
         ("engine eager + in-flight masks", lambda: generate_images(bundle, prompts, seeds, eager, objects=objects)),
     ]
+    bandwidth = copy_bandwidth(device, args.bandwidth_mib)
+    floor, floor_shape = image_floor(bundle, prompts, args.dtype, bandwidth)
     results = interleaved(cases, device, args.repeats)
     for m in results:
         m.extra["images_per_s"] = n / m.median_s
         m.extra["ms_per_step"] = 1e3 * m.median_s / steps  # prefill and VQ decode included
+        m.extra["floor_fraction"] = m.extra["images_per_s"] / floor.images_per_s
     report("image_gen", results, baseline="reference loop (DynamicCache)", device=device,
-           config={"model": path, "dtype": args.dtype, "prompts": n, "tokens": steps})
+           config={"model": path, "dtype": args.dtype, "prompts": n, "tokens": steps,
+                   "bandwidth_gb_per_s": round(bandwidth / 1e9, 2), "floor_images_per_s": round(floor.images_per_s, 3),
+                   "floor_mb_per_image": round(floor.bytes_per_image / 1e6, 1),
+                   "floor_prompt_tokens": floor_shape.prompt_len})
+    print(f"   floor: {floor.bytes_per_image / 1e6:.1f} MB per image (KV {floor.kv_bytes / 1e6:.1f}: 2 rows, a "
+          f"{floor_shape.prompt_len}-token prompt, {steps} image tokens; weights {floor.weight_bytes / 1e6:.1f}: "
+          f"one read per step at batch {n}) at {bandwidth / 1e9:.1f} GB/s (copy of {args.bandwidth_mib} MiB, "
+          f"read + write, this process) = {floor.images_per_s:.2f} images/s")
     by = {r.name: r for r in results}
     for r in results:
-        print(f"   {r.name:<34}{r.extra['images_per_s']:>10.3f} images/s{r.extra['ms_per_step']:>10.2f} ms/step")
+        print(f"   {r.name:<34}{r.extra['images_per_s']:>10.3f} images/s{r.extra['ms_per_step']:>10.2f} ms/step"
+              f"{r.extra['floor_fraction']:>9.1%} of the floor")
     engine, hf = by["engine eager"], by["transformers generate"]
     print(f"   engine (eager) vs transformers generate: {hf.median_s / engine.median_s:.2f}x faster")
     print(f"   compiled vs eager decode: {engine.median_s / by['engine compiled'].median_s:.2f}x faster")
