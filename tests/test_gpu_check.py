@@ -73,7 +73,9 @@ def test_dry_run_measures_every_part_on_the_cpu(tmp_path):
     synthesis = [r for r in rows if r.get("images_per_s")]
     assert len(synthesis) >= 4 and all("floor unknown" in r["result"] for r in synthesis)
     tests = next(r for r in rows if r["part"] == "gpu-tests")
-    assert tests["counts"] == {"skipped": 5} and "exit 0" in tests["case"]  # the CUDA tests, all skipped here
+    assert "exit 0" in tests["case"] and not tests["failed"]
+    if not torch.cuda.is_available():
+        assert tests["counts"] == {"skipped": 5}  # the engine's CUDA tests, collected and skipped
     assert (ROOT / "BENCHMARKS.md").stat().st_mtime_ns == before
     print(f"dry run: {seconds:.1f} s")
 
