@@ -1,19 +1,17 @@
-"""The toy model's diagnostic probes (benchmarks/toy_grounding_probe.py, benchmarks/toy_t2i_breakdown.py,
-benchmarks/toy_guidance_probe.py), whose
-figures BUILD.md reports as the measured reasons for issue #16's unmet targets: their building blocks agree with
-transformers' own masking, the processor's real prompt layout and the exact judge."""
-
-import sys
-from pathlib import Path
+"""The toy model's diagnostic probes (recipes/toy_janus/probes/: toy_grounding_probe.py, toy_t2i_breakdown.py,
+toy_guidance_probe.py), whose figures BUILD.md reports as the measured reasons for issue #16's unmet targets: their
+building blocks agree with transformers' own masking, the processor's real prompt layout and the exact judge."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.toy_grounding_probe import (  # noqa: E402
+from ospo_fast.engine.object_attention import encode_pixels_to_tokens, teacher_forced_inputs
+from ospo_fast.engine.prompts import prompt_token_ids
+from ospo_fast.toy import world
+from ospo_fast.toy.judge import JudgeResult, judge
+from recipes.toy_janus.probes.toy_grounding_probe import (
     image_nll,
     layer_breakdown,
     object_cells,
@@ -21,12 +19,8 @@ from benchmarks.toy_grounding_probe import (  # noqa: E402
     template_suffix_length,
     token_classes,
 )
-from benchmarks.toy_guidance_probe import token_logprobs  # noqa: E402
-from benchmarks.toy_t2i_breakdown import failure_cause, shape_confusions  # noqa: E402
-from ospo_fast.engine.object_attention import encode_pixels_to_tokens, teacher_forced_inputs  # noqa: E402
-from ospo_fast.engine.prompts import prompt_token_ids  # noqa: E402
-from ospo_fast.toy import world  # noqa: E402
-from ospo_fast.toy.judge import JudgeResult, judge  # noqa: E402
+from recipes.toy_janus.probes.toy_guidance_probe import token_logprobs
+from recipes.toy_janus.probes.toy_t2i_breakdown import failure_cause, shape_confusions
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ without guidance. Each synthesis run also reports what its pairs hold by the jud
 its object masks cover the drawn objects (``pair_mask_localisation``) and how often the model's own Self-VQA answers on
 its pairs are right (``pair_self_vqa``).
 
-    python benchmarks/toy_ablation.py --seeds 0 1 2 [--prompts 384] [--eval-prompts 160] [--out runs/ablation]
-                                      [--confirm-prompts 640]
+    python recipes/toy_janus/probes/toy_ablation.py --seeds 0 1 2 [--prompts 384] [--eval-prompts 160]
+                                                    [--out runs/ablation] [--confirm-prompts 640]
 
 Each seed's results are saved in ``<out>/seed<s>/results.json`` and reused by a later call, so seeds can run in
 separate processes (``OMP_NUM_THREADS=1 ... --seeds 0`` beside ``... --seeds 1``) and one more call tabulates them.
@@ -37,7 +37,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root (benchmarks.harness)
 
 from benchmarks.harness import RESULTS, device_name, git_commit  # noqa: E402
 from ospo_fast.config import load_config  # noqa: E402

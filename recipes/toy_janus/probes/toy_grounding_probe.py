@@ -27,7 +27,7 @@ one teacher-forced forward with the eager attention, as the mask pass lays it ou
    caption's words cancels; the object-specific part of the map). Then, per image row: the share of cells that
    objects touch, and the attention of the row's image tokens to the shape words.
 
-    python benchmarks/toy_grounding_probe.py [--model builtin:toy] [--n 64]
+    python recipes/toy_janus/probes/toy_grounding_probe.py [--model builtin:toy] [--n 64]
 
 A row per layer and one for the NLLs are appended to benchmarks/results.jsonl.
 """
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root (benchmarks.harness)
 
 from benchmarks.harness import append_rows  # noqa: E402
 from ospo_fast.engine.image_gen import special_ids, unconditional_ids  # noqa: E402

@@ -2,9 +2,9 @@
 preference pairs' image tokens under the conditional model (base prompt), the unconditional one (pads, as Janus's
 CFG row) and the CFG-5 mixture ``u + 5 (c - u)``, before and after training.
 
-    python benchmarks/toy_guidance_probe.py runs/ablation/seed0 [--pairs 64]
+    python recipes/toy_janus/probes/toy_guidance_probe.py runs/ablation/seed0 [--pairs 64]
 
-Reads an ablation seed directory (``benchmarks/toy_ablation.py``): the OSPO pairs in ``synth_ospo/pairs.jsonl``,
+Reads an ablation seed directory (``toy_ablation.py`` beside this file): the OSPO pairs in ``synth_ospo/pairs.jsonl``,
 the base model the seed started from (as its ``results.json`` names it, or ``--model``) and the merged models in
 ``train_*/merged``. Prints mean log-prob per image token for chosen and rejected images, then the same split by
 cell: cells whose VQ code is the empty image's (plain background, for a tokenizer with local codes) and the others
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root (benchmarks.harness)
 
 from ospo_fast.config import LossConfig, load_config  # noqa: E402
 from ospo_fast.engine.image_gen import special_ids, unconditional_ids  # noqa: E402

@@ -8,7 +8,7 @@ objects: ``object_masks`` with the toy preset's MaskConfig), scored by ``mask_lo
 objects cover. Printed per layer and for the layers the preset's ``masks.skip_layers`` keeps: precision / chance.
 Object words are the structure's (the shapes); colour words are shown beside them as a diagnostic.
 
-    python benchmarks/toy_mask_probe.py [--model builtin:toy] [--n 64] [--skip 1 2]
+    python recipes/toy_janus/probes/toy_mask_probe.py [--model builtin:toy] [--n 64] [--skip 1 2]
 
 A row per (source, words) is appended to benchmarks/results.jsonl.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root (benchmarks.harness)
 
 from benchmarks.harness import append_rows  # noqa: E402
 from ospo_fast.config import load_config  # noqa: E402

@@ -5,7 +5,8 @@ each image with the exact judge, and sorts every image into its first failing ch
 relation wrong, then (loose right) a shape wrong, an extra blob, or both, else strict right. Prints the counts per
 prompt category and the shape confusions (asked -> drawn) among loose-right images.
 
-    python benchmarks/toy_t2i_breakdown.py [--model builtin:toy] [--n 320] [--guidance 5] [--temperature 1]
+    python recipes/toy_janus/probes/toy_t2i_breakdown.py [--model builtin:toy] [--n 320] [--guidance 5]
+                                                         [--temperature 1]
 
 One row is appended to benchmarks/results.jsonl.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root (benchmarks.harness)
 
 from benchmarks.harness import append_rows  # noqa: E402
 from ospo_fast.config import load_config  # noqa: E402
