@@ -479,8 +479,9 @@ def decode_time(steps: int, step_params: int, rows: int, start_context: int, sha
                 dtype_bytes: int, static: bool = False) -> tuple[float, float, float]:
     """Seconds, FLOPs and bytes of ``steps`` decode steps from ``start_context`` cached tokens: per step
     max(bytes / (bandwidth x eff), FLOPs / (peak x eff)) (roofline). Attention covers the mean context of a growing
-    cache, or with ``static`` every slot of a StaticCache of start + steps + 1 (masked slots are still read: the
-    image engine's case)."""
+    cache (the image engine's decode attention reads only filled slots, ``ospo_fast.ops.decode_attention``), or with
+    ``static`` every slot of a StaticCache of start + steps + 1 (SDPA over a whole static cache reads masked slots
+    too)."""
     context = start_context + steps + 1 if static else start_context + steps / 2
     flops, bytes_ = decode_step_cost(step_params, rows, context, shape, dtype_bytes)
     per_step = max(bytes_ / (device.bandwidth * device.bandwidth_efficiency),
@@ -519,7 +520,7 @@ def image_batch_seconds(shape: ModelShape, images: int, device: Device, dtype: s
     bytes scaled from float32 to ``dtype``); each + its op launches x ``device.op_overhead``."""
     b, n, o = DTYPE_BYTES[dtype], shape.image_tokens, device.op_overhead
     head = 2 * shape.params["generation_head"]  # the generation head at the last position, per row
-    decode, _, _ = decode_time(n - 1, shape.image_step_params, 2 * images, prompt_len, shape, device, b, static=True)
+    decode, _, _ = decode_time(n - 1, shape.image_step_params, 2 * images, prompt_len, shape, device, b)
     return {
         "prefill": compute_time(forward_flops(shape, 2 * images, prompt_len) + 2 * images * head, device)
         + ops.prefill * o,
@@ -677,8 +678,7 @@ def images_stage(config, shape: ModelShape, device: Device, devices: int, batch:
     images = config.prompts.num_prompts * config.perturb.num_perturbations * 2
     batches = math.ceil(images / devices / batch)
     prefill = forward_flops(shape, 2 * batch, IMAGE_PROMPT_TOKENS)
-    _, flops, bytes_ = decode_time(n - 1, shape.image_step_params, 2 * batch, IMAGE_PROMPT_TOKENS, shape, device, b,
-                                   static=True)
+    _, flops, bytes_ = decode_time(n - 1, shape.image_step_params, 2 * batch, IMAGE_PROMPT_TOKENS, shape, device, b)
     mask = forward_flops(shape, batch, BASE_PROMPT_TOKENS + n) if config.masks.context == "base" else 0.0
     vq = batch * shape.vq_decode_flops
     per_batch = sum(image_batch_seconds(shape, batch, device, config.model.dtype,
