@@ -297,8 +297,8 @@ def release_decoders() -> None:
     from ospo_fast.engine import image_gen
 
     pool = getattr(image_gen, "_POOL", None)
-    if pool is not None:
-        pool.clear() if hasattr(pool, "clear") else pool._pool.clear()
+    if hasattr(pool, "clear"):
+        pool.clear()
     _free_memory()
 
 
