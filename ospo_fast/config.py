@@ -185,6 +185,10 @@ class ImageConfig:
     batch_size: int | Literal["auto"] = setting(16, BATCH)  # images (2 rows each under CFG)
     # torch.compile of the decode step: "auto" on CUDA only (CUDA graphs), true also on CPU (inductor), false never
     compile: Literal["auto", True, False] = setting("auto")
+    # sequential: one forward per image token; jacobi: exact Jacobi iteration over a window of future tokens (the
+    # same images in fewer forwards; ospo_fast.engine.image_gen). jacobi_window: draft tokens fed per forward
+    decoding: Literal["sequential", "jacobi"] = setting("sequential")
+    jacobi_window: int = setting(16, between(1, 256))
 
 
 @dataclass

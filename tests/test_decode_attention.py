@@ -187,7 +187,7 @@ def test_one_decoder_per_process_the_old_cache_freed_before_the_new(bundle, monk
 
     from ospo_fast.engine import image_gen
 
-    image_gen._POOL.clear()
+    image_gen.release_decoders()
     alive: list[weakref.ref] = []
     built_with_others_alive = []
     original = image_gen._Decoder.__init__

@@ -128,3 +128,10 @@ def test_redo_select_reselects_from_the_scored_candidates(reference_run, tmp_pat
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["images"] == images_before
     again = Pipeline(load_config("tiny", OVERRIDES), tmp_path / "run", redo="select", progress=False).run()
     assert _rounded(again) == _rounded(pairs)
+
+
+def test_jacobi_decoding_gives_the_same_dataset(reference_run, tmp_path):
+    """images.decoding=jacobi: the same pairs, image tokens, masks and PNG checksums as sequential decoding."""
+    config = load_config("tiny", OVERRIDES + ["images.decoding=jacobi", "images.jacobi_window=4"])
+    pairs = Pipeline(config, tmp_path, progress=False).run()
+    assert _rounded(pairs) == _rounded(reference_run[1])

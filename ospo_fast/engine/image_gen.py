@@ -26,6 +26,20 @@ running eagerly. Eager and compiled runs share this layout, so on the CPU they g
 With ``objects``, the attention that each image-token query of the conditional rows pays to the object words is
 captured during these same decode steps (``engine.object_attention``); cell j is the query whose input is image
 token j, so one extra step runs after the last token (its draw is discarded).
+
+Jacobi decoding (``images.decoding: jacobi``, window W): token i is argmax(logits_i / T + Gumbel(seed, i)), a pure
+function of its prefix, so iterating on a window of guesses converges to exactly the tokens sequential decoding
+draws. Each row keeps ``accepted[r]`` exact tokens; one iteration feeds every row the W + 1 tokens from index
+s = min(accepted) - 1 (exact in every row) on, both CFG rows the same tokens, writes their KV at cache slots
+prompt_len + s.., and re-samples every position with its own noise. A row's new exact prefix runs up to the first
+fed token that is neither already accepted nor equal to the token just sampled for its index; the sample after it
+is exact too (its prefix was), so every row gains at least one token per forward. Samples past the exact prefix
+are the next iteration's drafts (plain Jacobi: no draft model); already-accepted tokens are never rewritten, and a
+re-sample that differs from one (a near-tie the multi-token forward rounds the other way) is counted in
+``ImageBatch.near_tie_flips``, never hidden. The KV of rejected drafts is overwritten by the next iteration, which
+starts at or before them. A finished row keeps its slot until the batch ends; the batch takes as many forwards as
+its slowest row (``ImageBatch.forward_passes``). One fixed shape per W, so it compiles once; the stop check is one
+host read per iteration. Not combined with the in-flight capture (``masks.context=generation``).
 """
 
 from __future__ import annotations
@@ -57,6 +71,8 @@ class ImageBatch:
     pixels: torch.Tensor
     object_maps: torch.Tensor | None = None
     object_scores: object | None = None  # ospo_fast.ops.object_masks.CapturedScores
+    forward_passes: int = 0  # language-model forwards after the prefills, summed over batches
+    near_tie_flips: int = 0  # Jacobi: accepted tokens whose re-sample in a later forward came out different
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ class _Shape:
     subtokens: int = 0
     layers: tuple[int, ...] = ()
     attention: str = "auto"  # the decode attention's backend; "full": SDPA over the whole static cache
+    window: int = 0  # Jacobi decoding's draft tokens per forward; 0: sequential
 
 
 def unconditional_ids(input_ids: torch.Tensor, bos_id: int, boi_id: int, pad_id: int) -> torch.Tensor:
@@ -119,7 +136,10 @@ def compile_mode(device_type: str) -> str | None:
 
 
 def _decode_step(decoder: _Decoder) -> None:
-    decoder.step()
+    if decoder.shape.window:
+        decoder.jacobi_step()
+    else:
+        decoder.step()
 
 
 _COMPILED_STEPS: dict[str, Callable[[_Decoder], None]] = {}
@@ -145,6 +165,9 @@ def _check_args(bundle, prompts, seeds, config: ImageConfig, objects) -> None:
                          "(temperature 0 is greedy)")
     if config.batch_size < 1:
         raise ValueError(f"images.batch_size={config.batch_size} must be >= 1")
+    if config.decoding == "jacobi" and objects is not None:
+        raise ValueError("images.decoding=jacobi does not capture object attention in flight; use "
+                         "masks.context=base (the default) or images.decoding=sequential")
     if bundle.model.generation_config.pad_token_id is None and bundle.tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; Janus's unconditional rows need one (set pad_token)")
 
@@ -158,9 +181,13 @@ class _Decoder:
 
     def __init__(self, model, shape: _Shape, device: torch.device):
         self.model, self.shape = model, shape
-        r, cache_len = shape.rows, shape.prompt_len + shape.num_tokens + 1
+        r, cache_len = shape.rows, shape.prompt_len + shape.num_tokens + 1 + shape.window
         self.cache = StaticCache(config=model.config.text_config, max_cache_len=cache_len)
-        self.tokens = torch.zeros(r, shape.num_tokens + 1, dtype=torch.int64, device=device)  # col N: discarded
+        # cols N..: the discarded draw (sequential) or the window's overhang past the image (Jacobi)
+        self.tokens = torch.zeros(r, shape.num_tokens + 1 + shape.window, dtype=torch.int64, device=device)
+        self.accepted = torch.ones(r, dtype=torch.int64, device=device)  # Jacobi: exact tokens per row
+        self.flips = torch.zeros((), dtype=torch.int64, device=device)  # Jacobi: see ImageBatch.near_tie_flips
+        self.offsets = torch.arange(shape.window + 1, device=device)  # Jacobi: the window's positions
         self.index = torch.zeros((), dtype=torch.int64, device=device)
         self.first_position = torch.zeros(2 * r, 1, dtype=torch.int64, device=device)
         self.seeds = torch.zeros(r, dtype=torch.int64, device=device)
@@ -178,7 +205,8 @@ class _Decoder:
             positions = torch.full((r, shape.objects, shape.subtokens), -1, dtype=torch.int64, device=device)
             self.capture = ObjectAttentionCapture(positions, list(shape.layers), shape.num_tokens)
             self.capture.set_cells(self.index)  # the query fed image token `index` is cell `index`
-        for t in [self.tokens, self.index, self.first_position, self.seeds, self.mask, self.keys] + (
+        for t in [self.tokens, self.index, self.first_position, self.seeds, self.mask, self.keys, self.accepted,
+                  self.flips, self.offsets] + (
                 self.capture.tensors() if self.capture is not None else []) + (
                 [self.slots.start, self.slots.end] if self.slots is not None else []):
             torch._dynamo.mark_static_address(t)
@@ -201,18 +229,27 @@ class _Decoder:
         self.tokens[:, 0] = self.sample(self.logits(embeds, positions, None), 0)
         self.first_position.copy_(positions[:, -1:] + 1)
         self.index.zero_()
+        self.tokens[:, 1:].zero_()  # Jacobi's first drafts (any guess is exact; zeros keep runs reproducible)
+        self.accepted.fill_(1)
+        self.flips.zero_()
 
     def logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, capture,
-               slots: DecodeSlots | None = None) -> torch.Tensor:
-        """embeds (2R, T, H), position_ids (2R, T) -> guided float32 logits (R, V) at the last position. slots: a
-        decode step's filled cache slots (the decode attention reads only those), None for the prefill."""
+               slots: DecodeSlots | None = None, cache_position: torch.Tensor | None = None,
+               last_only: bool = True) -> torch.Tensor:
+        """embeds (2R, T, H), position_ids (2R, T) -> guided float32 logits (R, V) at the last position, or (R, T, V)
+        at every position with ``last_only=False``. slots: a decode step's filled cache slots (the decode attention
+        reads only those), None otherwise; cache_position (T,): the cache slots written (default: after the last
+        written one)."""
         extra = {} if capture is None else {"object_capture": capture}
         if slots is not None:
             extra["decode_slots"] = slots
+        if cache_position is not None:
+            extra["cache_position"] = cache_position
         out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=self.mask,
                                               position_ids=position_ids, past_key_values=self.cache, use_cache=True,
                                               **extra)
-        scores = self.model.model.generation_head(out.last_hidden_state[:, -1, :]).float()  # (2R, V)
+        hidden = out.last_hidden_state[:, -1, :] if last_only else out.last_hidden_state
+        scores = self.model.model.generation_head(hidden).float()  # (2R, V) or (2R, T, V)
         cond, uncond = scores.chunk(2)
         return self.shape.sampling.guidance_scale * (cond - uncond) + uncond  # (R, V), as Janus's CFG
 
@@ -230,6 +267,29 @@ class _Decoder:
         logits = self.logits(embeds, self.first_position + self.index, self.capture, self.slots)  # (R, V)
         self.tokens.index_copy_(1, index + 1, self.sample(logits, self.index + 1)[:, None])
         self.index.add_(1)
+
+    def jacobi_step(self) -> None:
+        """One Jacobi iteration (module docstring): feed tokens s..s+W of every row, s = min(accepted) - 1,
+        re-sample tokens s+1..s+W+1, extend each row's exact prefix: device-only."""
+        start = self.accepted.min() - 1  # 0-d: token s is exact in every row
+        fed = start + self.offsets  # (W+1,) token indices fed
+        inputs = self.tokens.index_select(1, fed)  # (R, W+1)
+        embeds = self.model.prepare_embeddings_for_image_generation(inputs.repeat(2, 1))  # (2R, W+1, H)
+        for layer in self.cache.layers:  # rewind: this forward writes cache slots prompt_len + s ..
+            layer.cumulative_length.copy_(self.shape.prompt_len + start)
+        logits = self.logits(embeds, self.first_position + fed, None, cache_position=self.shape.prompt_len + fed,
+                             last_only=False)  # (R, W+1, V): position j predicts token s + 1 + j
+        samples = torch.stack([self.sample(logits[:, j], fed[j] + 1) for j in range(self.shape.window + 1)],
+                              dim=1)  # (R, W+1): tokens s+1..s+W+1, each with its own noise
+        known = fed[None, 1:] < self.accepted[:, None]  # (R, W): fed tokens s+1.. already accepted
+        exact = (known | (inputs[:, 1:] == samples[:, :-1])).long().cumprod(dim=1)  # leading exact fed tokens
+        reach = start + 2 + exact.sum(dim=1)  # (R,): tokens 0..reach-1 are exact now
+        written = fed + 1  # (W+1,) indices of the samples
+        current = self.tokens.index_select(1, written)  # (R, W+1)
+        keep = written[None, :] < self.accepted[:, None]  # never rewrite an accepted token
+        self.flips.add_((keep & (current != samples)).sum())
+        self.tokens.index_copy_(1, written, torch.where(keep, current, samples))
+        self.accepted.copy_(torch.maximum(self.accepted, reach.clamp(max=self.shape.num_tokens)))
 
 
 class _DecoderPool:
@@ -261,6 +321,12 @@ class _DecoderPool:
 
 
 _POOL = _DecoderPool()
+
+
+def release_decoders() -> None:
+    """Free the cached decoders (their KV caches and the CUDA graphs' static inputs), e.g. before building another
+    model in the same process."""
+    _POOL.clear()
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -333,18 +399,20 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     captured = (0, 0) if key_positions is None else tuple(key_positions.shape[1:])
     # fixed rows per call, the ragged last batch padded; compiled: the same rows for every call
     rows = config.batch_size if compiled else min(config.batch_size, len(prompts))
+    window = config.jacobi_window if config.decoding == "jacobi" else 0
     decoder = _POOL.get(model, _Shape(rows, ids.shape[1], bundle.num_image_tokens, sampling, *captured, layers,
-                                      attention), device)
-    tokens, maps = [], []
+                                      attention, window), device)
+    tokens, maps, passes, flips = [], [], 0, 0
     with engine_attention_on(model):
         for start in range(0, len(prompts), config.batch_size):
             end = min(start + config.batch_size, len(prompts))
-            batch_tokens, batch_maps = _decode_batch(bundle, decoder, ids[start:end], mask[start:end],
-                                                     seeds[start:end],
-                                                     None if key_positions is None else key_positions[start:end],
-                                                     compiled)
+            batch_tokens, batch_maps, batch_passes = _decode_batch(
+                bundle, decoder, ids[start:end], mask[start:end], seeds[start:end],
+                None if key_positions is None else key_positions[start:end], compiled)
             tokens.append(batch_tokens)
             maps.append(batch_maps)
+            passes += batch_passes
+            flips += int(decoder.flips)
     tokens = torch.cat(tokens)
     object_maps = object_scores = None
     if objects is not None:
@@ -356,14 +424,15 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
                                        token_valid=torch.cat([m.token_valid for m in maps])[:, :width])
         object_maps = maps_from_scores_ref(object_scores, object_scores.token_valid.any(-1)).float()  # (B, O, G, G)
     pixels = decode_pixels(bundle, tokens, config.batch_size)
-    return ImageBatch(tokens=tokens, pixels=pixels, object_maps=object_maps, object_scores=object_scores)
+    return ImageBatch(tokens=tokens, pixels=pixels, object_maps=object_maps, object_scores=object_scores,
+                      forward_passes=passes, near_tie_flips=flips)
 
 
 def _decode_batch(bundle, decoder: _Decoder, ids: torch.Tensor, mask: torch.Tensor, seeds: list[int],
                   key_positions: torch.Tensor | None, compiled: bool):
     """One batch: ids/mask (b, T) with b <= rows, padded to the decoder's rows; prefill, then N - 1 decode steps
-    (+1 capture step). Returns tokens (b, N) int64 and the capture's CapturedScores (b rows, copies) or None, on
-    CPU."""
+    (+1 capture step) or Jacobi iterations until every row has N exact tokens. Returns tokens (b, N) int64, the
+    capture's CapturedScores (b rows, copies) or None, on CPU, and the forwards after the prefill."""
     device, rows, num_tokens = bundle.device, decoder.shape.rows, decoder.shape.num_tokens
     n = ids.shape[0]
     pad_id, bos_id, boi_id = special_ids(bundle)
@@ -374,15 +443,18 @@ def _decode_batch(bundle, decoder: _Decoder, ids: torch.Tensor, mask: torch.Tens
     capture = decoder.capture
     if capture is None:
         decoder.start(ids2, mask2, seeds_t, None)
+        if decoder.shape.window:
+            iterations = _run_jacobi(decoder, compiled)
+            return _detach_tokens(decoder, n), None, iterations
         _run_steps(decoder, num_tokens - 1, compiled)
-        return _detach_tokens(decoder, n), None
+        return _detach_tokens(decoder, n), None, num_tokens - 1
     with capture.recording(bundle.model):
         decoder.start(ids2, mask2, seeds_t, _pad_rows(key_positions, rows))
         _run_steps(decoder, num_tokens, compiled)  # one more query: the one whose input is the last image token
     scores = capture.scores((bundle.grid, bundle.grid))  # views of buffers the next batch overwrites: copy
     return _detach_tokens(decoder, n), type(scores)(
         sums=scores.sums[:n].to("cpu", copy=True), counts=scores.counts[:n].to("cpu", copy=True),
-        heads=scores.heads, token_valid=scores.token_valid[:n].to("cpu", copy=True))
+        heads=scores.heads, token_valid=scores.token_valid[:n].to("cpu", copy=True)), num_tokens
 
 
 def _detach_tokens(decoder: _Decoder, n: int) -> torch.Tensor:
@@ -390,21 +462,34 @@ def _detach_tokens(decoder: _Decoder, n: int) -> torch.Tensor:
     return decoder.tokens[:n, :decoder.shape.num_tokens].to("cpu", copy=True)
 
 
-def _run_steps(decoder: _Decoder, steps: int, compiled: bool) -> None:
+def _run_jacobi(decoder: _Decoder, compiled: bool) -> int:
+    """Jacobi iterations until every row has all N tokens (one host read per iteration); returns how many."""
+    num_tokens, iterations = decoder.shape.num_tokens, 0
+    while int(decoder.accepted.min()) < num_tokens:
+        if iterations >= num_tokens:  # each iteration gains >= 1 token per row: cannot happen
+            raise RuntimeError(f"Jacobi decoding made no progress after {iterations} iterations")
+        _run_steps(decoder, 1, compiled, first=iterations == 0)
+        iterations += 1
+    return iterations
+
+
+def _run_steps(decoder: _Decoder, steps: int, compiled: bool, first: bool = True) -> None:
     """``steps`` decode steps. Compiled: the first may compile (a new shape); the rest must replay that graph, so
     a guard that fails mid-batch raises (torch.compiler stance ``fail_on_recompile``) instead of recompiling."""
     if not compiled:
         for _ in range(steps):
-            decoder.step()
+            _decode_step(decoder)
         return
     if steps < 1:
         return
     step_fn = compiled_step(decoder.index.device.type)
     try:
         with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
-            step_fn(decoder)
+            if first:  # may compile (a new shape)
+                step_fn(decoder)
+                steps -= 1
             with torch.compiler.set_stance("fail_on_recompile"):
-                for _ in range(steps - 1):
+                for _ in range(steps):
                     step_fn(decoder)
     except torch._dynamo.exc.FailOnRecompileLimitHit as error:
         raise RuntimeError(f"the image decode step was compiled for {MAX_GRAPHS} shapes in this process (rows, "
