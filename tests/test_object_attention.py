@@ -69,8 +69,8 @@ def test_teacher_forced_pass_stops_after_the_last_selected_layer(tiny_bundle, in
 
 
 def test_teacher_forced_maps_of_chosen_layers_equal_eager_attentions(tiny_bundle, inputs):
-    """``layers=[i]``: one layer's maps (what recipes/toy_janus/probes/toy_mask_probe.py reads per layer) equal eager's; a layer the
-    model does not have is an error naming the range."""
+    """``layers=[i]``: one layer's maps (what recipes/toy_janus/probes/toy_mask_probe.py reads per layer) equal
+    eager's; a layer the model does not have is an error naming the range."""
     tokens, batch, positions = inputs
     for layers in ([0], [tiny_bundle.num_layers - 1], [1, 3]):
         maps = teacher_forced_object_maps(tiny_bundle, PROMPTS, tokens, OBJECTS, layers=layers)
