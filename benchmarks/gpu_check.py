@@ -337,30 +337,12 @@ def first_call(ctx: Context, fn: Callable[[], object]) -> tuple[float, int, int]
 
 
 def build_bundle(shape: Shape, device, dtype=None, seed: int = 0, layers: int | None = None):
-    """A random-initialised Janus of ``shape`` (``ospo_fast.models.factory``'s sizes, tokenizer, processor and
-    generation config) built in ``dtype`` (bf16) directly on ``device``: no CPU copy, no file. ``layers`` overrides
-    the decoder depth (a smaller model for tests). A ``JanusBundle``."""
+    """``ospo_fast.models.factory.build_random_bundle`` of ``shape``, bf16 unless ``dtype`` says otherwise."""
     import torch
-    from transformers import JanusForConditionalGeneration
 
-    from ospo_fast.models import factory
-    from ospo_fast.models.loader import JanusBundle
-    from ospo_fast.models.tokenizer import build_tokenizer
+    from ospo_fast.models.factory import build_random_bundle
 
-    sizes = factory.sizes_for(shape.kind, shape.grid)
-    if layers is not None:
-        sizes = dataclasses.replace(sizes, layers=layers)
-    tokenizer = build_tokenizer(vocab_size=min(sizes.vocab, 1024))
-    special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
-               "image": tokenizer.convert_tokens_to_ids(tokenizer.image_token)}
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = JanusForConditionalGeneration._from_config(factory.janus_config(sizes, special),
-                                                           dtype=dtype or torch.bfloat16, attn_implementation="sdpa")
-    model.generation_config = factory.image_generation_config(tokenizer)
-    name = shape.kind if shape.kind != "tiny" else f"tiny-{shape.grid}"
-    return JanusBundle(model=model.eval(), processor=factory.build_processor(tokenizer, sizes.grid),
-                       source=f"builtin:{name}")
+    return build_random_bundle(shape.kind, shape.grid, device, dtype or torch.bfloat16, seed, layers)
 
 
 def model_gib(bundle) -> float:

@@ -107,17 +107,40 @@ def build_processor(tokenizer, grid: int) -> JanusProcessor:
                           num_image_tokens=grid ** 2)
 
 
+def _special_ids(tokenizer) -> dict[str, int]:
+    return {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
+            "image": tokenizer.convert_tokens_to_ids(tokenizer.image_token)}
+
+
+def build_random_bundle(kind: str, grid: int, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                        seed: int = 0, layers: int | None = None):
+    """A random-initialised Janus of ``kind`` (``sizes_for``) with its tokenizer, processor and generation config,
+    built in ``dtype`` directly on ``device``: no CPU copy, no file (a GPU benchmark's 1B or 7B shape in seconds).
+    ``layers`` overrides the decoder depth. Returns a ``JanusBundle``."""
+    import dataclasses
+
+    from ospo_fast.models.loader import JanusBundle
+
+    sizes = sizes_for(kind, grid)
+    if layers is not None:
+        sizes = dataclasses.replace(sizes, layers=layers)
+    tokenizer = build_tokenizer(vocab_size=min(sizes.vocab, 1024))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = JanusForConditionalGeneration._from_config(janus_config(sizes, _special_ids(tokenizer)), dtype=dtype,
+                                                           attn_implementation="sdpa")
+    model.generation_config = image_generation_config(tokenizer)
+    name = kind if kind != "tiny" else f"tiny-{grid}"
+    return JanusBundle(model=model.eval(), processor=build_processor(tokenizer, sizes.grid), source=f"builtin:{name}")
+
+
 def build_offline_model(kind: str, out_dir: str | Path, grid: int = 8, seed: int = 0,
                         dtype: torch.dtype = torch.float32) -> Path:
     """Build a random-initialised Janus model of ``kind`` and save model, processor and generation config to
     ``out_dir`` (loadable by ``ospo_fast.models.load_janus``). Returns the directory."""
     sizes = sizes_for(kind, grid)
     tokenizer = build_tokenizer(vocab_size=min(sizes.vocab, 1024))
-    special_ids = {
-        "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
-        "image": tokenizer.convert_tokens_to_ids(tokenizer.image_token),
-    }
-    config = janus_config(sizes, special_ids)
+    config = janus_config(sizes, _special_ids(tokenizer))
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config).to(dtype)
     model.generation_config = image_generation_config(tokenizer)
