@@ -26,11 +26,32 @@ import yaml
 def _cmd_env(args: argparse.Namespace) -> int:
     from ospo_fast._backend import backend_report
 
-    report = backend_report()
+    report = {"ospo_fast": version_text().removeprefix("ospo-fast ")} | backend_report()
     width = max(len(k) for k in report)
     for key, value in report.items():
         print(f"{key:<{width}}  {value}")
+    print("\nwhat runs where on this machine:")
+    for line in backend_meaning(report):
+        print(f"  {line}")
     return 0
+
+
+def backend_meaning(report: dict) -> list[str]:
+    """What the live backends mean here: which kernels ``backend="auto"`` runs, and where Triton's go."""
+    cuda, triton, interpret, cpp = (report.get(k) for k in ("cuda", "triton", "triton_interpret", "cpp_ops"))
+    if cuda and triton:
+        kernels = "Triton kernels run on the GPU (auto picks them for CUDA tensors)"
+    elif triton and interpret:
+        kernels = "Triton kernels run through the interpreter on CPU tensors (TRITON_INTERPRET=1: tests only, slow)"
+    elif triton:
+        kernels = ("Triton is installed but has no GPU here: its kernels do not run (TRITON_INTERPRET=1 runs them on "
+                   "the CPU, slowly, as CI does)")
+    else:
+        kernels = "no Triton: the GPU kernels are unavailable; the PyTorch references run instead"
+    cpu = ("CPU ops use the C++ extension (ospo_fast._C)" if cpp else
+           "CPU ops use the PyTorch references (the C++ extension is not built: make install builds it)")
+    device = "models run on the GPU (model.device=auto)" if cuda else "models run on the CPU (no CUDA device)"
+    return [device, kernels, cpu]
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
@@ -194,21 +215,38 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. prompts.num_prompts=100")
 
 
+def version_text() -> str:
+    """``ospo-fast --version``: the package version and, in a git checkout, its commit."""
+    import subprocess
+    from pathlib import Path
+
+    from ospo_fast import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return f"ospo-fast {__version__} (commit {commit})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from ospo_fast.pipeline import STAGES
+    from ospo_fast.stages import STAGES  # light: the parser imports nothing heavy, so --help answers at once
 
     parser = argparse.ArgumentParser(prog="ospo-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("env", help="print versions and live backends")
     p.set_defaults(func=_cmd_env)
 
     p = sub.add_parser("make-model", help="save a random-initialised offline Janus model")
-    p.add_argument("kind", choices=["tiny", "janus-pro-1b-shape", "janus-pro-7b-shape"])
-    p.add_argument("out")
+    p.add_argument("kind", choices=["tiny", "janus-pro-1b-shape", "janus-pro-7b-shape"],
+                   help="model size: tiny (CPU tests), or Janus-Pro-1B/7B layer shapes with random weights")
+    p.add_argument("out", help="directory to save the model, processor and generation config into")
     p.add_argument("--grid", type=int, default=8, help="image-token grid side (tiny only; 8 or 24)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random-initialisation seed")
     p.set_defaults(func=_cmd_make_model)
 
     p = sub.add_parser("run", help="all five stages (and iterations), then a closing summary")
@@ -226,18 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("report", help="write the static HTML report of a run directory")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory (every iteration) or one synth directory")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("export", help="export the pairs of a run as Parquet (TRL-style columns)")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None)
+    p.add_argument("run_dir", help="a run or synth directory holding pairs.jsonl")
+    p.add_argument("--out", default=None, help="Parquet file to write (default: <run_dir>/pairs.parquet)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval-gen", help="generate benchmark images (GenEval, T2I-CompBench++, DPG-Bench layouts)")
-    p.add_argument("--format", required=True, choices=["geneval", "t2i-compbench", "dpg-bench"])
+    p.add_argument("--format", required=True, choices=["geneval", "t2i-compbench", "dpg-bench"],
+                   help="which evaluator's folder layout to write")
     p.add_argument("--prompts", required=True, help="GenEval metadata .jsonl, a prompt-per-line .txt, or a DPG dir")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory (a rerun with other inputs is refused)")
     p.add_argument("--model", default=None, help="checkpoint to use instead of model.path (e.g. a merged one)")
     p.add_argument("--samples", type=int, default=None,
                    help="images per prompt (default: the official script's, GenEval 4, T2I-CompBench 10, DPG 4)")
@@ -253,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge-lora", help="merge a LoRA checkpoint into a standalone model directory")
     p.add_argument("adapter", help="a checkpoint directory holding adapter_model.safetensors")
-    p.add_argument("out")
+    p.add_argument("out", help="directory for the merged, standalone model")
     p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights")
     p.set_defaults(func=_cmd_merge_lora)
 
     p = sub.add_parser("plan", help="predict per-stage work, batch sizes, memory per GPU and hours for a preset")
@@ -265,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("config", help="print the resolved config")
-    p.add_argument("--preset", default=None)
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    _add_config_args(p)  # the same default preset (toy) as every other command
     p.set_defaults(func=_cmd_config)
     return parser
 
@@ -305,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     from ospo_fast.quiet import quiet_libraries
 
     quiet_libraries()  # other libraries' known warnings, by exact message (ospo_fast/quiet.py says why)
+    args = parse_args(argv)  # --help and --version end here, before torch or transformers is imported
     from ospo_fast.config import ConfigError
     from ospo_fast.evalgen import PromptFileError
     from ospo_fast.models.loader import ModelLoadError
@@ -312,7 +352,6 @@ def main(argv: list[str] | None = None) -> int:
     from ospo_fast.store import StoreError
     from ospo_fast.train import PairsFileError
 
-    args = parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, ModelLoadError, PromptFileError, NoPairsError, StoreError, PairsFileError) as err:

@@ -24,14 +24,11 @@ from ospo_fast.distributed import Dist, init_distributed
 from ospo_fast.overlap import BackgroundWriter
 from ospo_fast.plan import resolve_auto_batches
 from ospo_fast.runstore import RunStore
+from ospo_fast.stages import STAGES, steps
 from ospo_fast.stages import prompts as S1
-from ospo_fast.stages import steps
 from ospo_fast.stages.context import StageContext
 from ospo_fast.stages.select import best_vs_worst, select_best
 from ospo_fast.store import StoreError, check_fingerprint, config_fingerprint, file_identity
-
-STAGES = ("prompts", "perturb", "densify", "images", "questions", "vqa", "select")
-
 
 ChunkFn = Callable[[list[dict]], tuple[list[dict], list[dict]]]
 

@@ -208,3 +208,37 @@ def test_synth_with_no_surviving_pair_says_why(tmp_path, capsys):
                  "filter.tau=1.0"])  # a random model's S is near 0 < 1: nothing passes
     out = capsys.readouterr().out
     assert code == 0 and "0 pairs" in out and "filter.enabled=false" in out
+
+
+def test_help_and_version_import_neither_torch_nor_transformers():
+    """``--help`` of the command and of every subcommand, and ``--version``, answer before any heavy import (they
+    took 10-19 s when transformers was imported first); the version names the commit."""
+    import subprocess
+    import sys
+
+    from ospo_fast.cli import build_parser
+
+    commands = [[]] + [[name] for name in build_parser()._subparsers._group_actions[0].choices]
+    probe = ("import sys\nfrom ospo_fast.cli import main\nfor argv in {argvs!r}:\n    try:\n        main(argv)\n"
+             "    except SystemExit:\n        pass\nprint('HEAVY', sorted(m for m in ('torch', 'transformers') "
+             "if m in sys.modules))\n")
+    argvs = [c + ["--help"] for c in commands] + [["--version"]]
+    out = subprocess.run([sys.executable, "-c", probe.format(argvs=argvs)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "HEAVY []" in out, out[-2000:]
+    assert "ospo-fast 0." in out and "(commit " in out
+
+
+def test_every_argument_has_help():
+    from ospo_fast.cli import build_parser
+
+    for name, sub in build_parser()._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, f"ospo-fast {name}: {action.dest} has no help text"
+
+
+def test_env_says_what_runs_where(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "what runs where on this machine:" in out and "ospo_fast " in out
+    assert ("Triton kernels run on the GPU" in out) == torch.cuda.is_available()
