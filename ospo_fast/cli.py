@@ -94,23 +94,47 @@ def _load(args: argparse.Namespace):
         raise ConfigError(f"preset {args.preset} needs model.path: add model.path=/path/to/Janus-Pro-{size} (a local "
                           f"checkpoint directory), or model.path=deepseek-community/Janus-Pro-{size} to download it "
                           "from the hub")
-    return load_config(args.preset, args.overrides)
+    config = load_config(args.preset, args.overrides)
+    if args.preset in HUB_PRESETS and config.model.device == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"preset {args.preset} is sized for a GPU and torch sees none (a Janus-Pro image takes "
+                              "minutes on a CPU); run it on a CUDA machine, or add model.device=cpu to run here anyway")
+    return config
 
 
 def _check_inputs(config, out: str) -> None:
-    """Before any model loads: read the user's prompt file (when prompts.source=file) and make sure ``out`` is a
-    directory this process can write (OSError otherwise, reported in one line by ``main``)."""
+    """Before any model loads or anything is written: read the user's prompt file (when prompts.source=file), check
+    model.path (a mistyped one stops here, not at stage 3) and make sure ``out`` is a directory this process can
+    write (OSError otherwise, reported in one line by ``main``)."""
     if config.prompts.source == "file":
         from ospo_fast.stages.prompts import read_prompt_file
 
         read_prompt_file(config.prompts.file)
+    _check_model(config.model.path)
     writable_dir(out)
 
 
+def _check_model(path: str) -> None:
+    from ospo_fast.models.loader import check_model_path
+
+    check_model_path(path)
+
+
 def writable_dir(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    """``path`` is a directory this process could create or write into, checked without creating it (a command
+    that stops before its first write leaves nothing behind); an OSError otherwise."""
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), existing)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -168,6 +192,7 @@ def _cmd_eval_gen(args: argparse.Namespace) -> int:
     todo = plan(args.format, args.prompts, args.out, samples=args.samples, seed=config.seed, images=config.images,
                 model=model_identity(path))
     check_out(todo)  # inputs first: a bad prompt file or a mismatched --out never waits for a model to load
+    _check_model(path)
     writable_dir(args.out)
     from ospo_fast.models.loader import pick_device
     from ospo_fast.plan import resolve_auto_batches
@@ -187,7 +212,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         config = _load(args)
-        read_pairs(args.pairs)  # a bad pairs file or --out is reported before the model loads
+        read_pairs(args.pairs)  # a bad pairs file, model path or --out is reported before the model loads
+        _check_model(config.model.path)
         writable_dir(args.out)
         result = train(config, args.pairs, args.out, resume=not args.no_resume)
     except (PairsFileError, TrainingDivergedError, CheckpointError) as err:

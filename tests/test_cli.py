@@ -242,3 +242,25 @@ def test_env_says_what_runs_where(capsys):
     out = capsys.readouterr().out
     assert "what runs where on this machine:" in out and "ospo_fast " in out
     assert ("Triton kernels run on the GPU" in out) == torch.cuda.is_available()
+
+
+def test_a_mistyped_model_path_stops_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "deep" / "run"
+    assert main(["run", "--preset", "tiny", "--out", str(out), f"model.path={tmp_path / 'Janus-Pro-1b-typo'}"]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    assert not out.exists() and not out.parent.exists()
+    assert main(["synth", "--preset", "tiny", "--out", str(out), "model.path=builtin:tiny-x"]) == 2
+    assert "unknown built-in model" in _one_line_error(capsys)
+    assert not out.parent.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_a_janus_pro_preset_without_a_gpu_stops_at_once_unless_asked_for_the_cpu(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "janus-pro-7b", "--out", str(out), f"model.path={tmp_path / 'Janus-Pro-7B'}"]) == 2
+    err = _one_line_error(capsys)
+    assert "torch sees none" in err and "model.device=cpu" in err
+    assert main(["run", "--preset", "janus-pro-7b", "--out", str(out), f"model.path={tmp_path / 'Janus-Pro-7B'}",
+                 "model.device=cpu"]) == 2  # asked for the CPU: it goes on, to the (missing) model
+    assert "does not exist" in _one_line_error(capsys)
+    assert not out.exists()

@@ -153,6 +153,31 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_model_path(path: str) -> None:
+    """What ``load_janus`` checks of ``path`` before it loads, without loading or building anything: a built-in
+    name that exists, a local directory that is a Janus checkpoint, or something shaped like a hub id. Raises
+    ModelLoadError naming the path and the fix (a run calls this before it writes anything)."""
+    if path.startswith("builtin:"):
+        from ospo_fast.models.factory import KINDS
+
+        name = path.split(":", 1)[1]
+        kind = "tiny" if name.startswith("tiny-") and name.split("-", 1)[1].isdigit() else name
+        if name == "toy":
+            if not (ASSET_DIR / "toy_janus" / "config.json").is_file():
+                raise ModelLoadError(f"builtin:toy is not shipped in this install (looked in {ASSET_DIR}); rebuild "
+                                     "it with `python recipes/toy_janus/build_model.py` or use builtin:tiny")
+        elif kind not in KINDS:
+            raise ModelLoadError(f"unknown built-in model {path!r}; use builtin:toy, builtin:tiny, builtin:tiny-24, "
+                                 f"or builtin:<kind> with kind in {KINDS}")
+        return
+    local = Path(path).expanduser()
+    if local.exists():
+        _check_checkpoint_dir(local)
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelLoadError(f"model path {path!r} does not exist. Give a local Janus checkpoint directory, a hub "
+                             "id like deepseek-community/Janus-Pro-1B (where the hub is reachable), or builtin:tiny")
+
+
 def load_janus(path: str, dtype: str = "float32", device: str = "auto",
                attn_implementation: str = "sdpa") -> JanusBundle:
     """Load a Janus model and processor.
@@ -164,12 +189,8 @@ def load_janus(path: str, dtype: str = "float32", device: str = "auto",
         raise ModelLoadError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
     source = path
     resolved = resolve_model_path(path)
+    check_model_path(resolved)
     local = Path(resolved).expanduser()
-    if local.exists():
-        _check_checkpoint_dir(local)
-    elif resolved.startswith((".", "/", "~")) or resolved.count("/") != 1:
-        raise ModelLoadError(f"model path {path!r} does not exist. Give a local Janus checkpoint directory, a hub "
-                             "id like deepseek-community/Janus-Pro-1B, or builtin:tiny")
     try:
         model = JanusForConditionalGeneration.from_pretrained(
             str(local) if local.exists() else resolved, dtype=DTYPES[dtype],
