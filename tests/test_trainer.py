@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
+import ospo_fast
 from ospo_fast.config import LossConfig, OSPOConfig
 from ospo_fast.models import load_janus
 
@@ -225,14 +228,34 @@ class _SyncRecorder:
 
     def _record(self, stack) -> None:
         for frame in reversed(stack[:-1]):
-            for marker in ("/ospo_fast/", "/transformers/", "/torch/optim/"):
-                if marker in frame.filename and "/tests/" not in frame.filename:
-                    self.origins.append(marker.strip("/") + "/" + frame.filename.split(marker)[-1])
+            path = os.path.realpath(frame.filename)
+            for name, root in _ORIGIN_ROOTS.items():  # by the packages' real folders, not by a path's words: a
+                if path.startswith(root + os.sep):  # checkout or venv under a folder named ospo_fast is not ours
+                    self.origins.append(name + "/" + os.path.relpath(path, root).replace(os.sep, "/"))
                     return
         self.origins.append("other")
 
 
+def _package_root(module) -> str:
+    return os.path.realpath(os.path.dirname(module.__file__))
+
+
+_ORIGIN_ROOTS = {"ospo_fast": _package_root(ospo_fast), "transformers": _package_root(transformers),
+                 "torch/optim": _package_root(torch.optim)}
 MASKING = "transformers/masking_utils.py"
+
+
+def test_sync_origins_go_by_package_folders_not_path_words(monkeypatch):
+    """A checkout cloned into a folder named ospo_fast puts its venv's torch under .../ospo_fast/.venv/...: such a
+    frame is not ours (it used to be, and test_training_step_syncs_once failed in that folder)."""
+    import traceback
+
+    recorder = _SyncRecorder(monkeypatch)
+    cloned = "/home/user/ospo_fast/.venv/lib/python3.11/site-packages/torch/nn/functional.py"
+    ours = os.path.join(_ORIGIN_ROOTS["ospo_fast"], "train", "trainer.py")
+    recorder._record([traceback.FrameSummary(cloned, 1, "f"), None])
+    recorder._record([traceback.FrameSummary(ours, 1, "g"), traceback.FrameSummary(cloned, 1, "f"), None])
+    assert recorder.origins == ["other", "ospo_fast/train/trainer.py"]
 
 
 def test_training_step_syncs_once(tmp_path, fresh_tiny, monkeypatch):
