@@ -122,6 +122,16 @@ def _check_model(path: str) -> None:
     check_model_path(path)
 
 
+def _write_lock(out: str):
+    """The write lock of ``out`` (``store.directory_lock``), held by rank 0 of a torchrun job (its other ranks
+    write into the same directory under it) or by a lone process."""
+    import contextlib
+
+    from ospo_fast.store import directory_lock
+
+    return directory_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+
+
 def writable_dir(path: str) -> None:
     """``path`` is a directory this process could create or write into, checked without creating it (a command
     that stops before its first write leaves nothing behind); an OSError otherwise."""
@@ -143,7 +153,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _check_inputs(config, args.out)
-    pairs = run_synthesis(config, args.out, redo=args.redo)
+    with _write_lock(args.out):
+        pairs = run_synthesis(config, args.out, redo=args.redo)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{len(pairs)} pairs in {args.out}/pairs.jsonl; report: {write_report(args.out)}")
         if not pairs:
@@ -157,7 +168,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _check_inputs(config, args.out)
-    summary = run_ospo(config, args.out, redo=args.redo)
+    with _write_lock(args.out):
+        summary = run_ospo(config, args.out, redo=args.redo)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary, args.out))
         reports = [os.path.join(args.out, f"iter{it['iteration']}", "synth", "report.html")
@@ -215,7 +227,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         read_pairs(args.pairs)  # a bad pairs file, model path or --out is reported before the model loads
         _check_model(config.model.path)
         writable_dir(args.out)
-        result = train(config, args.pairs, args.out, resume=not args.no_resume)
+        with _write_lock(args.out):
+            result = train(config, args.pairs, args.out, resume=not args.no_resume)
     except (PairsFileError, TrainingDivergedError, CheckpointError) as err:
         print(f"ospo-fast: error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ either the old file or the whole new one, never a part. New files get the mode `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -13,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 
 class StoreError(ValueError):
@@ -229,3 +230,50 @@ def file_identity(path: str | Path, small: int = 1 << 20) -> dict[str, Any]:
         small_file = file.stat().st_size <= small
         files[file.relative_to(path).as_posix()] = sha256_file(file) if small_file else _head_tail_sha256(file, small)
     return {"files": files}
+
+
+LOCK_FILE = ".ospo-fast.lock"
+
+
+class DirectoryBusy(StoreError):
+    """Another process holds the write lock of a run or training directory."""
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path) -> Iterator[Path]:
+    """Hold the write lock of ``directory`` (created if missing) for the block: an exclusive ``fcntl.flock`` on
+    ``<directory>/.ospo-fast.lock``, which the kernel releases when the process ends, killed or not. A second
+    writer stops at once with DirectoryBusy naming the holder's pid and host. If the block fails before anything
+    but the lock file was written into a directory it created, the directory is removed again (a refused or failed
+    start leaves nothing behind)."""
+    import fcntl
+    import shutil
+    import socket
+
+    path = Path(directory)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    lock_path = path / LOCK_FILE
+    if lock_path.is_symlink():
+        raise StoreError(f"{lock_path} is a symlink; remove it (nothing in a run directory is written through one)")
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "an unknown process"
+            raise DirectoryBusy(f"{path} is being written by {holder}; wait for it to finish (or stop it), or "
+                                "choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield path
+        except BaseException:
+            if created and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+    finally:
+        handle.close()

@@ -264,3 +264,24 @@ def test_a_janus_pro_preset_without_a_gpu_stops_at_once_unless_asked_for_the_cpu
                  "model.device=cpu"]) == 2  # asked for the CPU: it goes on, to the (missing) model
     assert "does not exist" in _one_line_error(capsys)
     assert not out.exists()
+
+
+def test_a_second_writer_of_a_run_directory_stops_at_once(tmp_path, capsys):
+    """Two `train` (or `run`, `synth`) processes on one --out: the second stops with one line naming the holder;
+    the holder's lock goes with its process. A refused start leaves a directory it created empty of its files."""
+    import fcntl
+    import socket
+
+    from ospo_fast.store import LOCK_FILE, directory_lock
+
+    out = tmp_path / "run"
+    with directory_lock(out):
+        assert main(["run", "--preset", "tiny", "--out", str(out)]) == 2
+        err = _one_line_error(capsys)
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in err and "choose another --out" in err
+    with open(out / LOCK_FILE) as handle:  # released: anyone can take it now
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="model failed"), directory_lock(fresh):
+        raise RuntimeError("model failed to load")
+    assert not fresh.exists()
