@@ -51,6 +51,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def follow_umask(directory: Path) -> None:
+    """Give every file under ``directory`` the mode open() would (0o666 minus the umask): some writers (safetensors)
+    create 0o600 files, so saved weights would be unreadable to the group while every other output is not."""
+    mode = 0o666 & ~_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove what killed writers left under ``directory``: atomic writes' ``.<name>.*.tmp`` files and checkpoint or
+    merge ``*.tmp`` directories (only call this while holding the directory's write lock). Returns them."""
+    import shutil
+
+    stale = [p for p in Path(directory).rglob("*.tmp") if not p.is_symlink()
+             and ((p.is_file() and p.name.startswith(".")) or p.is_dir())]
+    for path in sorted(stale, key=lambda p: len(p.parts)):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -243,7 +267,8 @@ class DirectoryBusy(StoreError):
 def directory_lock(directory: str | Path) -> Iterator[Path]:
     """Hold the write lock of ``directory`` (created if missing) for the block: an exclusive ``fcntl.flock`` on
     ``<directory>/.ospo-fast.lock``, which the kernel releases when the process ends, killed or not. A second
-    writer stops at once with DirectoryBusy naming the holder's pid and host. If the block fails before anything
+    writer stops at once with DirectoryBusy naming the holder's pid and host. Once held, temporaries a killed
+    writer left are removed (``remove_stale_temporaries``). If the block fails before anything
     but the lock file was written into a directory it created, the directory is removed again (a refused or failed
     start leaves nothing behind)."""
     import fcntl
@@ -269,6 +294,7 @@ def directory_lock(directory: str | Path) -> Iterator[Path]:
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
+        remove_stale_temporaries(path)  # no other writer can be mid-write now
         try:
             yield path
         except BaseException:

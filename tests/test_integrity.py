@@ -470,3 +470,35 @@ def test_toy_pair_judgement_checks_what_it_reads(reference, tmp_path):
     _damage(run / "images" / "records.jsonl", "lost_last_line")
     with pytest.raises(StoreError, match=rf"^{re.escape(str(run / 'images' / 'records.jsonl'))} "):
         pair_judgement(run)
+
+
+def test_saved_weights_follow_the_umask_and_stale_temporaries_go_on_resume(tmp_path):
+    """safetensors writes 0o600 files: published checkpoints and merged models take the umask's mode like every
+    other output; what a killed writer left (.x.tmp files, step-N.tmp directories) is removed once the directory's
+    write lock is held, and nothing else is."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ospo_fast.store import directory_lock
+    from ospo_fast.train import checkpoint as ckpt
+
+    old = os.umask(0o022)
+    try:
+        final = tmp_path / "checkpoints" / "step-000002"
+        tmp = ckpt.temp_dir_for(final)
+        save_file({"w": torch.zeros(2)}, str(tmp / "adapter_model.safetensors"))
+        assert (tmp / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o600  # what safetensors does
+        ckpt.publish(tmp, final)
+        assert (final / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    (tmp_path / ".pairs.jsonl.abc123.tmp").write_text("half")
+    (tmp_path / "checkpoints" / "step-000004.tmp").mkdir()
+    (tmp_path / "notes.tmp").write_text("a user's file")  # not our naming: kept
+    with directory_lock(tmp_path):
+        pass
+    assert not (tmp_path / ".pairs.jsonl.abc123.tmp").exists()
+    assert not (tmp_path / "checkpoints" / "step-000004.tmp").exists()
+    assert (tmp_path / "notes.tmp").exists() and (final / "adapter_model.safetensors").exists()

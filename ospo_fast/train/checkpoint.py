@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ospo_fast.store import atomic_write_json, sha256_file
+from ospo_fast.store import atomic_write_json, follow_umask, sha256_file
 
 STATE_FILE = "trainer_state.json"
 CHECKSUM_FILE = "checksums.json"
@@ -58,7 +58,9 @@ def temp_dir_for(final: Path) -> Path:
 
 
 def publish(tmp: Path, final: Path) -> Path:
-    """Rename a completed ``tmp`` checkpoint directory to ``final`` (replacing an older one of that name)."""
+    """Rename a completed ``tmp`` checkpoint directory to ``final`` (replacing an older one of that name); its files
+    follow the umask first (safetensors writes 0o600)."""
+    follow_umask(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.replace(final)
