@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from ospo_fast.runstore import RunStore
-from ospo_fast.store import atomic_write_text, read_jsonl
+from ospo_fast.store import atomic_write_text, check_no_symlink, read_jsonl
 
 PAGE_SIZE = 100
 GALLERY_PREVIEW = 8
@@ -100,6 +100,9 @@ def _order(names: tuple[str, ...], name: str) -> int:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+OUR_PAGE = re.compile(r"(pairs-[A-Za-z0-9_.-]+-\d+|gallery[A-Za-z0-9_.-]*)\.html")  # the names this module writes
 
 
 def _pages_name(category: str | None, reason: str | None, page: int) -> str:
@@ -297,7 +300,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write ``report.html`` and its pages (``report/``) into the synthesis directory; returns report.html's path."""
     store = RunStore(run_dir)
     root = store.root
-    pages = root / "report"
+    pages = check_no_symlink(root, root / "report")  # pages are written and stale ones deleted only in there
     pages.mkdir(exist_ok=True)
     manifest = store.manifest()
     from ospo_fast.pipeline import STAGES
@@ -344,7 +347,7 @@ def write_report(run_dir: str | Path) -> Path:
     galleries, names = _write_galleries(root, pages, settings.get("images", {}).get("guidance_scale", "?"))
     parts += galleries
     written += names
-    for stale in pages.glob("*.html"):  # pages of an earlier report that this one no longer has
-        if stale.name not in written:
+    for stale in pages.glob("*.html"):  # pages of an earlier report that this one no longer has (ours by name only)
+        if stale.name not in written and OUR_PAGE.fullmatch(stale.name) and not stale.is_symlink():
             stale.unlink()
-    return atomic_write_text(root / "report.html", _page(f"OSPO run {name}", parts))
+    return atomic_write_text(check_no_symlink(root, root / "report.html"), _page(f"OSPO run {name}", parts))

@@ -33,6 +33,7 @@ from ospo_fast.store import (
     StoreError,
     atomic_write_bytes,
     atomic_write_json,
+    check_no_symlink,
     jsonl_bytes,
     parse_jsonl,
     safe_join,
@@ -79,8 +80,16 @@ class RunStore:
         self.rank, self.world = rank, world
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def _inside(self, path: Path | str) -> Path:
+        """``path`` (absolute, or relative to the root) after ``store.check_no_symlink``: every write, replace and
+        delete of this store goes through here."""
+        path = Path(path)
+        if not path.is_absolute() and path.parts[:len(self.root.parts)] != self.root.parts:
+            path = self.root / path  # a name relative to the root
+        return check_no_symlink(self.root, path)
+
     def _write_checked(self, path: Path, data: bytes) -> str:
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(self._inside(path), data)
         return sha256_bytes(data)
 
     def _read_checked(self, path: Path, sha256: str | None, commit: Path | str, fix: str) -> bytes:
@@ -138,7 +147,7 @@ class RunStore:
             name = f"chunk-{index:05d}.{key}.jsonl" if key == "rejects" else f"chunk-{index:05d}.jsonl"
             sums[key] = {"file": name, "sha256": self._write_checked(rank_dir / name, jsonl_bytes(rows)),
                          "count": len(rows)}
-        atomic_write_json(self._marker(stage, index), sums)
+        atomic_write_json(self._inside(self._marker(stage, index)), sums)
 
     def _externalise_images(self, record: dict, name: str | None = None) -> dict:
         name = name or record.get("id", "image")
@@ -211,11 +220,11 @@ class RunStore:
     def clear_stage(self, stage: str) -> None:
         import shutil
 
-        shutil.rmtree(self.root / stage, ignore_errors=True)
+        shutil.rmtree(self._inside(stage), ignore_errors=True)
         manifest = self.manifest()
         manifest["stages"].pop(stage, None)
         manifest["fingerprints"].pop(stage, None)
-        atomic_write_json(self.root / "manifest.json", manifest)
+        atomic_write_json(self._inside("manifest.json"), manifest)
 
     # -------------------------------------------------------------- manifest
     def manifest(self) -> dict:
@@ -235,12 +244,12 @@ class RunStore:
 
     def reset_manifest(self) -> None:
         """Start the manifest afresh (``--redo`` of the first stage, which recomputes everything)."""
-        atomic_write_json(self.root / "manifest.json", {"stages": {}, "fingerprints": {}, "outputs": {}})
+        atomic_write_json(self._inside("manifest.json"), {"stages": {}, "fingerprints": {}, "outputs": {}})
 
     def update_manifest(self, stage: str, entry: dict) -> None:
         manifest = self.manifest()
         manifest["stages"][stage] = entry
-        atomic_write_json(self.root / "manifest.json", manifest)
+        atomic_write_json(self._inside("manifest.json"), manifest)
 
     def fingerprint(self, stage: str) -> dict | None:
         """The settings ``stage`` was started with (``store.config_fingerprint``), None if none were recorded."""
@@ -249,17 +258,17 @@ class RunStore:
     def record_fingerprint(self, stage: str, fingerprint: dict) -> None:
         manifest = self.manifest()
         manifest["fingerprints"][stage] = fingerprint
-        atomic_write_json(self.root / "manifest.json", manifest)
+        atomic_write_json(self._inside("manifest.json"), manifest)
 
     # -------------------------------------------------------------- top-level outputs
     def final_done(self, name: str) -> bool:
         return name in self.manifest()["outputs"] and (self.root / name).is_file()
 
     def clear_final(self, name: str) -> None:
-        (self.root / name).unlink(missing_ok=True)
+        self._inside(name).unlink(missing_ok=True)
         manifest = self.manifest()
         manifest["outputs"].pop(name, None)
-        atomic_write_json(self.root / "manifest.json", manifest)
+        atomic_write_json(self._inside("manifest.json"), manifest)
 
     def read_final(self, name: str, fix: str = "pass --redo select to rewrite it", images: bool = True) -> list[dict]:
         """The records of a committed top-level output, checked against the manifest, with the images it names
@@ -283,5 +292,5 @@ class RunStore:
         manifest = self.manifest()
         manifest["outputs"][name] = dict(records=len(records), sha256=sha,
                                          images={rel: sha256_file(self.root / rel) for rel in images}, **(extra or {}))
-        atomic_write_json(self.root / "manifest.json", manifest)
+        atomic_write_json(self._inside("manifest.json"), manifest)
         return path

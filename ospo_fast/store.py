@@ -51,6 +51,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def check_no_symlink(root: str | Path, path: str | Path) -> Path:
+    """``path`` (inside ``root``) as a Path, after checking that no component below ``root`` is a symlink: nothing in
+    a run or training directory is written, replaced or deleted through one (a symlinked ``images/`` would send
+    every PNG elsewhere). StoreError naming the link otherwise. ``root`` itself may be a link the user made."""
+    root, path = Path(root), Path(path)
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise StoreError(f"{path} is not inside {root}") from None
+    current = root
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            raise StoreError(f"{current} is a symlink; ospo-fast writes nothing through links inside {root}: replace "
+                             "it with a real directory (or file)")
+    return path
+
+
 def follow_umask(directory: Path) -> None:
     """Give every file under ``directory`` the mode open() would (0o666 minus the umask): some writers (safetensors)
     create 0o600 files, so saved weights would be unreadable to the group while every other output is not."""

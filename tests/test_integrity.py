@@ -502,3 +502,31 @@ def test_saved_weights_follow_the_umask_and_stale_temporaries_go_on_resume(tmp_p
     assert not (tmp_path / ".pairs.jsonl.abc123.tmp").exists()
     assert not (tmp_path / "checkpoints" / "step-000004.tmp").exists()
     assert (tmp_path / "notes.tmp").exists() and (final / "adapter_model.safetensors").exists()
+
+
+def test_nothing_is_written_or_deleted_through_a_symlink_inside_a_run(tmp_path):
+    """A symlinked images/ (or manifest, or report/) inside a run directory is refused, naming the link, before
+    anything is written through it; the report deletes only pages named as it names them."""
+    import pytest
+
+    from ospo_fast.report import OUR_PAGE
+    from ospo_fast.runstore import RunStore
+    from ospo_fast.store import StoreError, check_no_symlink
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "images").symlink_to(outside, target_is_directory=True)
+    store = RunStore(run)
+    with pytest.raises(StoreError, match="images is a symlink"):
+        store._write_checked(run / "images" / "a.png", b"png")
+    (run / "manifest.json").symlink_to(outside / "m.json")
+    with pytest.raises(StoreError, match="manifest.json is a symlink"):
+        store.reset_manifest()
+    assert list(outside.iterdir()) == []
+    assert check_no_symlink(tmp_path / "run", run / "ok" / "x.png") == run / "ok" / "x.png"
+    linked_root = tmp_path / "link-to-run"  # the run directory itself may be a link the user made
+    linked_root.symlink_to(run, target_is_directory=True)
+    assert check_no_symlink(linked_root, linked_root / "x.json") == linked_root / "x.json"
+    assert OUR_PAGE.fullmatch("pairs-all-1.html") and not OUR_PAGE.fullmatch("index.html")

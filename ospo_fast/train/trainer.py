@@ -29,7 +29,13 @@ from torch import nn
 from ospo_fast.config import LossConfig, OSPOConfig, TrainConfig, load_config, save_config
 from ospo_fast.distributed import init_distributed
 from ospo_fast.engine.prompts import position_ids_from_mask
-from ospo_fast.store import atomic_write_json, check_fingerprint, config_fingerprint, file_identity
+from ospo_fast.store import (
+    atomic_write_json,
+    check_fingerprint,
+    check_no_symlink,
+    config_fingerprint,
+    file_identity,
+)
 from ospo_fast.train import checkpoint as ckpt
 from ospo_fast.train.data import BatchPlan, PairBatch, PairSet, collate, load_pair_set
 from ospo_fast.train.lora import apply_lora, merge_lora, set_trainable
@@ -298,7 +304,7 @@ class Trainer:
         """Write ``checkpoints/step-N`` (all ranks call this); returns its directory."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        final = ckpt.checkpoint_dir(self.out_dir, self.step)
+        final = check_no_symlink(self.out_dir, ckpt.checkpoint_dir(self.out_dir, self.step))  # checkpoints/ too
         tmp = final.with_name(final.name + ".tmp")
         if self.dist.main:
             tmp = ckpt.temp_dir_for(final)
@@ -539,7 +545,7 @@ class Trainer:
             last_dir = self.save()
         merged = None
         if self.peft is not None:
-            merged = self.out_dir / "merged"
+            merged = check_no_symlink(self.out_dir, self.out_dir / "merged")
             if self.dist.main:
                 merge_lora(last_dir, merged, base_path=self.config.model.path, dtype=self.config.model.dtype)
             self.dist.barrier()
