@@ -65,8 +65,8 @@ def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fals
     return Rule(text, lambda v: _number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
 
 
-def odd_at_least(lo: int) -> Rule:
-    return Rule(f"an odd integer >= {lo}", lambda v: _number(v) and v >= lo and v % 2 == 1)
+def odd_at_most(hi: int) -> Rule:
+    return Rule(f"an odd integer in [1, {hi}]", lambda v: _number(v) and 1 <= v <= hi and v % 2 == 1)
 
 
 def non_empty() -> Rule:
@@ -103,7 +103,7 @@ COUNT = at_least(1)
 # a batch size, or "auto": the largest that fits the device's memory (ospo_fast.plan.auto_batch, at run start)
 BATCH = Rule(">= 1 or auto", lambda v: v == "auto" or (_number(v) and v >= 1))
 PROBABILITY = between(0, 1, lo_open=True)  # top_p
-TEMPERATURE = at_least(0)  # 0: greedy
+TEMPERATURE = between(0, 100)  # 0: greedy; a softmax at T > 100 is uniform to within float32 anyway
 SUBCATEGORIES = tuple(s for subs in CATEGORIES.values() for s in subs)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 UNFREEZABLE = ("generation_embeddings", "generation_aligner", "generation_head", "aligner", "vision_model",
@@ -137,7 +137,7 @@ class PromptConfig:
     # a JSONL of {"prompt", "category", "structure"} records, for source="file" (then required)
     file: str = setting("", Rule("a path (required when prompts.source=file)", lambda v: isinstance(v, str)))
     vocabulary: Literal["general", "toy"] = setting("general")  # word lists of the sampler and the rule perturbations
-    num_prompts: int = setting(20000, COUNT)
+    num_prompts: int = setting(20000, between(1, 10_000_000))  # the paper's scale is 20,000
     batch_size: int = setting(32, COUNT)
     temperature: float = setting(1.0, TEMPERATURE)
     top_p: float = setting(1.0, PROBABILITY)
@@ -178,7 +178,7 @@ class DensifyConfig:
 class ImageConfig:
     """Stage 3: classifier-free-guided image generation (Janus)."""
 
-    guidance_scale: float = setting(5.0, at_least(0))  # 1: the conditional model alone
+    guidance_scale: float = setting(5.0, between(0, 1000))  # 1: the conditional model alone
     temperature: float = setting(1.0, TEMPERATURE)
     top_k: int = setting(0, at_least(0))  # 0: off (plain multinomial sampling, as the reference)
     top_p: float = setting(1.0, PROBABILITY)
@@ -198,7 +198,7 @@ class MaskConfig:
     skip_layers: int = setting(5, at_least(0))  # drop the first and last min(k, (L - 1) // 2) of the L layers
     otsu_scale: float = setting(0.8, positive())  # reference code multiplies Otsu's threshold by 0.8
     context: Literal["base", "generation"] = setting("base")
-    gaussian_kernel: int = setting(5, odd_at_least(1))
+    gaussian_kernel: int = setting(5, odd_at_most(63))  # a 24x24 grid needs no wider smoothing window
     gaussian_sigma: float = setting(1.0, positive())
     backend: Literal["auto", "ref", "cpp", "triton"] = setting("auto")
 
@@ -426,7 +426,12 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=2e-5")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"override {text!r}: the value {raw!r} is {mark}; quote a string, or write a list as "
+                          "[a, b]") from None
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads "1e-5" as a string
     nested: dict[str, Any] = {}
@@ -462,7 +467,13 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         if not path.is_file():
             raise ConfigError(f"preset {preset!r} not found (looked at {path}); presets: {preset_names()} "
                               "or a path to a .yaml file")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(f"preset {path} is not valid UTF-8 YAML{at} ({getattr(err, 'problem', None) or err}); "
+                              "fix the file or pass another --preset") from None
         if not isinstance(data, dict):
             raise ConfigError(f"preset {path} must hold a mapping of sections, got {type(data).__name__}")
         _apply(config, data, problems)

@@ -66,7 +66,7 @@ def test_missing_preset():
 # --- value rules: every field has one, all violations are reported together -------------------------------------
 
 QUOTED = [  # the cases of issue 17: each finished with 0 pairs, did nothing, or ended in a traceback from torch
-    ("prompts.num_prompts=-5", "prompts.num_prompts=-5 must be >= 1"),
+    ("prompts.num_prompts=-5", "prompts.num_prompts=-5 must be in [1, 10000000]"),
     ("filter.tau=1.5", "filter.tau=1.5 must be in [0, 1]"),
     ("prompts.chunk_size=0", "prompts.chunk_size=0 must be >= 1"),
     ("model.device=tpu", "model.device='tpu' must be auto, cpu, cuda or cuda:N"),
@@ -192,5 +192,25 @@ def test_cli_reports_every_bad_value_before_loading_a_model(tmp_path, capsys, mo
                  "prompts.num_prompts=-5", "model.device=tpu"])
     err = capsys.readouterr().err
     assert code == 2
-    for message in ("filter.tau=1.5 must be in [0, 1]", "prompts.num_prompts=-5 must be >= 1", "model.device='tpu'"):
+    for message in ("filter.tau=1.5 must be in [0, 1]", "prompts.num_prompts=-5 must be in [1, 10000000]",
+                    "model.device='tpu'"):
         assert message in err
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.lr=[", "train.lr=\\["), ("prompts.num_prompts=1000000000000", "10000000"),
+    ("masks.gaussian_kernel=100001", "odd integer in \\[1, 63\\]"), ("images.guidance_scale=1e300", "\\[0, 1000\\]"),
+    ("images.temperature=1e300", "\\[0, 100\\]"), ("prompts.num_prompts=nan", "integer"),
+])
+def test_out_of_range_and_malformed_values_are_config_errors(override, match):
+    """Issue 35's campaign: each was a traceback, a MemoryError or a run that ended with 0 pairs."""
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize("content", [b"model:\n  path: \xff\xfe\n", b"model: [\n"], ids=["not-utf8", "bad-yaml"])
+def test_a_broken_preset_file_is_a_config_error(tmp_path, content):
+    preset = tmp_path / "mine.yaml"
+    preset.write_bytes(content)
+    with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
+        load_config(str(preset))
