@@ -66,6 +66,25 @@ def stage_fingerprints(config: OSPOConfig) -> dict[str, dict]:
     return out
 
 
+def check_stage_fingerprints(store: RunStore, fingerprints: dict[str, dict], redo: str | None = None) -> None:
+    """Refuse to resume a stage that was started with other settings, naming the keys and the --redo; stages that
+    ``redo`` recomputes are not checked. Reads only."""
+    for stage in STAGES[:STAGES.index(redo)] if redo else STAGES:
+        check_fingerprint(store.fingerprint(stage), fingerprints[stage], f"stage {stage!r} in {store.root}",
+                          f"resume with the settings in {store.root / 'config.yaml'}, or pass --redo {stage} "
+                          "to recompute it and every later stage")
+
+
+def check_resumable(config: OSPOConfig, out_dir: str | Path, device, redo: str | None = None) -> None:
+    """Before a run writes anything: the synthesis in ``out_dir`` (if any) was started with these settings (the
+    "auto" batch sizes resolved on ``device`` as the pipeline will resolve them), else FingerprintMismatch. Reads
+    only: a refused rerun leaves the directory byte-identical."""
+    if not (Path(out_dir) / "manifest.json").is_file():
+        return
+    resolved = resolve_auto_batches(config, device, log=lambda line: None)
+    check_stage_fingerprints(RunStore.reader(out_dir), stage_fingerprints(resolved), redo)
+
+
 class Pipeline:
     """Runs stages 1-4 into ``out_dir``. ``redo`` names a stage to recompute (it and every later stage)."""
 
@@ -94,12 +113,7 @@ class Pipeline:
         self.dist.barrier()
 
     def _check_fingerprints(self) -> None:
-        """Refuse to resume a stage that was started with other settings, naming the keys and the --redo."""
-        for stage in STAGES:
-            check_fingerprint(self.store.fingerprint(stage), self.fingerprints[stage],
-                              f"stage {stage!r} in {self.store.root}",
-                              f"resume with the settings in {self.store.root / 'config.yaml'}, or pass --redo {stage} "
-                              "to recompute it and every later stage")
+        check_stage_fingerprints(self.store, self.fingerprints)
 
     def _start_stage(self, stage: str) -> None:
         """Record the stage's fingerprint before its first chunk (rank 0; the other ranks only read it)."""

@@ -21,7 +21,7 @@ from ospo_fast.config import OSPOConfig, save_config
 from ospo_fast.distributed import init_distributed
 from ospo_fast.evaluate import Evaluation, evaluation_for
 from ospo_fast.models.loader import is_random_init
-from ospo_fast.pipeline import Pipeline
+from ospo_fast.pipeline import Pipeline, check_resumable
 from ospo_fast.report import write_report
 from ospo_fast.runstore import RunStore
 from ospo_fast.store import atomic_write_json, read_jsonl
@@ -159,6 +159,7 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
                      "stages_off": [] if config.densify.enabled else ["densify"]}
     evaluation = evaluation_for(config, out / "heldout")
     if dist.rank == 0:
+        check_resumable(config, out / "iter1" / "synth", dist.device, redo)  # before config.yaml is rewritten
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
         summary["alignment"].update(_evaluate(evaluation, config.model.path, "before"))

@@ -80,6 +80,13 @@ class RunStore:
         self.rank, self.world = rank, world
         self.root.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def reader(cls, root: str | Path) -> RunStore:
+        """A store over an existing directory that creates nothing (for checks before a run writes)."""
+        store = cls.__new__(cls)
+        store.root, store.rank, store.world = Path(root), 0, 1
+        return store
+
     def _inside(self, path: Path | str) -> Path:
         """``path`` (absolute, or relative to the root) after ``store.check_no_symlink``: every write, replace and
         delete of this store goes through here."""

@@ -13,7 +13,7 @@ from ospo_fast.config import load_config
 from ospo_fast.evaluate import evaluation_for, evaluation_kind
 from ospo_fast.models import load_janus
 from ospo_fast.run import format_summary, run_ospo
-from ospo_fast.store import read_jsonl
+from ospo_fast.store import FingerprintMismatch, read_jsonl
 from ospo_fast.toy.evaluate import ToyEvaluation
 
 OVERRIDES = ["model.path=builtin:tiny-4", "iterations=2",
@@ -145,3 +145,27 @@ def test_toy_run_judges_before_and_after_at_each_guidance(tmp_path):
     assert "CFG 5  strict" in text and "CFG 1  strict" in text and "change iter1@cfg1" in text
     before = summary["alignment"]["before"]
     assert f"strict {before['strict']:.1%} +- {100 * before['strict_se']:.1f}" in text
+    # a rerun with another setting is refused before it writes anything: the directory stays byte-identical
+    snapshot = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    changed = load_config("toy", ["prompts.num_prompts=4", "filter.enabled=false", "train.max_steps=2",
+                                  "train.per_device_batch=2", "train.save_every=2", "eval.toy_heldout_prompts=4",
+                                  "images.guidance_scale=3"])
+    with pytest.raises(FingerprintMismatch, match="images"):
+        run_ospo(changed, tmp_path)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == snapshot
+
+
+def test_a_resume_reuses_the_judged_before_images_of_the_same_settings(tmp_path, monkeypatch):
+    """The held-out "before" judging is kept with the model's content identity and the settings; a resume with the
+    same ones reuses it (no model load, no drawing), another setting judges afresh."""
+    from ospo_fast.toy import evaluate as toy_evaluate
+
+    config = load_config("toy", ["eval.toy_heldout_prompts=4", "eval.toy_extra_guidance=[]"])
+    first = ToyEvaluation(config, tmp_path).judge_model(config.model.path, "before")
+    calls = []
+    real = toy_evaluate.heldout_alignment
+    monkeypatch.setattr(toy_evaluate, "heldout_alignment", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert ToyEvaluation(config, tmp_path).judge_model(config.model.path, "before") == first and calls == []
+    other = load_config("toy", ["eval.toy_heldout_prompts=4", "eval.toy_extra_guidance=[]", "images.temperature=0.5"])
+    ToyEvaluation(other, tmp_path).judge_model(other.model.path, "before")
+    assert len(calls) == 1

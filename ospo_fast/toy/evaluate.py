@@ -26,7 +26,26 @@ class ToyEvaluation:
         self.config, self.heldout_dir = config, Path(heldout_dir)
 
     def judge_model(self, model_path: str, name: str) -> dict[str, dict]:
-        return heldout_alignment(self.config, model_path, self.heldout_dir / name)
+        """Held-out alignment of ``model_path``, saved as ``name``. A resume reuses what an earlier judging of the
+        same model (by content) with the same settings left (``<name>.judged.json``), so it neither re-draws nor
+        re-judges; anything else judges afresh."""
+        from ospo_fast.store import StoreError, atomic_write_json, config_fingerprint, file_identity
+
+        record = self.heldout_dir / f"{name}.judged.json"
+        c = self.config
+        fingerprint = config_fingerprint({
+            "model.identity": file_identity(model_path), "model.dtype": c.model.dtype, "seed": c.seed,
+            "images": dataclasses.asdict(c.images), "eval": dataclasses.asdict(c.eval)})
+        saved = _read_judged(record)
+        dirs = [self.heldout_dir / f"{name}{key}" for key in setting_keys(c)]
+        if saved is not None and saved.get("fingerprint") == fingerprint and all(d.is_dir() for d in dirs):
+            return saved["results"]
+        results = heldout_alignment(c, model_path, self.heldout_dir / name)
+        try:
+            atomic_write_json(record, {"fingerprint": fingerprint, "results": results})
+        except (OSError, StoreError, TypeError) as err:  # a record that cannot be kept only costs a re-judging
+            print(f"[ospo-fast] note: could not keep {record} ({err}); a resume will judge {name} again")
+        return results
 
     def compare(self, before: str, after: str) -> dict[str, dict]:
         """After minus before, image by image (``paired_change``), at every setting ``judge_model`` judged."""
@@ -38,6 +57,17 @@ class ToyEvaluation:
         if self.config.questions.source == "rules":  # the judge knows the truth of rule questions only
             figures["pair_self_vqa"] = pair_self_vqa(synth_dir)
         return figures
+
+
+def _read_judged(path: Path) -> dict | None:
+    """A ``<name>.judged.json`` record, or None when there is none or it is not a readable object (judge again)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("results"), dict) else None
 
 
 def _guidance_weights(config: OSPOConfig) -> list[float]:
