@@ -221,3 +221,19 @@ def test_teacher_forced_maps_on_cuda_equal_the_cpus(bundle):
     cuda = teacher_forced_object_maps(load_janus("builtin:tiny-4", device="cuda"), PROMPTS, tokens, OBJECTS,
                                       layers=[1, 2])
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=1e-4)
+
+
+def test_in_flight_capture_of_chosen_heads_equals_the_full_cache_and_teacher_forcing(bundle):
+    """Localisation heads in the decode steps: the filled-slot kernel's per-head probabilities weighted to the
+    chosen pairs equal the full-cache SDPA path's, and the teacher-forced pass over the same tokens."""
+    from ospo_fast.engine.object_attention import teacher_forced_object_maps
+
+    heads = {1: (0, 2), 3: (1,)}
+    sampled = ImageConfig(temperature=1.0, compile=False)
+    filled = generate_images(bundle, PROMPTS, [5, 6, 7], sampled, objects=OBJECTS, mask_heads=heads)
+    full = generate_images(bundle, PROMPTS, [5, 6, 7], sampled, objects=OBJECTS, mask_heads=heads, attention="full")
+    torch.testing.assert_close(filled.object_maps, full.object_maps, atol=1e-6, rtol=1e-5)
+    forced = teacher_forced_object_maps(bundle, PROMPTS, filled.tokens, OBJECTS, heads=heads)
+    torch.testing.assert_close(filled.object_maps, forced, atol=1e-5, rtol=1e-4)
+    every = generate_images(bundle, PROMPTS, [5, 6, 7], sampled, objects=OBJECTS, mask_layers=[1, 3])
+    assert not torch.allclose(every.object_maps, filled.object_maps)  # the selection changes the maps

@@ -53,6 +53,22 @@ def test_teacher_forced_maps_equal_eager_attentions(tiny_bundle, inputs, eager_m
     assert tiny_bundle.model.model.language_model.config._attn_implementation == "sdpa"
 
 
+def test_teacher_forced_maps_of_chosen_heads_equal_eager_attentions(tiny_bundle, inputs):
+    """Localisation heads: the capture averages only the chosen (layer, head) pairs, as eager output_attentions
+    averaged over those pairs; the fused mask op reads the same means from the scores."""
+    from ospo_fast.engine.object_attention import teacher_forced_object_scores
+    from ospo_fast.ops.object_masks import maps_from_scores_ref
+
+    tokens, batch, positions = inputs
+    heads = {2: (1,), 4: (0, 3), 7: (2,)}
+    maps = teacher_forced_object_maps(tiny_bundle, PROMPTS, tokens, OBJECTS, heads=heads)
+    _assert_same_masks(maps, eager_object_maps(tiny_bundle, batch, positions, heads=heads), objects_valid(OBJECTS))
+    scores = teacher_forced_object_scores(tiny_bundle, PROMPTS, tokens, OBJECTS, heads=heads)
+    assert scores.heads == 1 and float(scores.counts.max()) == 4  # four (layer, head) pairs per cell
+    torch.testing.assert_close(maps_from_scores_ref(scores, objects_valid(OBJECTS)).float(), maps, atol=1e-6,
+                               rtol=1e-5)
+
+
 def test_teacher_forced_pass_stops_after_the_last_selected_layer(tiny_bundle, inputs):
     """The mask pass runs the layers up to the last selected one and no further (their output changes no map)."""
     tokens = inputs[0]

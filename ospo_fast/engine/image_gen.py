@@ -96,6 +96,7 @@ class _Shape:
     layers: tuple[int, ...] = ()
     attention: str = "auto"  # the decode attention's backend; "full": SDPA over the whole static cache
     window: int = 0  # Jacobi decoding's draft tokens per forward; 0: sequential
+    heads: tuple[tuple[int, tuple[int, ...]], ...] = ()  # the capture's (layer, heads) pairs; (): every head
 
 
 def unconditional_ids(input_ids: torch.Tensor, bos_id: int, boi_id: int, pad_id: int) -> torch.Tensor:
@@ -203,7 +204,8 @@ class _Decoder:
             from ospo_fast.engine.object_attention import ObjectAttentionCapture
 
             positions = torch.full((r, shape.objects, shape.subtokens), -1, dtype=torch.int64, device=device)
-            self.capture = ObjectAttentionCapture(positions, list(shape.layers), shape.num_tokens)
+            self.capture = ObjectAttentionCapture(positions, list(shape.layers), shape.num_tokens,
+                                                  heads=dict(shape.heads) if shape.heads else None)
             self.capture.set_cells(self.index)  # the query fed image token `index` is cell `index`
         for t in [self.tokens, self.index, self.first_position, self.seeds, self.mask, self.keys, self.accepted,
                   self.flips, self.offsets] + (
@@ -372,7 +374,7 @@ def _tokenise(bundle, prompts: list[str], objects: list[list[str]] | None):
 @torch.no_grad()
 def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageConfig,
                     objects: list[list[str]] | None = None, mask_layers: list[int] | None = None,
-                    attention: str = "auto") -> ImageBatch:
+                    attention: str = "auto", mask_heads: dict[int, tuple[int, ...]] | None = None) -> ImageBatch:
     """Generate one image per (prompt, seed) with classifier-free guidance, ``config.batch_size`` at a time.
 
     prompts: B texts; seeds: B ints (the image depends only on prompt, seed and settings, in float32 on the CPU:
@@ -380,6 +382,7 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     compile ("auto" | true | false, see the module docstring). objects: per prompt, the object words whose
     attention maps to capture (layers ``mask_layers``, default ``select_layers(num_layers)``: all but the first
     and last k = min(5, (L - 1) // 2) of the L layers, e.g. layers 5..24 of 30, 4 and 5 of 10, all of 1 or 2).
+    mask_heads: {layer: head indices} to average instead of every head of ``mask_layers`` (localisation heads).
     attention: the decode steps' attention, ``ospo_fast.ops.decode_attention`` over each row's filled cache slots
     with this backend ("auto", "ref", "sdpa", "triton"), or "full" (SDPA over the whole static cache, masked: the
     engine before issue 33, kept as the baseline of benchmarks/bench_decode_attention.py).
@@ -395,13 +398,16 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
         from ospo_fast.ops.object_masks import select_layers
 
         layers = tuple(sorted(set(mask_layers if mask_layers is not None else select_layers(bundle.num_layers))))
+        if mask_heads:
+            layers = tuple(sorted(mask_heads))
     sampling = _Sampling(config.guidance_scale, config.temperature, config.top_k, config.top_p)
     captured = (0, 0) if key_positions is None else tuple(key_positions.shape[1:])
     # fixed rows per call, the ragged last batch padded; compiled: the same rows for every call
     rows = config.batch_size if compiled else min(config.batch_size, len(prompts))
     window = config.jacobi_window if config.decoding == "jacobi" else 0
+    heads = tuple((layer, tuple(sorted(mask_heads[layer]))) for layer in sorted(mask_heads or {}))
     decoder = _POOL.get(model, _Shape(rows, ids.shape[1], bundle.num_image_tokens, sampling, *captured, layers,
-                                      attention, window), device)
+                                      attention, window, heads), device)
     tokens, maps, passes, flips = [], [], 0, 0
     with engine_attention_on(model):
         for start in range(0, len(prompts), config.batch_size):

@@ -68,18 +68,26 @@ class ObjectAttentionCapture:
     updated with ``index_add_``; ``scores(grid)`` hands them to ``ospo_fast.ops.object_masks.object_masks_from_scores``
     (heads, layers and sub-tokens are averaged there), ``maps()`` averages them here.
     ``chunk_elements`` bounds the score block (queries x keys x heads x rows) held at once; default
-    ``capture_chunk_elements(device of key_positions)``.
+    ``capture_chunk_elements(device of key_positions)``. ``heads`` ({layer: head indices}, e.g. localisation heads,
+    ``engine.localization_heads``) restricts the average to those (layer, head) pairs: their layers are the
+    captured layers, counts then count pairs and ``heads`` is 1, so the fused op's mean is over the pairs.
     """
 
     def __init__(self, key_positions: torch.Tensor, layers: list[int], num_cells: int,
-                 chunk_elements: int | None = None) -> None:
+                 chunk_elements: int | None = None, heads: dict[int, tuple[int, ...]] | None = None) -> None:
         if key_positions.dim() != 3:
             raise ValueError(f"key_positions must be (B, O, S), got shape {tuple(key_positions.shape)}")
+        if heads is not None:
+            heads = {int(layer): tuple(sorted(set(int(h) for h in chosen)))
+                     for layer, chosen in heads.items() if chosen}
+            layers = list(heads)
         if not layers:
             raise ValueError("layers is empty; use ospo_fast.ops.object_masks.select_layers(num_layers)")
         if num_cells < 1:
             raise ValueError(f"num_cells={num_cells} must be >= 1 (grid * grid)")
         self.layers = sorted(set(int(i) for i in layers))
+        self.heads = heads  # None: every head of each layer
+        self._expected = len(self.layers) if heads is None else sum(len(h) for h in heads.values())
         self.num_cells = int(num_cells)
         device = key_positions.device
         self.chunk_elements = int(chunk_elements or capture_chunk_elements(device))
@@ -141,8 +149,8 @@ class ObjectAttentionCapture:
         """(B, O, num_cells) float32 on the recording device: mean over the selected layers, heads and sub-tokens.
         Cells never captured are NaN (object_masks then raises naming the image): a missed step cannot pass
         silently; a cell recorded more than once per layer (a forward repeated without ``set_cells``) raises."""
-        if bool((self._counts > len(self.layers)).any()):
-            cell = int((self._counts > len(self.layers)).nonzero()[0])
+        if bool((self._counts > self._expected).any()):
+            cell = int((self._counts > self._expected).nonzero()[0])
             raise RuntimeError(f"cell {cell} was recorded {int(self._counts[cell])} times by {len(self.layers)} "
                                "layers; call capture.set_cells(start) before every forward")
         scores = self.scores((self.num_cells, 1))
@@ -175,8 +183,22 @@ class ObjectAttentionCapture:
         probs (B, H, O*S) float32 for the one query per row, whose cell is the device counter's (or the int's)."""
         if not self.wants(layer):
             return
-        self._heads.fill_(probs.shape[1])
-        self._accumulate(probs.sum(dim=1)[:, :, None])  # (B, O*S, 1)
+        weights, count = self._selection(layer, probs.shape[1], probs.device)
+        self._heads.fill_(probs.shape[1] if weights is None else 1)
+        picked = probs if weights is None else probs * weights[None, :, None]
+        self._accumulate(picked.sum(dim=1)[:, :, None], count)  # (B, O*S, 1)
+
+    def _selection(self, layer: int, num_heads: int, device) -> tuple[torch.Tensor | None, float]:
+        """(head weights (H,) of 0/1 or None for every head, what one query of this layer adds to its cell's count:
+        1 layer, or the number of selected pairs when heads are selected)."""
+        if self.heads is None:
+            return None, 1.0
+        chosen = self.heads[layer]
+        if chosen[-1] >= num_heads:
+            raise ValueError(f"head {chosen[-1]} of layer {layer} is selected but the layer has {num_heads} heads")
+        weights = torch.zeros(num_heads, device=device)
+        weights[list(chosen)] = 1.0
+        return weights, float(len(chosen))
 
     def _record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                 scaling: float, lse: torch.Tensor | None = None) -> None:
@@ -187,20 +209,21 @@ class ObjectAttentionCapture:
         b, tq = self.batch_size, query.shape[2]
         if query.shape[0] < b:
             raise ValueError(f"the forward has {query.shape[0]} rows but the capture expects at least {b} images")
-        self._heads.fill_(query.shape[1])  # a tensor, so the compiled step keeps no Python state
+        weights, count = self._selection(layer, query.shape[1], query.device)
+        self._heads.fill_(query.shape[1] if weights is None else 1)  # a tensor: the compiled step keeps no state
         if isinstance(self._start, int):  # cells known on the host: compute only the queries that are cells
             q0, q1 = max(0, -self._start), min(tq, self.num_cells - self._start)
             if q0 >= q1:
                 return
             self._check_keys(key.shape[2])
-            columns = self._object_columns(query[:b], key[:b], mask, scaling, q0, q1, lse)  # (B, O*S, q1 - q0)
+            columns = self._object_columns(query[:b], key[:b], mask, scaling, q0, q1, lse, weights)  # (B, O*S, C)
             cells = slice(self._start + q0, self._start + q1)
             self._sums[:, :, cells] += columns
-            self._counts[cells] += 1
+            self._counts[cells] += count
             return
-        self._accumulate(self._object_columns(query[:b], key[:b], mask, scaling, 0, tq, lse))  # (B, O*S, Tq)
+        self._accumulate(self._object_columns(query[:b], key[:b], mask, scaling, 0, tq, lse, weights), count)
 
-    def _accumulate(self, columns: torch.Tensor) -> None:
+    def _accumulate(self, columns: torch.Tensor, count: float = 1.0) -> None:
         """Add columns (B, O*S, Tq) for the queries at cells start, start+1, ...; cells outside the grid weigh 0
         (device counter: fixed-shape work, no host read)."""
         tq = columns.shape[2]
@@ -211,7 +234,7 @@ class ObjectAttentionCapture:
         inside = ((cells >= 0) & (cells < self.num_cells)).float()  # (Tq,)
         index = cells.clamp(0, self.num_cells - 1)
         self._sums.index_add_(2, index, columns * inside)
-        self._counts.index_add_(0, index, inside)
+        self._counts.index_add_(0, index, inside * count)
 
     def _check_keys(self, tk: int) -> None:
         if self._max_position >= tk:
@@ -219,7 +242,8 @@ class ObjectAttentionCapture:
                              "key_positions must index the KV sequence (cache slots)")
 
     def _object_columns(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                        q0: int, q1: int, lse: torch.Tensor | None = None) -> torch.Tensor:
+                        q0: int, q1: int, lse: torch.Tensor | None = None,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
         """Queries q0:q1 of (B, H, Tq, D) against keys (B, Hkv, Tk, D) -> (B, O*S, q1 - q0) float32 sums over
         heads of each sub-token key's probability. With ``lse`` (B', H, Tq) only the object keys are scored;
         without, the logsumexp over all Tk keys is computed here, chunk by chunk."""
@@ -249,6 +273,8 @@ class ObjectAttentionCapture:
                 chunk_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, C, 1)
                 picked_scores = scores.gather(-1, gather_idx.expand(b, h, c1 - c0, o * s))  # (B, H, C, O*S)
                 probs = torch.exp(picked_scores - chunk_lse)
+            if weights is not None:  # selected heads only
+                probs = probs * weights.view(1, -1, 1, 1)
             out.append(probs.sum(dim=1).transpose(1, 2))  # (B, O*S, C)
         return torch.cat(out, dim=-1)
 
@@ -341,31 +367,34 @@ def teacher_forced_inputs(bundle, prompts: list[str], image_tokens: torch.Tensor
 
 @torch.no_grad()
 def teacher_forced_object_maps(bundle, prompts: list[str], image_tokens: torch.Tensor, objects: list[list[str]],
-                               skip_layers: int = 5, layers: list[int] | None = None) -> torch.Tensor:
+                               skip_layers: int = 5, layers: list[int] | None = None,
+                               heads: dict[int, tuple[int, ...]] | None = None) -> torch.Tensor:
     """Object-attention maps from one batched teacher-forced forward (SPEC stage 3, context ``base``).
 
     prompts: B prompt strings; image_tokens: (B, N) long VQ tokens (N = G*G); objects: B lists of object words;
     layers: the layers to average (default ``select_layers(num_layers, skip_layers)``; e.g. one layer to see where
-    each layer looks). Cell j is the query whose input is image token j. Returns (B, O, G, G) float32 (padded
-    objects: zeros).
+    each layer looks); heads: {layer: head indices} to average instead (localisation heads). Cell j is the query
+    whose input is image token j. Returns (B, O, G, G) float32 (padded objects: zeros).
     """
-    capture = _teacher_forced_capture(bundle, prompts, image_tokens, objects, skip_layers, layers)
+    capture = _teacher_forced_capture(bundle, prompts, image_tokens, objects, skip_layers, layers, heads)
     grid = int(round(capture.num_cells ** 0.5))
     return capture.maps().view(len(prompts), -1, grid, grid)
 
 
 @torch.no_grad()
 def teacher_forced_object_scores(bundle, prompts: list[str], image_tokens: torch.Tensor, objects: list[list[str]],
-                                 skip_layers: int = 5) -> CapturedScores:
+                                 skip_layers: int = 5,
+                                 heads: dict[int, tuple[int, ...]] | None = None) -> CapturedScores:
     """As ``teacher_forced_object_maps``, but the capture's accumulators (sums (B, O, S, G, G) over heads and
     layers, counts, heads, token_valid) for ``ospo_fast.ops.object_masks.object_masks_from_scores``."""
-    capture = _teacher_forced_capture(bundle, prompts, image_tokens, objects, skip_layers)
+    capture = _teacher_forced_capture(bundle, prompts, image_tokens, objects, skip_layers, heads=heads)
     grid = int(round(capture.num_cells ** 0.5))
     return capture.scores((grid, grid))
 
 
 def _teacher_forced_capture(bundle, prompts: list[str], image_tokens: torch.Tensor, objects: list[list[str]],
-                            skip_layers: int, layers: list[int] | None = None) -> ObjectAttentionCapture:
+                            skip_layers: int, layers: list[int] | None = None,
+                            heads: dict[int, tuple[int, ...]] | None = None) -> ObjectAttentionCapture:
     """The capture after one batched teacher-forced forward of [prompt + <begin_of_image>] + image tokens."""
     if image_tokens.dim() != 2 or image_tokens.shape[0] != len(prompts) or len(objects) != len(prompts):
         raise ValueError(f"need image_tokens (B, N) and B prompts and object lists; got {tuple(image_tokens.shape)}, "
@@ -380,7 +409,7 @@ def _teacher_forced_capture(bundle, prompts: list[str], image_tokens: torch.Tens
     if layers is not None and not all(0 <= i < bundle.num_layers for i in layers):
         raise ValueError(f"layers {layers} outside 0..{bundle.num_layers - 1} (the model has {bundle.num_layers})")
     layers = select_layers(bundle.num_layers, skip_layers) if layers is None else layers
-    capture = ObjectAttentionCapture(positions, layers, num_cells=n)
+    capture = ObjectAttentionCapture(positions, layers, num_cells=n, heads=heads)
     capture.stop_after_last_layer = True  # the layers after the last selected one change no captured value
     with capture.recording(bundle.model):
         capture.set_cells(-t)  # query t + j has image token j as input
