@@ -201,6 +201,12 @@ class MaskConfig:
     gaussian_kernel: int = setting(5, odd_at_most(63))  # a 24x24 grid needs no wider smoothing window
     gaussian_sigma: float = setting(1.0, positive())
     backend: Literal["auto", "ref", "cpp", "triton"] = setting("auto")
+    # which heads the masks average: all (every head of the mask layers, as the reference code) or the model's k
+    # localisation heads, chosen once without labels from localization_images images it draws itself
+    # (ospo_fast/engine/localization_heads.py)
+    heads: Literal["all", "localization"] = setting("all")
+    localization_heads: int = setting(3, between(1, 64))
+    localization_images: int = setting(32, between(2, 4096))
 
 
 @dataclass

@@ -137,7 +137,7 @@ class Pipeline:
                     writer.submit(stage, index, records, rejects)
         self.dist.barrier()
         if self.dist.rank == 0:
-            self.store.merge(stage, seconds=time.perf_counter() - start)
+            self.store.merge(stage, seconds=time.perf_counter() - start, notes=self.ctx.stage_notes(stage))
         self.dist.barrier()
         return self.store.read_stage(stage)
 

@@ -57,7 +57,7 @@ def stage_summary(synth_dir: Path) -> dict:
         "seconds": {name: e["seconds"] for name, e in stages.items()},
         "images_per_second": round(images / max(stages["images"]["seconds"], 1e-9), 3),
         "pairs": len(pairs),
-    }
+    } | ({"mask_heads": stages["images"]["mask_heads"]} if "mask_heads" in stages["images"] else {})
 
 
 def loss_summary(metrics_path: Path, points: int = 8) -> dict:

@@ -190,9 +190,11 @@ class RunStore:
     def stage_done(self, stage: str) -> bool:
         return "sha256" in self.manifest()["stages"].get(stage, {})
 
-    def merge(self, stage: str, seconds: float = 0.0, finalize: Finalize | None = None) -> list[dict]:
+    def merge(self, stage: str, seconds: float = 0.0, finalize: Finalize | None = None,
+              notes: dict | None = None) -> list[dict]:
         """Merge every rank's committed chunks (sorted by id), apply ``finalize(records, rejects)`` (e.g. a
-        dedup), write records/rejects, then the manifest entry that commits the stage."""
+        dedup), write records/rejects, then the manifest entry that commits the stage (with ``notes``: what the
+        stage records besides its counts, e.g. its mask heads)."""
         stage_dir = self.root / stage
         records, rejects = [], []
         for marker in sorted(stage_dir.glob("rank*/chunk-*.done.json")):
@@ -207,7 +209,7 @@ class RunStore:
                  "reject_reasons": dict(sorted(Counter(r["reason"] for r in rejects).items())),
                  "seconds": round(seconds, 3),
                  "rejects_sha256": self._write_checked(stage_dir / "rejects.jsonl", jsonl_bytes(rejects)),
-                 "sha256": self._write_checked(stage_dir / "records.jsonl", jsonl_bytes(records))}
+                 "sha256": self._write_checked(stage_dir / "records.jsonl", jsonl_bytes(records)), **(notes or {})}
         self.update_manifest(stage, entry)
         return records
 

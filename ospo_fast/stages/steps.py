@@ -185,15 +185,17 @@ def images_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
         sides = ["chosen"] * len(batch) + ["rejected"] * len(batch)
         objects = [mask_objects(r, side, mcfg.context) for side, r in zip(sides, batch + batch)]
         in_flight = mcfg.context == "generation"
+        chosen = ctx.localization_heads()
+        heads = None if chosen is None else chosen.heads
         result = generate_images(bundle, prompts, seeds, cfg, objects=objects if in_flight else None,
-                                 mask_layers=layers if in_flight else None)
+                                 mask_layers=layers if in_flight else None, mask_heads=heads if in_flight else None)
         if in_flight:
             scores = result.object_scores
         else:
             from ospo_fast.engine.object_attention import teacher_forced_object_scores
 
             scores = teacher_forced_object_scores(bundle, [r["base_prompt"] for r in batch] * 2, result.tokens,
-                                                  objects, skip_layers=mcfg.skip_layers)
+                                                  objects, skip_layers=mcfg.skip_layers, heads=heads)
         unions = _union_masks(ctx, scores, [len(o) for o in objects])
         tokens = result.tokens.cpu().tolist()
         for i, record in enumerate(batch):
