@@ -149,34 +149,38 @@ def _legend(tau: object, alpha: object) -> str:
             "objects ignored). The judge is code, not a model.</dd></dl>")
 
 
-def _loss_svg(rows: list[dict], width: int = 560, height: int = 220) -> str:
-    """Inline SVG of loss, SimPO and SFT loss against step (metrics.jsonl rows)."""
-    keys = [(k, c) for k, c in (("loss", "#000"), ("simpo", "#26c"), ("sft", "#c62")) if any(k in r for r in rows)]
+LOSS_PANELS = (("loss", "#000"), ("simpo", "#26c"), ("sft", "#c62"))
+
+
+def _loss_svg(rows: list[dict], width: int = 560, height: int = 150) -> str:
+    """One inline SVG panel per metric (loss, SimPO, SFT) against step, each on its own scale, since SimPO can be a
+    hundred times smaller than SFT; every label sits inside its panel."""
     steps = [r["step"] for r in rows]
-    values = [r[k] for r in rows for k, _ in keys if isinstance(r.get(k), (int, float))]
-    lo, hi = min(values), max(values)
-    hi = hi if hi > lo else lo + 1.0
     s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
-    pad = 40
+    panels = [_metric_panel(rows, key, colour, s0, s1, width, height) for key, colour in LOSS_PANELS
+              if any(isinstance(r.get(key), (int, float)) for r in rows)]
+    return "<div>" + "".join(panels) + "</div>"
+
+
+def _metric_panel(rows: list[dict], key: str, colour: str, s0: int, s1: int, width: int, height: int) -> str:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    hi = hi if hi > lo else lo + abs(lo) * 0.01 + 1e-12
+    left, right, top, bottom = 8, width - 8, 22, height - 20  # the plot area; labels are drawn inside it
 
     def xy(step: float, value: float) -> str:
-        x = pad + (step - s0) / (s1 - s0) * (width - 2 * pad)
-        y = height - pad - (value - lo) / (hi - lo) * (height - 2 * pad)
+        x = left + (step - s0) / (s1 - s0) * (right - left)
+        y = bottom - (value - lo) / (hi - lo) * (bottom - top)
         return f"{x:.1f},{y:.1f}"
 
-    lines = []
-    for index, (key, colour) in enumerate(keys):
-        points = " ".join(xy(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)))
-        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>'
-                     f'<text x="{width - pad + 4}" y="{pad + 14 * index}" fill="{colour}" font-size="11">{key}</text>')
-    axes = (f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>'
-            f'<text x="{pad}" y="{height - pad + 14}" font-size="11">step {s0}</text>'
-            f'<text x="{width - pad}" y="{height - pad + 14}" font-size="11" text-anchor="end">{s1}</text>'
-            f'<text x="{pad - 4}" y="{pad + 4}" font-size="11" text-anchor="end">{hi:.3g}</text>'
-            f'<text x="{pad - 4}" y="{height - pad}" font-size="11" text-anchor="end">{lo:.3g}</text>')
-    return (f'<svg width="{width + 30}" height="{height}" role="img" aria-label="loss curve">{axes}'
-            f'{"".join(lines)}</svg>')
+    line = " ".join(xy(step, value) for step, value in points)
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="{key} against step">'
+            f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#ccc"/>'
+            f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{line}"/>'
+            f'<text x="{left + 4}" y="{top - 6}" font-size="12" fill="{colour}">{key}: max {hi:.4g}, '
+            f'min {lo:.4g}</text>'
+            f'<text x="{left + 4}" y="{height - 6}" font-size="11">step {s0}</text>'
+            f'<text x="{right - 4}" y="{height - 6}" font-size="11" text-anchor="end">step {s1}</text></svg>')
 
 
 def _loss_section(metrics_path: Path) -> list[str]:
@@ -188,7 +192,7 @@ def _loss_section(metrics_path: Path) -> list[str]:
     first, last = rows[0], rows[-1]
     table = [[k, f"{first[k]:.4f}", f"{last[k]:.4f}"] for k in ("loss", "simpo", "sft", "margin", "accuracy")
              if isinstance(first.get(k), (int, float)) and isinstance(last.get(k), (int, float))]
-    return [f"<h2>Training: loss curve ({len(rows)} steps)</h2>", _loss_svg(rows),
+    return [f"<h2>Training: loss curves ({len(rows)} steps, each on its own scale)</h2>", _loss_svg(rows),
             _table(table, ["metric", f"step {first['step']}", f"step {last['step']}"]),
             '<p class="small">loss = SimPO (object-weighted) + lambda x SFT, per optimizer step, from '
             "train/metrics.jsonl.</p>"]

@@ -132,3 +132,20 @@ def test_chromium_loads_every_image_and_the_gallery_shows_both_sides(toy_run, tm
         assert _loaded(_chromium_dom(gallery, tmp_path / "p4")) == (8, 1)
     finally:
         moved.with_suffix(".away").rename(moved)
+
+
+def test_loss_curves_are_separate_panels_with_their_labels_inside():
+    """SimPO can be a hundred times smaller than SFT: each metric has its own panel and scale, and every label is
+    drawn inside its panel (the old shared axis cut "1.37e-05" to ".37e-05" at the left edge)."""
+    from ospo_fast.report import _loss_svg
+
+    rows = [{"step": s, "loss": 2.0 - 0.1 * s, "simpo": 1.37e-05 * (1 + s), "sft": 1.0 - 0.05 * s} for s in range(5)]
+    svg = _loss_svg(rows)
+    panels = re.findall(r"<svg width=\"(\d+)\".*?</svg>", svg)
+    assert len(panels) == 3
+    assert "simpo: max 6.85e-05, min 1.37e-05" in svg
+    for x in re.findall(r'<text x="([-\d.]+)"', svg):
+        assert 0 <= float(x) <= 560
+    simpo = re.search(r'stroke="#26c" stroke-width="1.5" points="([^"]+)"', svg).group(1)
+    ys = [float(p.split(",")[1]) for p in simpo.split()]
+    assert max(ys) - min(ys) > 100  # the tiny SimPO values fill their own panel's height
