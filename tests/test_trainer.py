@@ -848,3 +848,24 @@ def test_uncond_anchor_pulls_the_unconditional_branch_back_to_the_base_model(tmp
     core.uncond_anchor_loss(batch.prompt_ids, batch.prompt_mask, batch.image_tokens).backward()
     grads = [q.grad for n, q in trainer.bundle.model.named_parameters() if "lora_" in n]
     assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
+    """train.tensorboard=true: the event file under <out>/tensorboard, read back with TensorBoard's own reader,
+    holds each step's loss, SimPO and SFT as metrics.jsonl has them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ospo_fast.train import train
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 2, seed=3)
+    config = tiny_config(max_steps=3, save_every=3, per_device_batch=1, grad_accum=1, tensorboard=True)
+    result = train(config, pairs, tmp_path / "out")
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    logged = {m["step"]: m for m in read_metrics(result.metrics_path) if "loss" in m}
+    for key in ("loss", "simpo", "sft"):
+        scalars = {e.step: e.value for e in events.Scalars(f"train/{key}")}
+        assert sorted(scalars) == sorted(logged) == [1, 2, 3]
+        for step, value in scalars.items():
+            assert value == pytest.approx(logged[step][key], rel=1e-6)
