@@ -132,3 +132,24 @@ def test_resuming_with_another_process_count_is_refused(tmp_path):
     RunStore(tmp_path, rank=0, world=2).check_world("perturb")
     with pytest.raises(ValueError, match="started with 2 process"):
         RunStore(tmp_path, rank=0, world=1).check_world("perturb")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("category", 7, "category=7 is not one of"), ("category", "colour", "is not one of"),
+    ("prompt", "a red\x00 car", "without NUL"), ("prompt", 3, "non-empty string"),
+    ("structure", {"objects": "car"}, "list of non-empty strings"),
+    ("structure", {"objects": ["car"], "attributes": [["car", 5]]}, "list of lists of strings"),
+])
+def test_wrong_prompt_file_fields_are_named_before_any_stage(tmp_path, field, value, match):
+    """Issue 35's campaign: a wrong-typed field (e.g. "category": 7) failed only after stages 1-4 ran."""
+    import json
+
+    from ospo_fast.stages.prompts import read_prompt_file
+    from ospo_fast.store import StoreError
+
+    row = {"prompt": "a red car", "category": "color", "structure": {"objects": ["car"]}, field: value}
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(StoreError, match=match) as err:
+        read_prompt_file(path)
+    assert f"{path}:1" in str(err.value)

@@ -121,6 +121,28 @@ def sample_prompts(vocab: Vocabulary, config: PromptConfig, indices: list[int], 
 
 # ---------------------------------------------------------------- file
 
+def _check_prompt_fields(row: dict, where: str) -> None:
+    """Types and values of a prompt-file line, before any stage runs (a wrong one used to fail after stages 1-4)."""
+    from ospo_fast.config import SUBCATEGORIES
+
+    prompt, category, structure = row["prompt"], row["category"], row["structure"]
+    if not isinstance(prompt, str) or not prompt.strip() or "\x00" in prompt:
+        raise StoreError(f"{where}: prompt={prompt!r} must be a non-empty string without NUL characters")
+    if category not in SUBCATEGORIES:
+        raise StoreError(f"{where}: category={category!r} is not one of {list(SUBCATEGORIES)}")
+    if not isinstance(structure, dict):
+        raise StoreError(f"{where}: structure={structure!r} must be an object with objects (a list of words), "
+                         "attributes and relations")
+    objects = structure.get("objects", [])
+    if not isinstance(objects, list) or not all(isinstance(o, str) and o.strip() for o in objects):
+        raise StoreError(f"{where}: structure.objects={objects!r} must be a list of non-empty strings")
+    for key in ("attributes", "relations"):
+        value = structure.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                                  for v in value):
+            raise StoreError(f"{where}: structure.{key}={value!r} must be a list of lists of strings")
+
+
 def read_prompt_file(path: str | Path) -> list[dict]:
     """Base prompts from a user JSONL file; every line needs prompt, category and structure, and may give an
     ``id`` (a string of ``store.SAFE_NAME_RULE``, unique in the file). Problems are StoreErrors naming file:line."""
@@ -136,6 +158,7 @@ def read_prompt_file(path: str | Path) -> list[dict]:
         missing = [k for k in ("prompt", "category", "structure") if k not in row]
         if missing:
             raise StoreError(f"{path}:{line_no} lacks {missing}; each line needs prompt, category and structure")
+        _check_prompt_fields(row, f"{path}:{line_no}")
         structure = dict(empty_structure(), **row["structure"])
         if not structure["objects"] or not objects_in_text(structure, row["prompt"]):
             raise StoreError(f"{path}:{line_no}: structure objects {structure['objects']} must be non-empty and "
