@@ -389,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     from ospo_fast.models.loader import ModelLoadError
     from ospo_fast.run import NoPairsError
     from ospo_fast.store import StoreError
-    from ospo_fast.train import PairsFileError
+    from ospo_fast.train import CheckpointError, PairsFileError, TrainingDivergedError
 
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, PromptFileError, NoPairsError, StoreError, PairsFileError) as err:
+    except (ConfigError, ModelLoadError, PromptFileError, NoPairsError, StoreError, PairsFileError,
+            CheckpointError, TrainingDivergedError) as err:  # e.g. a 2-process training resumed by 1 process
         print(f"ospo-fast: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -530,3 +530,24 @@ def test_nothing_is_written_or_deleted_through_a_symlink_inside_a_run(tmp_path):
     linked_root.symlink_to(run, target_is_directory=True)
     assert check_no_symlink(linked_root, linked_root / "x.json") == linked_root / "x.json"
     assert OUR_PAGE.fullmatch("pairs-all-1.html") and not OUR_PAGE.fullmatch("index.html")
+
+
+def test_a_full_disk_in_a_checkpoint_save_is_an_os_error(tmp_path, monkeypatch):
+    """torch.save raises RuntimeError("... file write failed") on a full disk; the trainer's saves turn it into an
+    ENOSPC OSError, which the command line reports in one line with how to resume."""
+    import errno
+
+    import pytest
+    import torch
+
+    from ospo_fast.cli import _os_error
+    from ospo_fast.train import checkpoint as ckpt
+
+    def full_disk(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nfile write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as err:
+        ckpt.save_torch({"a": 1}, tmp_path / "optimizer.pt")
+    assert err.value.errno == errno.ENOSPC and "optimizer.pt" in _os_error(err.value)
+    assert "re-run the same command to resume" in _os_error(err.value)

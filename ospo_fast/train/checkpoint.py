@@ -67,6 +67,20 @@ def publish(tmp: Path, final: Path) -> Path:
     return final
 
 
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` whose write failure is an OSError (ENOSPC: the usual cause, e.g. a full disk mid-checkpoint),
+    which the command line reports in one line with how to resume, instead of torch's RuntimeError."""
+    import errno
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        if "write" not in str(err).lower():
+            raise
+        raise OSError(errno.ENOSPC, f"writing failed ({str(err).splitlines()[0][:200]}); is the disk full?",
+                      str(path)) from err
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -83,7 +97,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_rng(directory: Path, rank: int) -> None:
-    torch.save(rng_state(), directory / f"rng-rank{rank}.pt")
+    save_torch(rng_state(), directory / f"rng-rank{rank}.pt")
 
 
 def load_rng(directory: Path, rank: int) -> None:

@@ -328,8 +328,8 @@ class Trainer:
                 self.bundle.model.save_pretrained(str(tmp), state_dict=state)
                 self.bundle.processor.save_pretrained(str(tmp))
             if optim_state is not None:
-                torch.save(optim_state, tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                ckpt.save_torch(optim_state, tmp / "optimizer.pt")
+            ckpt.save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
             ckpt.write_state(tmp, {"step": self.step, "optimizer_steps": self.optimizer_steps,
                                    "skipped_nonfinite": self.skipped, "nonfinite_in_row": self.nonfinite_in_row,
                                    "total_steps": self.total, "world": self.dist.world,
