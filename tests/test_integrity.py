@@ -551,3 +551,14 @@ def test_a_full_disk_in_a_checkpoint_save_is_an_os_error(tmp_path, monkeypatch):
         ckpt.save_torch({"a": 1}, tmp_path / "optimizer.pt")
     assert err.value.errno == errno.ENOSPC and "optimizer.pt" in _os_error(err.value)
     assert "re-run the same command to resume" in _os_error(err.value)
+
+
+def test_a_non_utf8_metrics_file_is_a_checkpoint_error(tmp_path):
+    import pytest
+
+    from ospo_fast.train.checkpoint import CheckpointError, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 1.0}\n{"step": 2, "loss": \xff}\n')
+    with pytest.raises(CheckpointError, match="not UTF-8 at offset"):
+        read_metrics(path)

@@ -424,7 +424,7 @@ def test_resume_refuses_other_settings_and_accepts_operational_ones(tmp_path):
     """A finished (or killed) training resumed with other loss or train settings would report the new settings on
     the old weights: it is refused, naming the key and the fix. Operational settings (save_every) may change."""
     from ospo_fast.store import FingerprintMismatch
-    from ospo_fast.train import train
+    from ospo_fast.train import CheckpointError, train
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 3, seed=1)
     config = tiny_config(max_steps=2, save_every=1)
@@ -440,7 +440,14 @@ def test_resume_refuses_other_settings_and_accepts_operational_ones(tmp_path):
         train(longer, pairs, tmp_path / "run", resume=True)
     again = train(tiny_config(max_steps=2, save_every=5), pairs, tmp_path / "run", resume=True)
     assert read_metrics(again.metrics_path) == read_metrics(first.metrics_path)
-    (tmp_path / "run" / "fingerprint.json").unlink()  # a run from before fingerprint.json: its config.yaml decides
+    fingerprint = (tmp_path / "run" / "fingerprint.json")
+    saved = fingerprint.read_bytes()
+    for garbage in (b"{not json", b"[1, 2]", b"\xff\xfe"):  # a damaged fingerprint is named, not a traceback
+        fingerprint.write_bytes(garbage)
+        with pytest.raises(CheckpointError, match="fingerprint.json"):
+            train(config, pairs, tmp_path / "run", resume=True)
+    fingerprint.write_bytes(saved)
+    fingerprint.unlink()  # a run from before fingerprint.json: its config.yaml decides
     with pytest.raises(FingerprintMismatch, match="loss.uncond_anchor: 0.0 -> 10.0"):
         train(changed, pairs, tmp_path / "run", resume=True)
 

@@ -197,7 +197,11 @@ def read_metrics(path: Path, say: bool = True) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``. An unterminated last line that is not JSON is the trace of a kill in the
     middle of an append: it is dropped, with one line on stderr. Any other line that is not a JSON object raises
     ``CheckpointError`` naming the file and line."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} holds a byte that is not UTF-8 at offset {err.start}: the file is damaged; "
+                              "restore it or delete it (the metrics of finished steps are then lost)") from None
     lines = text.split("\n")  # the last item is "" when the file ends in a newline
     records = []
     for number, line in enumerate(lines, 1):

@@ -489,7 +489,16 @@ class Trainer:
         have the ``config.yaml`` of their first start: its settings, with this run's model and pairs identities
         (those it cannot tell). None when neither exists."""
         if path.is_file():
-            return json.loads(path.read_text())
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ckpt.CheckpointError(f"{path} is damaged ({err}); it says which settings the checkpoints "
+                                           f"in {self.out_dir} were trained with: restore it, or delete "
+                                           f"{self.out_dir} to train again") from None
+            if not isinstance(stored, dict):
+                raise ckpt.CheckpointError(f"{path} holds a {type(stored).__name__}, not the settings object; "
+                                           f"restore it, or delete {self.out_dir} to train again")
+            return stored
         if (self.out_dir / "config.yaml").is_file():
             old = load_config(str(self.out_dir / "config.yaml"))
             old.model.path = self.config.model.path
