@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from ospo_fast.runstore import RunStore
-from ospo_fast.store import atomic_write_text, check_no_symlink, read_jsonl
+from ospo_fast.store import StoreError, atomic_write_text, check_no_symlink, read_jsonl
 
 PAGE_SIZE = 100
 GALLERY_PREVIEW = 8
@@ -296,7 +296,11 @@ def _run_settings(root: Path) -> dict:
     import yaml
 
     path = root / "config.yaml"
-    saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise StoreError(f"{path} is damaged ({type(err).__name__}); the synthesis re-writes it when resumed with "
+                         "its settings: re-run the synth or run command") from None
     return saved if isinstance(saved, dict) else {}
 
 

@@ -149,3 +149,13 @@ def test_loss_curves_are_separate_panels_with_their_labels_inside():
     simpo = re.search(r'stroke="#26c" stroke-width="1.5" points="([^"]+)"', svg).group(1)
     ys = [float(p.split(",")[1]) for p in simpo.split()]
     assert max(ys) - min(ys) > 100  # the tiny SimPO values fill their own panel's height
+
+
+def test_a_damaged_synth_config_is_one_line(tmp_path, capsys):
+    from ospo_fast.cli import main
+
+    (tmp_path / "config.yaml").write_bytes(b"images: [\n\xff")
+    (tmp_path / "manifest.json").write_text('{"stages": {}, "fingerprints": {}, "outputs": {}}')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ospo-fast: error: ") and "config.yaml is damaged" in err and err.count("\n") == 1
