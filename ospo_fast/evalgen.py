@@ -71,9 +71,13 @@ class PromptFileError(ValueError):
 
 def _text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise PromptFileError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    if "\x00" in text:  # a prompt becomes a file name and a tokenizer input: neither takes a NUL
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise PromptFileError(f"{path}:{line} holds a NUL character; remove it")
+    return text
 
 
 def read_geneval(path: Path) -> list[dict]:

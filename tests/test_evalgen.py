@@ -226,3 +226,16 @@ def test_cli_checks_the_prompts_before_loading_the_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "x.jsonl does not exist" in err and "no-model" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_nul_character_in_a_prompt_file_is_named_before_anything_is_written(tmp_path, capsys):
+    from ospo_fast.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red car\na blue\x00 bench\n")
+    out = tmp_path / "out"
+    assert main(["eval-gen", "--format", "t2i-compbench", "--prompts", str(prompts), "--out", str(out),
+                 "--preset", "tiny", "model.path=builtin:tiny-4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{prompts}:2 holds a NUL character" in err and err.count("\n") == 1
+    assert not out.exists()
