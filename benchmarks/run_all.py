@@ -24,8 +24,13 @@ CPU = {
     "bench_vqa.py": ["--images", "8"],
     "bench_train.py": ["--pairs", "4"],
     "bench_pipeline.py": ["--prompts", "8"],
+    "bench_decode_attention.py": ["--threads", "1"],
+    "bench_jacobi.py": ["--images", "8", "--batch", "8", "--windows", "4", "16", "--repeats", "2"],
 }
-GPU = {  # benchmarks/gpu_check.py (make gpu-check) runs these too; the AOT report is the same on every machine
+GPU = {  # Janus-Pro-1B shapes; `make gpu-check` (benchmarks/gpu_check.py) is the time-boxed table for a lent GPU
+    "bench_decode_attention.py": ["--device", "cuda", "--images", "16", "64", "256"],
+    "bench_jacobi.py": ["--device", "cuda", "--shape", "janus-pro-1b-shape", "--images", "16", "--batch", "16",
+                        "--guidance", "5", "--windows", "4", "16", "--compile"],
     "bench_object_masks.py": ["--device", "cuda", "--model", "janus-pro-1b-shape"],
     "bench_simpo_loss.py": ["--full", "--device", "cuda", "--dtype", "bfloat16"],
     "bench_image_gen.py": ["--model", "janus-pro-1b-shape", "--device", "cuda", "--dtype", "bfloat16",
