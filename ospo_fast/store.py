@@ -69,6 +69,55 @@ def check_no_symlink(root: str | Path, path: str | Path) -> Path:
     return path
 
 
+CHECKSUM_FILE = "checksums.json"  # in a checkpoint or merged model directory: the sha256 of every other file in it
+
+
+def directory_files(directory: Path) -> list[str]:
+    """Every file under ``directory`` (relative POSIX paths, sorted) but ``checksums.json``."""
+    directory = Path(directory)
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.name != CHECKSUM_FILE)
+
+
+def write_directory_checksums(directory: Path) -> None:
+    """``checksums.json`` listing the sha256 of every file in ``directory`` (write it last)."""
+    directory = Path(directory)
+    atomic_write_json(directory / CHECKSUM_FILE, {"sha256": {name: sha256_file(directory / name)
+                                                             for name in directory_files(directory)}})
+
+
+def listed_checksums(directory: Path) -> dict[str, str] | None:
+    """The sha256 per file that ``checksums.json`` lists, or None when it is missing or unreadable."""
+    try:
+        listed = json.loads((Path(directory) / CHECKSUM_FILE).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return listed if isinstance(listed, dict) else None
+
+
+def check_listed_files(directory: Path, listed: dict[str, str], names: list[str]) -> str | None:
+    """None when every file in ``names`` exists and matches ``listed``; else the first problem, naming the file."""
+    for name in names:
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != listed[name]:
+            return f"{name} does not match its sha256 in {CHECKSUM_FILE} (damaged or truncated)"
+    return None
+
+
+def directory_damage(directory: Path) -> str | None:
+    """None when ``directory`` is intact: ``checksums.json`` lists every file in it, and each matches; else why not
+    (one short phrase naming the file). A file the list lacks is damage too (a list cut short vouches for less)."""
+    listed = listed_checksums(directory)
+    if listed is None:
+        return f"{CHECKSUM_FILE} is missing or unreadable"
+    unlisted = sorted(set(directory_files(directory)) - set(listed))
+    if unlisted:
+        return f"{unlisted[0]} is not listed in {CHECKSUM_FILE}"
+    return check_listed_files(directory, listed, sorted(listed))
+
+
 def follow_umask(directory: Path) -> None:
     """Give every file under ``directory`` the mode open() would (0o666 minus the umask): some writers (safetensors)
     create 0o600 files, so saved weights would be unreadable to the group while every other output is not."""

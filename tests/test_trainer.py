@@ -876,3 +876,33 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
         assert sorted(scalars) == sorted(logged) == [1, 2, 3]
         for step, value in scalars.items():
             assert value == pytest.approx(logged[step][key], rel=1e-6)
+
+
+def test_a_merged_model_and_a_checkpoint_are_read_only_when_every_file_matches(lora_run, tmp_path):
+    """The merged model carries checksums.json: load_janus refuses it after a flipped byte, naming the file (eval-gen
+    drew with the damaged model, and iteration 2 would have trained from it); a checkpoint whose checksums.json
+    lists only some of its files is damaged too."""
+    import shutil
+
+    from ospo_fast.models import ModelLoadError
+    from ospo_fast.store import CHECKSUM_FILE, directory_damage, directory_files
+
+    result = lora_run[0]
+    merged = tmp_path / "merged"
+    shutil.copytree(result.merged_dir, merged)
+    assert directory_damage(merged) is None and (merged / CHECKSUM_FILE).is_file()
+    load_janus(str(merged), device="cpu")  # intact: loads
+    weights = next(name for name in directory_files(merged) if name.endswith(".safetensors"))
+    data = bytearray((merged / weights).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (merged / weights).write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=f"{weights} does not match its sha256"):
+        load_janus(str(merged), device="cpu")
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(result.checkpoint_dir, checkpoint)
+    listed = json.loads((checkpoint / CHECKSUM_FILE).read_text())
+    dropped = sorted(listed["sha256"])[0]
+    del listed["sha256"][dropped]
+    (checkpoint / CHECKSUM_FILE).write_text(json.dumps(listed))
+    assert directory_damage(checkpoint) == f"{dropped} is not listed in {CHECKSUM_FILE}"

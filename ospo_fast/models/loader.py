@@ -132,6 +132,19 @@ def _check_checkpoint_dir(directory: Path) -> None:
                              "must be 'janus'); convert the checkpoint with transformers' Janus conversion script")
 
 
+def _check_listed_checksums(directory: Path) -> None:
+    """A directory that carries ``checksums.json`` (a merged model, a training checkpoint) is read only when every
+    file in it is listed there and matches: a flipped byte would otherwise draw images, or train iteration 2,
+    with a damaged model."""
+    from ospo_fast.store import CHECKSUM_FILE, directory_damage
+
+    if (directory / CHECKSUM_FILE).is_file():
+        problem = directory_damage(directory)
+        if problem is not None:
+            raise ModelLoadError(f"model {directory} is damaged: {problem}; restore it or make it again (a merged "
+                                 "model: `ospo-fast merge-lora`, or delete it and re-run train)")
+
+
 def _read_json(path: Path) -> dict:
     """The JSON object in ``path``; a ModelLoadError naming the file and the fault if it is not one."""
     try:
@@ -173,6 +186,7 @@ def check_model_path(path: str) -> None:
     local = Path(path).expanduser()
     if local.exists():
         _check_checkpoint_dir(local)
+        _check_listed_checksums(local)
     elif path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelLoadError(f"model path {path!r} does not exist. Give a local Janus checkpoint directory, a hub "
                              "id like deepseek-community/Janus-Pro-1B (where the hub is reachable), or builtin:tiny")

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ospo_fast.store import atomic_write_json, follow_umask, sha256_file
+from ospo_fast.store import CHECKSUM_FILE, atomic_write_json, directory_damage, follow_umask
 
 STATE_FILE = "trainer_state.json"
-CHECKSUM_FILE = "checksums.json"
 SHARDED_DIR = "distcp"  # torch.distributed.checkpoint shards of model + optimizer (FSDP)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -36,7 +35,7 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Published checkpoints under ``out_dir/checkpoints`` (``step-N`` directories, not ``.tmp`` ones), oldest
-    first; whether each is still intact is ``damage``'s question."""
+    first; whether each is still intact is ``store.directory_damage``'s question."""
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -122,46 +121,11 @@ class CheckpointError(RuntimeError):
     message names each damaged file and what to do."""
 
 
-def checkpoint_files(directory: Path) -> list[str]:
-    """Every file under ``directory`` (relative POSIX paths, sorted) but ``checksums.json``."""
-    directory = Path(directory)
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.name != CHECKSUM_FILE)
-
-
 def write_checksums(directory: Path, digests: dict[str, str]) -> None:
     atomic_write_json(Path(directory) / CHECKSUM_FILE, {"sha256": digests})
 
 
-def listed_checksums(directory: Path) -> dict[str, str] | None:
-    """The sha256 per file that ``checksums.json`` lists, or None when it is missing or unreadable."""
-    try:
-        listed = json.loads((Path(directory) / CHECKSUM_FILE).read_text())["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return listed if isinstance(listed, dict) else None
-
-
-def check_files(directory: Path, listed: dict[str, str], names: list[str]) -> str | None:
-    """None when every file in ``names`` exists and matches ``listed``; else the first problem, naming the file."""
-    for name in names:
-        path = Path(directory) / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if sha256_file(path) != listed[name]:
-            return f"{name} does not match its sha256 in {CHECKSUM_FILE} (damaged or truncated)"
-    return None
-
-
-def damage(directory: Path) -> str | None:
-    """None when the checkpoint in ``directory`` is intact, else why not (one short phrase naming the file)."""
-    listed = listed_checksums(directory)
-    if listed is None:
-        return f"{CHECKSUM_FILE} is missing or unreadable"
-    return check_files(directory, listed, sorted(listed))
-
-
-def latest_intact(out_dir: Path, checker=damage, say: bool = True) -> Path | None:
+def latest_intact(out_dir: Path, checker=directory_damage, say: bool = True) -> Path | None:
     """The newest checkpoint that ``checker`` finds intact (None when there is no checkpoint at all). Each damaged
     newer one is skipped with one line on stderr naming the file; when every checkpoint is damaged, raises
     ``CheckpointError`` listing them."""

@@ -74,7 +74,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_path: str | No
     from peft import PeftModel
 
     from ospo_fast.models import load_janus
-    from ospo_fast.store import atomic_write_text, follow_umask
+    from ospo_fast.store import atomic_write_text, follow_umask, write_directory_checksums
 
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / ADAPTER_CONFIG
@@ -102,6 +102,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_path: str | No
     record = {"base": base, "adapter": os.path.relpath(adapter_dir, out)}  # the adapter relative to the merged dir
     atomic_write_text(tmp / "ospo_merge.json", json.dumps(record) + "\n")
     follow_umask(tmp)  # safetensors writes 0o600
+    write_directory_checksums(tmp)  # last: load_janus checks every file of a merged model against it
     if out.exists():
         import shutil
 

@@ -30,11 +30,17 @@ from ospo_fast.config import LossConfig, OSPOConfig, TrainConfig, load_config, s
 from ospo_fast.distributed import init_distributed
 from ospo_fast.engine.prompts import position_ids_from_mask
 from ospo_fast.store import (
+    CHECKSUM_FILE,
     atomic_write_json,
     check_fingerprint,
+    check_listed_files,
     check_no_symlink,
     config_fingerprint,
+    directory_damage,
+    directory_files,
     file_identity,
+    listed_checksums,
+    sha256_file,
 )
 from ospo_fast.train import checkpoint as ckpt
 from ospo_fast.train.data import BatchPlan, PairBatch, PairSet, collate, load_pair_set
@@ -336,7 +342,7 @@ class Trainer:
                                    "global_batch": self.plan.global_batch, "lora": self.tc.lora,
                                    "sharded": self.sharded})
         self.dist.barrier()
-        digests = self._hash_share(tmp, ckpt.checkpoint_files(tmp) if self.dist.main else None)
+        digests = self._hash_share(tmp, directory_files(tmp) if self.dist.main else None)
         if self.dist.main:
             ckpt.write_checksums(tmp, digests)
             ckpt.publish(tmp, final)
@@ -362,23 +368,28 @@ class Trainer:
     def _hash_share(self, directory: Path, names: list[str] | None) -> dict[str, str]:
         """sha256 of ``names`` (given on rank 0) with the hashing split over the ranks; the full map on rank 0."""
         if self.dist.world <= 1:
-            return {name: ckpt.sha256_file(directory / name) for name in names}
+            return {name: sha256_file(directory / name) for name in names}
         box = [names]
         dist.broadcast_object_list(box, src=0)
         names = box[0]
-        mine = {name: ckpt.sha256_file(directory / name) for name in names[self.dist.rank::self.dist.world]}
+        mine = {name: sha256_file(directory / name) for name in names[self.dist.rank::self.dist.world]}
         gathered = [None] * self.dist.world
         dist.all_gather_object(gathered, mine)
         return {k: v for part in gathered for k, v in part.items()}
 
     def _damage(self, directory: Path) -> str | None:
-        """``ckpt.damage`` with the files split over the ranks; every rank gets the same answer."""
+        """``store.directory_damage`` with the files split over the ranks; every rank gets the same answer."""
         if self.dist.world <= 1:
-            return ckpt.damage(directory)
-        listed = ckpt.listed_checksums(directory)
+            return directory_damage(directory)
+        listed = listed_checksums(directory)
         names = sorted(listed) if listed is not None else []
-        problem = f"{ckpt.CHECKSUM_FILE} is missing or unreadable" if listed is None else \
-            ckpt.check_files(directory, listed, names[self.dist.rank::self.dist.world])
+        unlisted = sorted(set(directory_files(directory)) - set(names)) if listed is not None else []
+        if listed is None:
+            problem = f"{CHECKSUM_FILE} is missing or unreadable"
+        elif unlisted:
+            problem = f"{unlisted[0]} is not listed in {CHECKSUM_FILE}"
+        else:
+            problem = check_listed_files(directory, listed, names[self.dist.rank::self.dist.world])
         gathered = [None] * self.dist.world
         dist.all_gather_object(gathered, problem)
         return next((p for p in gathered if p is not None), None)
@@ -393,13 +404,15 @@ class Trainer:
 
         state = ckpt.read_state(directory)
         if state["global_batch"] != self.plan.global_batch or state["lora"] != self.tc.lora:
-            raise ValueError(f"checkpoint {directory} was written with global batch {state['global_batch']} and "
-                             f"lora={state['lora']}; this run has {self.plan.global_batch} and lora={self.tc.lora}. "
-                             "Resume with the same config or start a new out_dir")
+            raise ckpt.CheckpointError(
+                f"checkpoint {directory} was written with global batch {state['global_batch']} and "
+                f"lora={state['lora']}; this run has {self.plan.global_batch} and lora={self.tc.lora}. "
+                "Resume with the same config or start a new out_dir")
         if state.get("sharded", False) != self.sharded:
-            raise ValueError(f"checkpoint {directory} was written by {state['world']} process(es) "
-                             f"(sharded={state.get('sharded', False)}); this run has {self.dist.world}. Resume "
-                             "with the same number of processes")
+            raise ckpt.CheckpointError(
+                f"checkpoint {directory} was written by {state['world']} process(es) "
+                f"(sharded={state.get('sharded', False)}); this run has {self.dist.world}. Resume "
+                "with the same number of processes")
         if self.sharded:
             self._load_sharded(directory / ckpt.SHARDED_DIR)
         elif self.peft is not None:
