@@ -22,7 +22,7 @@ from typing import Callable
 from ospo_fast.config import OSPOConfig, save_config
 from ospo_fast.distributed import Dist, init_distributed
 from ospo_fast.overlap import BackgroundWriter
-from ospo_fast.plan import resolve_auto_batches
+from ospo_fast.plan import IMAGE_PROMPT_TOKENS, resolve_auto_batches
 from ospo_fast.runstore import RunStore
 from ospo_fast.stages import STAGES, steps
 from ospo_fast.stages import prompts as S1
@@ -91,11 +91,13 @@ class Pipeline:
     def __init__(self, config: OSPOConfig, out_dir: str | Path, dist: Dist | None = None,
                  redo: str | None = None, progress: bool = True):
         self.dist = dist or init_distributed(config.model.device)
-        # "auto" batch sizes become numbers here, once, from the device's memory (printed by rank 0)
+        # "auto" batch sizes become numbers here, once, from the device's memory (printed by rank 0); an images
+        # batch planned so is kept within its planned KV slots when the real prompt bucket is longer
+        planned = IMAGE_PROMPT_TOKENS if config.images.batch_size == "auto" else None
         self.config = config = resolve_auto_batches(config, self.dist.device,
                                                     log=print if self.dist.rank == 0 else lambda line: None)
         self.store = RunStore(out_dir, self.dist.rank, self.dist.world)
-        self.ctx = StageContext(config, device=str(self.dist.device))
+        self.ctx = StageContext(config, device=str(self.dist.device), planned_image_prompt=planned)
         self.progress = progress and self.dist.rank == 0
         self.overlap_writes = True  # False: write each chunk in series (bench_fullsize.py --overlap compares)
         if redo is not None and redo not in STAGES:

@@ -249,3 +249,50 @@ def test_cli_plan_prints_the_images_floor(capsys, preset, gpu):
     line = next(line for line in out.splitlines() if line.startswith("floor of images:"))
     assert f"{floor.bytes_per_image / 1e9:.1f} GB/image" in line and f"at batch {batch})" in line
     assert f"= {floor.images_per_s:.1f} images/s per GPU at {plan.GPUS[gpu].bandwidth / 1e12:.2f} TB/s" in line
+
+
+@pytest.mark.parametrize("kind", ["janus-pro-1b-shape", "janus-pro-7b-shape"])
+def test_the_planned_batch_with_any_prompt_bucket_fits_the_budget(kind):
+    """Memory on the meta device (no weights allocated): ``images.batch_size: auto`` is planned at a 128-token
+    prompt; a longer bucket (192 .. 640) gets ``batch_for_bucket`` images, so its one KV cache (the engine keeps one
+    decoder, the old cache freed first) stays within the planned slots and the whole stage within the budget."""
+    from ospo_fast.engine.image_gen import batch_for_bucket
+
+    shape = plan.model_shape(plan.kind_config(kind), count_flops=False)
+    budget = 80e9 * 0.95
+    planned = plan.stable_batch(plan.auto_batch(shape, "images", budget).batch)
+    usable = budget * (1 - plan.MARGIN_FRACTION)
+    kv_planned = plan.image_kv_bytes(shape, planned, plan.IMAGE_PROMPT_TOKENS, 2)
+    assert plan.images_memory(shape, planned).total <= usable
+    for bucket in (128, 192, 256, 384, 640):
+        batch = batch_for_bucket(planned, plan.IMAGE_PROMPT_TOKENS, bucket, shape.image_tokens)
+        assert 1 <= batch <= planned and (batch == planned) == (bucket == 128)
+        assert plan.image_kv_bytes(shape, batch, bucket, 2) <= kv_planned
+        assert plan.images_memory(shape, batch, prompt_len=bucket).total <= usable, bucket
+        # without the adjustment the planned batch at that bucket would not fit from 256 tokens on
+        if bucket >= 256:
+            assert plan.images_memory(shape, planned, prompt_len=bucket).total > usable
+
+
+def test_a_longer_prompt_bucket_gets_fewer_images_per_batch_and_the_same_tokens(tiny_bundle, monkeypatch):
+    """The engine side: planned for 64-token prompts at 4 images, a 128-token bucket runs 2 images per batch (the
+    same KV slots); float32 tokens do not depend on the batch, so the images are the ones a 4-image batch draws."""
+    from ospo_fast.engine import image_gen
+
+    prompts = ["a red car " * 30, "a cat", "a blue bench", "two dogs"]  # the first makes a longer bucket
+    config = ImageConfig(batch_size=4, compile=False)
+    whole = image_gen.generate_images(tiny_bundle, prompts, [1, 2, 3, 4], config)
+    image_gen.release_decoders()
+    built = []
+    original = image_gen._Decoder.__init__
+
+    def recording(self, model, shape, device):
+        built.append(shape.rows)
+        original(self, model, shape, device)
+
+    monkeypatch.setattr(image_gen._Decoder, "__init__", recording)
+    planned = image_gen.generate_images(tiny_bundle, prompts, [1, 2, 3, 4], config, planned_prompt_tokens=64)
+    n = tiny_bundle.num_image_tokens
+    bucket = image_gen._tokenise(tiny_bundle, prompts, None)[0].shape[1]
+    assert bucket > 64 and built == [image_gen.batch_for_bucket(4, 64, bucket, n)]
+    assert built[0] == 4 * (64 + n + 1) // (bucket + n + 1) < 4 and torch.equal(planned.tokens, whole.tokens)

@@ -347,6 +347,13 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
 
 
+def batch_for_bucket(batch: int, planned_prompt: int, bucket: int, num_tokens: int) -> int:
+    """Images per batch whose static cache (2 rows x (bucket + N + 1) slots each) fits the slots planned for
+    ``batch`` images at ``planned_prompt`` prompt tokens; at least 1, at most ``batch``."""
+    planned = batch * (planned_prompt + num_tokens + 1)
+    return max(1, min(batch, planned // (bucket + num_tokens + 1)))
+
+
 def special_ids(bundle) -> tuple[int, int, int]:
     """(pad, bos, <begin_of_image>) token ids; pad and bos from the generation config where set."""
     gen_config, tokenizer = bundle.model.generation_config, bundle.tokenizer
@@ -374,7 +381,8 @@ def _tokenise(bundle, prompts: list[str], objects: list[list[str]] | None):
 @torch.no_grad()
 def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageConfig,
                     objects: list[list[str]] | None = None, mask_layers: list[int] | None = None,
-                    attention: str = "auto", mask_heads: dict[int, tuple[int, ...]] | None = None) -> ImageBatch:
+                    attention: str = "auto", mask_heads: dict[int, tuple[int, ...]] | None = None,
+                    planned_prompt_tokens: int | None = None) -> ImageBatch:
     """Generate one image per (prompt, seed) with classifier-free guidance, ``config.batch_size`` at a time.
 
     prompts: B texts; seeds: B ints (the image depends only on prompt, seed and settings, in float32 on the CPU:
@@ -383,6 +391,9 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     attention maps to capture (layers ``mask_layers``, default ``select_layers(num_layers)``: all but the first
     and last k = min(5, (L - 1) // 2) of the L layers, e.g. layers 5..24 of 30, 4 and 5 of 10, all of 1 or 2).
     mask_heads: {layer: head indices} to average instead of every head of ``mask_layers`` (localisation heads).
+    planned_prompt_tokens: the prompt length ``config.batch_size`` was planned for (``images.batch_size: auto``,
+    ``ospo_fast.plan``): a longer prompt bucket gets fewer images per batch, so the KV cache stays within the
+    planned slots (``batch_for_bucket``); None: ``config.batch_size`` as it is.
     attention: the decode steps' attention, ``ospo_fast.ops.decode_attention`` over each row's filled cache slots
     with this backend ("auto", "ref", "sdpa", "triton"), or "full" (SDPA over the whole static cache, masked: the
     engine before issue 33, kept as the baseline of benchmarks/bench_decode_attention.py).
@@ -403,15 +414,17 @@ def generate_images(bundle, prompts: list[str], seeds: list[int], config: ImageC
     sampling = _Sampling(config.guidance_scale, config.temperature, config.top_k, config.top_p)
     captured = (0, 0) if key_positions is None else tuple(key_positions.shape[1:])
     # fixed rows per call, the ragged last batch padded; compiled: the same rows for every call
-    rows = config.batch_size if compiled else min(config.batch_size, len(prompts))
+    per_batch = config.batch_size if planned_prompt_tokens is None else batch_for_bucket(
+        config.batch_size, planned_prompt_tokens, ids.shape[1], bundle.num_image_tokens)
+    rows = per_batch if compiled else min(per_batch, len(prompts))
     window = config.jacobi_window if config.decoding == "jacobi" else 0
     heads = tuple((layer, tuple(sorted(mask_heads[layer]))) for layer in sorted(mask_heads or {}))
     decoder = _POOL.get(model, _Shape(rows, ids.shape[1], bundle.num_image_tokens, sampling, *captured, layers,
                                       attention, window, heads), device)
     tokens, maps, passes, flips = [], [], 0, 0
     with engine_attention_on(model):
-        for start in range(0, len(prompts), config.batch_size):
-            end = min(start + config.batch_size, len(prompts))
+        for start in range(0, len(prompts), per_batch):
+            end = min(start + per_batch, len(prompts))
             batch_tokens, batch_maps, batch_passes = _decode_batch(
                 bundle, decoder, ids[start:end], mask[start:end], seeds[start:end],
                 None if key_positions is None else key_positions[start:end], compiled)

@@ -14,6 +14,8 @@ HEADS_SEED_SALT = 7919  # localisation heads are chosen on prompts drawn at seed
 class StageContext:
     config: OSPOConfig
     device: str = "auto"
+    # the prompt length an "auto" images.batch_size was planned for (ospo_fast.plan); None: a batch the user gave
+    planned_image_prompt: int | None = None
     _bundle: object = field(default=None, repr=False)
     _heads: object = field(default=None, repr=False)
 

@@ -188,7 +188,8 @@ def images_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
         chosen = ctx.localization_heads()
         heads = None if chosen is None else chosen.heads
         result = generate_images(bundle, prompts, seeds, cfg, objects=objects if in_flight else None,
-                                 mask_layers=layers if in_flight else None, mask_heads=heads if in_flight else None)
+                                 mask_layers=layers if in_flight else None, mask_heads=heads if in_flight else None,
+                                 planned_prompt_tokens=ctx.planned_image_prompt)
         if in_flight:
             scores = result.object_scores
         else:
