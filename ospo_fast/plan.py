@@ -476,13 +476,11 @@ def forward_flops(shape: ModelShape, rows: int, tokens: int, context: int | None
 
 
 def decode_time(steps: int, step_params: int, rows: int, start_context: int, shape: ModelShape, device: Device,
-                dtype_bytes: int, static: bool = False) -> tuple[float, float, float]:
+                dtype_bytes: int) -> tuple[float, float, float]:
     """Seconds, FLOPs and bytes of ``steps`` decode steps from ``start_context`` cached tokens: per step
     max(bytes / (bandwidth x eff), FLOPs / (peak x eff)) (roofline). Attention covers the mean context of a growing
-    cache (the image engine's decode attention reads only filled slots, ``ospo_fast.ops.decode_attention``), or with
-    ``static`` every slot of a StaticCache of start + steps + 1 (SDPA over a whole static cache reads masked slots
-    too)."""
-    context = start_context + steps + 1 if static else start_context + steps / 2
+    cache (the image engine's decode attention reads only filled slots, ``ospo_fast.ops.decode_attention``)."""
+    context = start_context + steps / 2
     flops, bytes_ = decode_step_cost(step_params, rows, context, shape, dtype_bytes)
     per_step = max(bytes_ / (device.bandwidth * device.bandwidth_efficiency),
                    flops / (device.peak_flops * device.matmul_efficiency))

@@ -204,7 +204,7 @@ def test_grouped_query_heads_and_masks(masked, with_lse):
     capture.set_cells(0)
     lse = None
     if with_lse:  # what the engine's attention hands over: the SDPA kernel's own log-sum-exp
-        from ospo_fast.engine.attention import attention_with_lse
+        from ospo_fast.ops.decode_attention import attention_with_lse
 
         value = torch.randn(b, hkv, tq, d, generator=g)
         _, lse = attention_with_lse(query, key, value, visible if masked else None, d ** -0.5)

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ospo_fast.ops.decode_attention import decode_attention
+from ospo_fast.ops.decode_attention import attention_with_lse, decode_attention
 
 ATTENTION_NAME = "ospo_engine"
 
@@ -71,40 +71,6 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
-
-
-def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA that also returns the log-sum-exp of each query's scores, from the kernel SDPA itself runs.
-
-    query (B, H, Tq, D), key/value (B, Hkv, Tk, D) (GQA/MQA: repeated to H heads, as transformers' SDPA path
-    does), mask as transformers builds it for SDPA (bool (B|1, 1, Tq, Tk+), True = visible, or additive; None =
-    causal for Tq > 1). Returns out (B, H, Tq, D) in the query's dtype and lse (B, H, Tq) float32. CPU:
-    ``_scaled_dot_product_flash_attention_for_cpu`` (what ``F.scaled_dot_product_attention`` runs there); CUDA:
-    ``_scaled_dot_product_efficient_attention`` with ``compute_log_sumexp`` (its bias padded to 16 keys, as PyTorch
-    pads it)."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    b, h, tq, _ = query.shape
-    tk = key.shape[2]
-    is_causal = mask is None and tq > 1
-    bias = None
-    if mask is not None:
-        mask = mask[:, :, :, :tk]
-        bias = mask.to(query.dtype) if mask.dtype != torch.bool else torch.zeros(
-            mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
-    if query.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, is_causal, attn_mask=bias, scale=scale)
-        return out, lse.float()
-    if bias is not None:  # the memory-efficient kernel wants the bias's rows 16-element aligned
-        padded = torch.zeros(*bias.shape[:-1], -(-tk // 16) * 16, dtype=bias.dtype, device=bias.device)
-        padded[..., :tk] = bias
-        bias = padded[..., :tk].expand(b, h, tq, tk)
-    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-        query, key, value, bias, True, 0.0, is_causal, scale=scale)
-    return out, lse[..., :tq].float()
 
 
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:

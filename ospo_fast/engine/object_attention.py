@@ -11,7 +11,7 @@ probabilities of just the S object keys::
 - In a decode step of the image engine the decode attention (``ops.decode_attention``) computes them from its own
   log-sum-exp over the filled slots (``record_probabilities``): no copy of K, no pass over the cache of its own.
 - In a multi-query forward (a teacher-forced pass, a prefill) the engine's attention computes the layer's output
-  and its log-sum-exp in one SDPA kernel (``engine.attention.attention_with_lse``) and hands the lse over
+  and its log-sum-exp in one SDPA kernel (``ops.decode_attention.attention_with_lse``) and hands the lse over
   (``_record(..., lse=)``): the capture then scores only the S object keys, in blocks of ``chunk_elements`` numbers
   (a fixed size per device). A teacher-forced pass stops after the last selected layer. Without an lse (``_record``
   called directly) the logsumexp is streamed over query chunks of the full (chunk, Tk) score block. Either way

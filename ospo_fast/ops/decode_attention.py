@@ -16,11 +16,12 @@ each captured row's query pays to its object-word keys, without a second pass ov
 K (SPEC stage 3; what the reference code reads from ``output_attentions``).
 
 Backends (``decode_attention(..., backend=)``), one custom op ``ospo_fast::decode_attention`` (opaque to
-torch.compile, a fake implementation for its shapes):
+torch.compile, a fake implementation for its shapes). ``attention_with_lse`` (SDPA that also returns the lse, for
+any number of queries) is shared with the engine's teacher-forced mask pass:
 - ``ref``: plain float32 PyTorch over the whole cache with the mask: the oracle;
-- ``sdpa`` (CPU's "auto"): PyTorch's CPU flash attention (``_scaled_dot_product_flash_attention_for_cpu``, the
-  kernel ``F.scaled_dot_product_attention`` itself runs on the CPU, which also returns the log-sum-exp) on the
-  slots up to the longest row's ``end``, left padding masked; the one host read (that length) is free on the CPU;
+- ``sdpa`` (CPU's "auto"): ``attention_with_lse``, PyTorch's CPU flash attention (the kernel
+  ``F.scaled_dot_product_attention`` itself runs on the CPU, which also returns the log-sum-exp) on the slots up to
+  the longest row's ``end``, left padding masked; the one host read (that length) is free on the CPU;
 - ``triton`` (CUDA's "auto"; on CPU tensors under ``TRITON_INTERPRET=1``): ``kernels/decode_attention.py``,
   flash-decoding split over the key axis with the lengths read on the device, so one CUDA graph replays for every
   step. SPLITS comes from the shape (rows x heads against the GPU's multiprocessors), never from the step.
@@ -72,21 +73,48 @@ def _probs_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, start: 
     return torch.where(visible[:, None, :], torch.exp(scores - lse[:r, :, None]), 0.0)
 
 
-def _decode_attention_sdpa(q, k, v, start, end, scale, slots, capture_rows):
-    """CPU: PyTorch's flash attention on the slots [0, max end), left padding masked."""
-    b, h, d = q.shape
-    groups = h // k.shape[1]
-    length = int(end.max())  # the CPU's own memory: no device sync
-    keys, values = k[:, :, :length], v[:, :, :length]
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA that also returns the log-sum-exp of each query's scores, from the kernel SDPA itself runs.
+
+    query (B, H, Tq, D), key/value (B, Hkv, Tk, D) (GQA/MQA: repeated to H heads, as transformers' SDPA path
+    does), mask as transformers builds it for SDPA (bool (B|1, 1, Tq, Tk+), True = visible, or additive; None =
+    causal for Tq > 1). Returns out (B, H, Tq, D) in the query's dtype and lse (B, H, Tq) float32. CPU:
+    ``_scaled_dot_product_flash_attention_for_cpu`` (what ``F.scaled_dot_product_attention`` runs there); CUDA:
+    ``_scaled_dot_product_efficient_attention`` with ``compute_log_sumexp`` (its bias padded to 16 keys, as PyTorch
+    pads it)."""
+    groups = query.shape[1] // key.shape[1]
     if groups > 1:
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    b, h, tq, _ = query.shape
+    tk = key.shape[2]
+    is_causal = mask is None and tq > 1
+    bias = None
+    if mask is not None:
+        mask = mask[:, :, :, :tk]
+        bias = mask.to(query.dtype) if mask.dtype != torch.bool else torch.zeros(
+            mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=bias, scale=scale)
+        return out, lse.float()
+    if bias is not None:  # the memory-efficient kernel wants the bias's rows 16-element aligned
+        padded = torch.zeros(*bias.shape[:-1], -(-tk // 16) * 16, dtype=bias.dtype, device=bias.device)
+        padded[..., :tk] = bias
+        bias = padded[..., :tk].expand(b, h, tq, tk)
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, bias, True, 0.0, is_causal, scale=scale)
+    return out, lse[..., :tq].float()
+
+
+def _decode_attention_sdpa(q, k, v, start, end, scale, slots, capture_rows):
+    """CPU: ``attention_with_lse`` (PyTorch's CPU flash attention) on the slots [0, max end), left padding masked."""
+    length = int(end.max())  # the CPU's own memory: no device sync
     j = torch.arange(length, device=q.device)
     visible = (j >= start[:, None].long()) & (j < end[:, None].long())  # (B, length)
-    bias = torch.zeros(b, 1, 1, length, dtype=q.dtype, device=q.device).masked_fill(~visible[:, None, None, :],
-                                                                                     float("-inf"))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q[:, :, None], keys, values, 0.0, False, attn_mask=bias, scale=scale)  # (B, H, 1, D), (B, H, 1)
-    lse = lse[..., 0].float()
+    out, lse = attention_with_lse(q[:, :, None], k[:, :, :length], v[:, :, :length], visible[:, None, None, :],
+                                  scale)  # (B, H, 1, D), (B, H, 1)
+    lse = lse[..., 0]
     return out[:, :, 0], lse, _probs_from_lse(q, k, lse, start, end, slots, capture_rows, scale)
 
 
