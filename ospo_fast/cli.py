@@ -8,6 +8,7 @@
   ospo-fast export DIR                   Parquet dataset of the pairs
   ospo-fast eval-gen --format F --prompts P --out DIR   benchmark images in the evaluator's layout
   ospo-fast train --pairs F --out DIR [--preset P] [k=v..]   stage 5: Obj-SimPO + SFT (torchrun-aware)
+  ospo-fast import --data F --images DIR --out DIR [--masks DIR]   the OSPO authors' pairs as a run directory
   ospo-fast merge-lora ADAPTER OUT [--base PATH]   fold a LoRA checkpoint into a standalone model
   ospo-fast config [--preset P] [k=v..]  print the resolved config
   ospo-fast plan --preset P --gpus N --gpu G [k=v..]   per-stage work, batches, memory and hours (no model loads)
@@ -238,6 +239,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ospo_fast.importer import ImportSettings, import_pairs
+
+    config = _load(args)
+    settings = ImportSettings(data=Path(args.data), images=Path(args.images),
+                              masks=None if args.masks is None else Path(args.masks), strip_prefix=args.strip_prefix,
+                              objects_field=args.objects_field, chunk_size=args.chunk_size, batch_size=args.batch_size)
+    _check_model(config.model.path)
+    writable_dir(args.out)
+    with _write_lock(args.out):
+        summary = import_pairs(config, settings, args.out, redo=args.redo)
+    print(summary.format())
+    if not summary.already_done:
+        print(f"train on them: ospo-fast train --pairs {Path(args.out) / 'pairs.jsonl'} --out TRAIN_DIR "
+              f"--preset {args.preset} model.path={config.model.path}")
+    return 0
+
+
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
     from ospo_fast.train import merge_lora
 
@@ -329,6 +350,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("import", help="turn the OSPO authors' released pairs (their JSON, images and masks) into a "
+                       "run directory that train reads")
+    p.add_argument("--data", required=True,
+                   help="the authors' train JSON: a list of {item_id, prompt, chosen, rejected, t2i_category, ...}")
+    p.add_argument("--images", required=True,
+                   help="folder the JSON's chosen/rejected image paths are read under (nothing outside it is read)")
+    p.add_argument("--out", required=True,
+                   help="run directory to write (pairs.jsonl, images/, import/rejects.jsonl); a rerun resumes")
+    p.add_argument("--masks", default=None,
+                   help="the authors' mask_dir (base/ and negative/<t2i_category>/<item_id>/<name>_mask.pt); "
+                   "without it the masks are computed with the model's own attention")
+    p.add_argument("--strip-prefix", default=None,
+                   help="leading part of the JSON's image paths to remove before reading them under --images "
+                   "(the authors' files hold absolute paths of their machines)")
+    p.add_argument("--objects-field", default="nouns",
+                   help="item field listing the object words for computed masks (default: nouns, as the authors' "
+                   "extract_object_v2.py writes it); items without it take the objects from the prompt's phrases")
+    p.add_argument("--redo", action="store_true", help="import again into --out, replacing the import there")
+    p.add_argument("--chunk-size", type=int, default=64, help="items per committed chunk (the unit a rerun resumes)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward of the model (VQ encoder, masks)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_import)
+
     p = sub.add_parser("merge-lora", help="merge a LoRA checkpoint into a standalone model directory")
     p.add_argument("adapter", help="a checkpoint directory holding adapter_model.safetensors")
     p.add_argument("out", help="directory for the merged, standalone model")
@@ -350,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 KEPT = {"run": "finished stages, chunks and checkpoints", "synth": "finished stages and chunks",
-        "train": "saved checkpoints", "eval-gen": "the images written so far"}
+        "train": "saved checkpoints", "eval-gen": "the images written so far", "import": "finished chunks"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

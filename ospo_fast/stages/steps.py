@@ -144,6 +144,23 @@ def _union_masks(ctx: StageContext, scores, counts: list[int]) -> np.ndarray:
     return result.union.cpu().numpy()
 
 
+def teacher_forced_masks(ctx: StageContext, prompts: list[str], tokens: torch.Tensor,
+                         objects: list[list[str]]) -> np.ndarray:
+    """(B, G, G) bool object masks of B finished images: one teacher-forced pass of [prompt + image tokens]
+    (``masks.context=base``), the attention of the image tokens to each object word, Otsu masks, their union.
+
+    prompts: B prompts the images are conditioned on; tokens: (B, G*G) long VQ ids; objects: B non-empty lists of
+    words that occur in their prompt. Averages every head of the mask layers, or the localisation heads
+    (``masks.heads``), as the images stage does."""
+    from ospo_fast.engine.object_attention import teacher_forced_object_scores
+
+    chosen = ctx.localization_heads()
+    scores = teacher_forced_object_scores(ctx.bundle, prompts, tokens, objects,
+                                          skip_layers=ctx.config.masks.skip_layers,
+                                          heads=None if chosen is None else chosen.heads)
+    return _union_masks(ctx, scores, [len(o) for o in objects])
+
+
 def fit_context(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
     """(records whose every prompt -- dense base, dense perturbed, base for the mask pass -- leaves room for the
     image tokens within the model's max_position_embeddings, rejects "prompt_too_long" naming the record)."""
@@ -191,13 +208,9 @@ def images_chunk(ctx: StageContext, records: list[dict]) -> tuple[list, list]:
                                  mask_layers=layers if in_flight else None, mask_heads=heads if in_flight else None,
                                  planned_prompt_tokens=ctx.planned_image_prompt)
         if in_flight:
-            scores = result.object_scores
+            unions = _union_masks(ctx, result.object_scores, [len(o) for o in objects])
         else:
-            from ospo_fast.engine.object_attention import teacher_forced_object_scores
-
-            scores = teacher_forced_object_scores(bundle, [r["base_prompt"] for r in batch] * 2, result.tokens,
-                                                  objects, skip_layers=mcfg.skip_layers, heads=heads)
-        unions = _union_masks(ctx, scores, [len(o) for o in objects])
+            unions = teacher_forced_masks(ctx, [r["base_prompt"] for r in batch] * 2, result.tokens, objects)
         tokens = result.tokens.cpu().tolist()
         for i, record in enumerate(batch):
             j = i + len(batch)

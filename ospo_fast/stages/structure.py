@@ -95,6 +95,24 @@ def objects_in_text(structure: dict, text: str) -> bool:
     return all(o.lower() in words for o in structure["objects"])
 
 
+def prompt_objects(text: str, vocabularies: tuple[Vocabulary, ...] | None = None) -> list[str]:
+    """The object words of a prompt, read back the way ``render_prompt`` lays prompts out: the text is cut into
+    phrases at commas, "and" and the vocabularies' relation and action phrases (longest first), and each phrase's
+    last word is its object ("a red car on the left of two dogs" -> ["car", "dogs"]). Exact for every prompt
+    ``render_prompt`` writes; for free-form prompts it is a heuristic (a phrase may end in a verb or an
+    adjective), so a data set that lists its objects should pass them instead. Words keep the prompt's case; no
+    repeats. ``vocabularies``: where the relation phrases come from (default: every built-in vocabulary)."""
+    vocabularies = tuple(VOCABULARIES.values()) if vocabularies is None else vocabularies
+    phrases = {p for v in vocabularies for p in (*v.relations_2d, *v.relations_3d, *v.actions)} | {"and"}
+    cut = "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
+    out: list[str] = []
+    for phrase in re.split(rf"[,;.]|\b(?:{cut})\b", text, flags=re.IGNORECASE):
+        words = re.findall(r"[^\W\d_][\w'-]*", phrase or "")
+        if words and words[-1].lower() not in (o.lower() for o in out):
+            out.append(words[-1])
+    return out
+
+
 TUPLE_RE = re.compile(r"\(([^()]*)\)")
 
 

@@ -143,33 +143,56 @@ def smooth_masks(binary: torch.Tensor, mode: str, kernel: int, sigma: float) -> 
     return soft_mask(binary, kernel=kernel, sigma=sigma).float().flatten(1)  # (N, G*G)
 
 
-def reencode_images(model, paths: list[Path], batch_size: int = 8) -> torch.Tensor:
-    """Re-encode PNGs with the VQ encoder (as the reference code does). Returns (N, G*G) long token ids.
+def image_side(model) -> int:
+    """The side in pixels of the model's generation images (grid * 16: the VQ encoder halves it four times)."""
+    return model.config.vq_config.num_patches * 16
 
-    Pixels are scaled to [-1, 1] as Janus's image processor does for generation images."""
+
+def load_rgb(path: Path, size: int) -> np.ndarray:
+    """The image at ``path`` as (size, size, 3) uint8 RGB, resized with bicubic filtering when it has another size.
+
+    Raises what PIL raises for a file it cannot read (OSError, ``PIL.UnidentifiedImageError``, ValueError)."""
     from PIL import Image
 
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def encode_rgb(model, pixels: list[np.ndarray], batch_size: int = 8) -> torch.Tensor:
+    """VQ-encode (S, S, 3) uint8 images (S = ``image_side(model)``). Returns (N, G*G) long token ids.
+
+    Pixels are scaled to [-1, 1] as Janus's image processor does for generation images."""
     vq = model.model.vqmodel
-    size = model.config.vq_config.num_patches * 16
     device = next(vq.parameters()).device
     dtype = next(vq.parameters()).dtype
     out = []
-    for start in range(0, len(paths), batch_size):
-        arrays = []
+    for start in range(0, len(pixels), batch_size):
+        batch = np.stack(pixels[start:start + batch_size]).astype(np.float32)
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 255]
+        x = (x / 127.5 - 1.0).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            encoded = vq.encode(x)
+        out.append(encoded.image_tokens.reshape(x.shape[0], -1).cpu())  # (B, G*G)
+    return torch.cat(out).long()
+
+
+def reencode_images(model, paths: list[Path], batch_size: int = 8) -> torch.Tensor:
+    """Re-encode PNGs with the VQ encoder (as the reference code does), resized to the model's image side
+    (``load_rgb``). Returns (N, G*G) long token ids."""
+    size = image_side(model)
+    out = []
+    for start in range(0, len(paths), batch_size):  # a batch of pixels in memory at a time, not the whole set
+        pixels = []
         for path in paths[start:start + batch_size]:
             if not path.is_file():
                 raise PairsFileError(f"image {path} named in the pairs file does not exist; keep the run "
                                      "directory's images/ next to pairs.jsonl or set train.token_source=tokens")
-            image = Image.open(path).convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BICUBIC)
-            arrays.append(np.asarray(image, dtype=np.float32))
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 255]
-        pixels = (pixels / 127.5 - 1.0).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            encoded = vq.encode(pixels)
-        out.append(encoded.image_tokens.reshape(pixels.shape[0], -1).cpu())  # (B, G*G)
-    return torch.cat(out).long()
+            pixels.append(load_rgb(path, size))
+        out.append(encode_rgb(model, pixels, batch_size))
+    return torch.cat(out)
 
 
 def load_pair_set(path: str | Path, bundle, mask_mode: str = "gaussian", kernel: int = 5, sigma: float = 1.0,
