@@ -197,16 +197,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_gen(args: argparse.Namespace) -> int:
-    from ospo_fast.evalgen import check_out, generate, model_identity, plan, where_to_point
+    from ospo_fast.evalgen import check_out, generate, plan, where_to_point
     from ospo_fast.models import load_janus
+    from ospo_fast.models.loader import model_identity
 
     config = _load(args)
     path = args.model or config.model.path
-    todo = plan(args.format, args.prompts, args.out, samples=args.samples, seed=config.seed, images=config.images,
-                model=model_identity(path))
-    check_out(todo)  # inputs first: a bad prompt file or a mismatched --out never waits for a model to load
+    settings = dict(samples=args.samples, seed=config.seed, images=config.images)
+    plan(args.format, args.prompts, args.out, **settings)  # the prompt file first: its mistakes are named first
     _check_model(path)
     writable_dir(args.out)
+    # the model's identity (its content: hashing it, building a builtin or fetching a hub id) only now
+    todo = plan(args.format, args.prompts, args.out, **settings, model=model_identity(path))
+    check_out(todo)  # a mismatched --out is refused before the model loads
     from ospo_fast.models.loader import pick_device
     from ospo_fast.plan import resolve_auto_batches
 

@@ -503,8 +503,13 @@ def config_from_dict(data: dict[str, Any]) -> OSPOConfig:
     return check_config(config, problems)
 
 
+def config_yaml(config: OSPOConfig) -> str:
+    """The resolved config as the YAML text ``save_config`` writes (and ``load_config`` reads back)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
 def save_config(config: OSPOConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically."""
     from ospo_fast.store import atomic_write_text
 
-    return atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return atomic_write_text(Path(path), config_yaml(config))

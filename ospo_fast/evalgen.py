@@ -35,7 +35,6 @@ from ospo_fast.store import (
     atomic_write_text,
     check_fingerprint,
     config_fingerprint,
-    file_identity,
     read_jsonl_rows,
     sha256_bytes,
 )
@@ -186,12 +185,6 @@ def _image_settings(images: ImageConfig | None) -> dict:
     images = images or ImageConfig()
     return {"guidance_scale": images.guidance_scale, "temperature": images.temperature, "top_k": images.top_k,
             "top_p": images.top_p}
-
-
-def model_identity(path: str) -> dict:
-    """How a model is named in the fingerprint: a local directory by its content (so ``./m`` and ``/abs/m`` agree),
-    anything else (``builtin:NAME``, a hub id) by its name."""
-    return file_identity(path)
 
 
 def check_out(p: EvalPlan) -> None:

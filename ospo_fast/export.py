@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ospo_fast.runstore import RunStore
+from ospo_fast.runstore import RunStore, is_run_directory
 from ospo_fast.store import StoreError, atomic_write_bytes, sha256_bytes
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the arrow type of datasets.Image
@@ -42,16 +42,17 @@ class RunDirError(StoreError):
     to run."""
 
 
-def _committed_images(root: Path) -> dict[str, str]:
-    """{relative PNG path: sha256} that ``manifest.json`` committed with pairs.jsonl; {} outside a run."""
-    manifest = root / "manifest.json"
-    if not manifest.is_file():
-        return {}
-    return RunStore(root).manifest()["outputs"].get("pairs.jsonl", {}).get("images", {})
+def _committed_images(root: Path) -> dict[str, str] | None:
+    """{relative PNG path: sha256} that ``manifest.json`` committed with pairs.jsonl (``read_pairs`` has checked
+    that manifest and its pairs entry); None outside a run, where nothing vouches for the images."""
+    if not is_run_directory(root):
+        return None
+    return RunStore.reader(root).manifest()["outputs"].get("pairs.jsonl", {}).get("images", {})
 
 
-def _image(root: Path, rel: str, committed: dict[str, str]) -> dict:
-    """The PNG ``rel`` as a datasets Image cell, checked against its committed sha256 where the run has one."""
+def _image(root: Path, rel: str, committed: dict[str, str] | None) -> dict:
+    """The PNG ``rel`` as a datasets Image cell, checked against its committed sha256 inside a run (an image the
+    manifest does not list is refused there)."""
     path = (root / rel).resolve()
     if not path.is_relative_to(root.resolve()):
         raise RunDirError(f"{root / 'pairs.jsonl'} names image {rel!r} outside {root}; re-run the selection stage")
@@ -59,9 +60,9 @@ def _image(root: Path, rel: str, committed: dict[str, str]) -> dict:
         raise RunDirError(f"image {root / rel} named in {root / 'pairs.jsonl'} does not exist; keep images/ next to "
                           "pairs.jsonl")
     data = path.read_bytes()
-    if rel in committed and sha256_bytes(data) != committed[rel]:
+    if committed is not None and sha256_bytes(data) != committed.get(rel):
         raise RunDirError(f"{root / rel} does not match its sha256 in {root / 'manifest.json'} (damaged after it was "
-                          f"written); pass --redo images to `ospo-fast synth --out {root}`")
+                          f"written, or not listed there); pass --redo images to `ospo-fast synth --out {root}`")
     return {"bytes": data, "path": rel}
 
 

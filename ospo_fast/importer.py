@@ -50,6 +50,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ospo_fast.config import OSPOConfig
+from ospo_fast.models.loader import model_identity
 from ospo_fast.store import StoreError, check_fingerprint, check_no_symlink, config_fingerprint, file_identity
 
 STAGE = "import"
@@ -389,7 +390,7 @@ def import_fingerprint(config: OSPOConfig, settings: ImportSettings, out: Path) 
              "import.masks": None if settings.masks is None else where(settings.masks),
              "import.strip_prefix": settings.strip_prefix, "import.objects_field": settings.objects_field,
              "import.chunk_size": settings.chunk_size, "import.batch_size": settings.batch_size,
-             "model.identity": file_identity(config.model.path), "model.dtype": config.model.dtype,
+             "model.identity": model_identity(config.model.path), "model.dtype": config.model.dtype,
              "model.attn_implementation": config.model.attn_implementation}
     if settings.masks is None:
         parts["masks"] = config.masks
@@ -399,11 +400,12 @@ def import_fingerprint(config: OSPOConfig, settings: ImportSettings, out: Path) 
 def _check_directory(out: Path, fingerprint: dict, redo: bool) -> None:
     """Before anything is written: ``out`` holds no synthesis run, and an import in it was made from the same
     inputs (unless ``redo``). Reads only, so a refused import leaves the directory byte-identical."""
-    from ospo_fast.runstore import RunStore
+    from ospo_fast.runstore import RunStore, is_run_directory
 
-    if not (out / "manifest.json").is_file():
+    if not is_run_directory(out):
         return
     store = RunStore.reader(out)
+    store.verify()  # the manifest is the directory's newest (not deleted or rolled back)
     manifest = store.manifest()
     others = sorted((set(manifest["stages"]) | set(manifest["fingerprints"])) - {STAGE})
     if others:

@@ -19,11 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from ospo_fast.config import OSPOConfig, save_config
+from ospo_fast.config import OSPOConfig, config_yaml
 from ospo_fast.distributed import Dist, init_distributed
+from ospo_fast.models.loader import model_identity
 from ospo_fast.overlap import BackgroundWriter
 from ospo_fast.plan import IMAGE_PROMPT_TOKENS, resolve_auto_batches
-from ospo_fast.runstore import RunStore
+from ospo_fast.runstore import RunStore, is_run_directory
 from ospo_fast.stages import STAGES, steps
 from ospo_fast.stages import prompts as S1
 from ospo_fast.stages.context import StageContext
@@ -55,8 +56,8 @@ def _setting(config: OSPOConfig, key: str):
 
 def stage_fingerprints(config: OSPOConfig) -> dict[str, dict]:
     """Per stage, ``store.config_fingerprint`` of everything that determines its output: its settings, the model's
-    identity (``store.file_identity`` of model.path) and, for a prompts file, that file's sha256."""
-    model = {"model.identity": file_identity(config.model.path)} | {k: _setting(config, k) for k in MODEL_SETTINGS}
+    identity (``models.loader.model_identity``: its content) and, for a prompts file, that file's sha256."""
+    model = {"model.identity": model_identity(config.model.path)} | {k: _setting(config, k) for k in MODEL_SETTINGS}
     out = {}
     for stage, keys in STAGE_SETTINGS.items():
         parts = {key: _setting(config, key) for key in keys} | (model if stage != "select" else {})
@@ -79,10 +80,12 @@ def check_resumable(config: OSPOConfig, out_dir: str | Path, device, redo: str |
     """Before a run writes anything: the synthesis in ``out_dir`` (if any) was started with these settings (the
     "auto" batch sizes resolved on ``device`` as the pipeline will resolve them), else FingerprintMismatch. Reads
     only: a refused rerun leaves the directory byte-identical."""
-    if not (Path(out_dir) / "manifest.json").is_file():
+    if not is_run_directory(Path(out_dir)) or redo == STAGES[0]:
         return
+    store = RunStore.reader(out_dir)
+    store.verify()
     resolved = resolve_auto_batches(config, device, log=lambda line: None)
-    check_stage_fingerprints(RunStore.reader(out_dir), stage_fingerprints(resolved), redo)
+    check_stage_fingerprints(store, stage_fingerprints(resolved), redo)
 
 
 class Pipeline:
@@ -106,12 +109,13 @@ class Pipeline:
         if self.dist.rank == 0:
             if redo == STAGES[0]:
                 self.store.reset_manifest()  # everything is recomputed, even after a damaged manifest
+            self.store.verify()  # the manifest is the newest this directory has had (not deleted, not rolled back)
             if redo:
                 for stage in STAGES[STAGES.index(redo):]:
                     self.store.clear_stage(stage)
                 self.store.clear_final("pairs.jsonl")  # select's output: every redo reaches it
             self._check_fingerprints()
-            save_config(config, self.store.root / "config.yaml")  # only once the outputs here agree with it
+            self.store.commit_file("config.yaml", config_yaml(config).encode("utf-8"))  # once the outputs agree
         self.dist.barrier()
 
     def _check_fingerprints(self) -> None:

@@ -184,9 +184,10 @@ def _metric_panel(rows: list[dict], key: str, colour: str, s0: int, s1: int, wid
 
 
 def _loss_section(metrics_path: Path) -> list[str]:
-    from ospo_fast.train.checkpoint import read_metrics
+    from ospo_fast.train.checkpoint import read_vouched_metrics
 
-    rows = [r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float)) and "step" in r]
+    rows = [r for r in read_vouched_metrics(metrics_path.parent, say=False)  # as the checkpoint recorded them
+            if isinstance(r.get("loss"), (int, float)) and "step" in r]
     if not rows:
         return ["<h2>Training</h2><p>No training step is recorded yet.</p>"]
     first, last = rows[0], rows[-1]
@@ -291,13 +292,17 @@ def _write_galleries(synth_dir: Path, pages: Path, guidance: object) -> tuple[li
     return preview, names
 
 
-def _run_settings(root: Path) -> dict:
-    """The synthesis dir's config.yaml as a dict ({} when absent)."""
+def _run_settings(store: RunStore) -> dict:
+    """The synthesis dir's config.yaml as a dict, checked against the manifest ({} when the run has none yet)."""
     import yaml
 
-    path = root / "config.yaml"
+    path = store.root / "config.yaml"
+    if "config.yaml" not in store.manifest()["outputs"] and not path.is_file():
+        return {}
+    text = store.read_committed("config.yaml", "the synthesis re-writes it when resumed with its settings: re-run "
+                                "the synth or run command")
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        saved = yaml.safe_load(text.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise StoreError(f"{path} is damaged ({type(err).__name__}); the synthesis re-writes it when resumed with "
                          "its settings: re-run the synth or run command") from None
@@ -307,6 +312,7 @@ def _run_settings(root: Path) -> dict:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.html`` and its pages (``report/``) into the synthesis directory; returns report.html's path."""
     store = RunStore(run_dir)
+    store.verify()  # the manifest the report reads is the run's newest, not a deleted or older one
     root = store.root
     pages = check_no_symlink(root, root / "report")  # pages are written and stale ones deleted only in there
     pages.mkdir(exist_ok=True)
@@ -317,7 +323,7 @@ def write_report(run_dir: str | Path) -> Path:
     stage_rows = [[name, e["records"], e["rejects"], ", ".join(f"{k}: {v}" for k, v in e["reject_reasons"].items()),
                    f"{e['seconds']:.1f}"] for name, e in sorted(stages.items(), key=lambda x: _order(STAGES, x[0]))]
     name = f"{root.parent.name}/{root.name}"  # no absolute path in the page
-    settings = _run_settings(root)
+    settings = _run_settings(store)
     parts = [f"<h1>OSPO run: {html.escape(name)}</h1>",
              _legend(settings.get("filter", {}).get("tau", "?"), settings.get("loss", {}).get("alpha", "?")),
              "<h2>Stages</h2>", _table(stage_rows, ["stage", "records", "rejects", "reasons", "seconds"])]

@@ -41,6 +41,7 @@ def _evaluate(evaluation: Evaluation, model_path: str, name: str) -> dict[str, d
 def stage_summary(synth_dir: Path) -> dict:
     """Counts, reasons, timings and per-category pass rates of one synthesis run, read from its files."""
     store = RunStore(synth_dir)  # every file read is checked against the sha256 its manifest committed
+    store.verify()
     stages = store.manifest()["stages"]
     scored = store.read_stage("vqa")
     pairs = store.read_final("pairs.jsonl", images=False)
@@ -61,9 +62,9 @@ def stage_summary(synth_dir: Path) -> dict:
 
 
 def loss_summary(metrics_path: Path, points: int = 8) -> dict:
-    from ospo_fast.train.checkpoint import read_metrics
+    from ospo_fast.train.checkpoint import read_vouched_metrics
 
-    rows = [r for r in read_metrics(metrics_path) if "loss" in r]  # a torn last line is named and dropped
+    rows = [r for r in read_vouched_metrics(metrics_path.parent) if "loss" in r]  # as the checkpoint recorded them
     if not rows:
         return {"steps": 0}
     picks = sorted({round(i * (len(rows) - 1) / max(1, points - 1)) for i in range(points)})
@@ -76,13 +77,15 @@ def loss_summary(metrics_path: Path, points: int = 8) -> dict:
 def run_fingerprint(config: OSPOConfig) -> dict:
     """What a finished run's summary stands for: the whole resolved config and the starting model's identity."""
     from ospo_fast.config import config_to_dict
-    from ospo_fast.store import config_fingerprint, file_identity
+    from ospo_fast.models.loader import model_identity
+    from ospo_fast.store import config_fingerprint
 
-    return config_fingerprint({"config": config_to_dict(config), "model_identity": file_identity(config.model.path)})
+    return config_fingerprint({"config": config_to_dict(config), "model_identity": model_identity(config.model.path)})
 
 
 def finished_summary(config: OSPOConfig, out: Path) -> dict | None:
-    """The saved summary when ``out`` holds a finished run of this very config (every iteration), else None."""
+    """The saved summary when ``out`` holds a finished run of this very config (every iteration), re-checked
+    (``check_evidence``: a StoreError when something it was made from changed since), else None."""
     path = out / "summary.json"
     if not path.is_file():
         return None
@@ -91,9 +94,55 @@ def finished_summary(config: OSPOConfig, out: Path) -> dict | None:
     except json.JSONDecodeError:
         return None  # a damaged summary is simply rewritten by the run
     done = len(summary.get("iterations", [])) == config.iterations
-    if not done or summary.get("fingerprint") != run_fingerprint(config):
+    if not done or summary.get("fingerprint") != run_fingerprint(config) or "evidence" not in summary:
         return None
-    return summary if _trained_as_summarised(config, out, summary) else None
+    if not _trained_as_summarised(config, out, summary):
+        return None
+    check_evidence(out, summary)
+    return summary
+
+
+def evidence(out: Path, summary: dict) -> dict[str, str]:
+    """{path relative to ``out``: sha256} of the files that stand behind the summary's figures, each the root of
+    its own chain: every iteration's synthesis ``manifest.json`` (stages, pairs, images), its trained model's and
+    newest checkpoint's ``checksums.json`` (weights, training state, fingerprint, metrics), and the held-out
+    judgements (``heldout/*.judged.json``)."""
+    from ospo_fast.store import CHECKSUM_FILE, sha256_file
+    from ospo_fast.train.checkpoint import latest_checkpoint
+
+    files = []
+    for entry in summary["iterations"]:
+        it_dir = out / f"iter{entry['iteration']}"
+        files.append(it_dir / "synth" / "manifest.json")
+        for directory in (out / entry["model"], latest_checkpoint(it_dir / "train")):
+            if directory is not None and (directory / CHECKSUM_FILE).is_file():
+                files.append(directory / CHECKSUM_FILE)
+    files += sorted((out / "heldout").glob("*.judged.json"))
+    return {path.relative_to(out).as_posix(): sha256_file(path) for path in files}
+
+
+def check_evidence(out: Path, summary: dict) -> None:
+    """Before a finished run's summary is printed again: every file its ``evidence`` names still has that sha256,
+    and what each vouches for is still whole (the synthesis chain down to every PNG of the pairs, every file of
+    the trained model, the metrics lines). A StoreError naming the first file that is not, otherwise."""
+    from ospo_fast.store import StoreError, directory_damage, sha256_file
+    from ospo_fast.train.checkpoint import read_vouched_metrics
+
+    fix = f"restore it, or pass --redo prompts to recompute the run in {out}"
+    for rel, sha in summary["evidence"].items():
+        path = out / rel
+        if not path.is_file() or sha256_file(path) != sha:
+            state = "is missing" if not path.is_file() else "does not match its sha256 in"
+            raise StoreError(f"{path} {state} {out / 'summary.json'} (changed since the run finished); {fix}")
+    for entry in summary["iterations"]:
+        it_dir = out / f"iter{entry['iteration']}"
+        store = RunStore.reader(it_dir / "synth")
+        store.verify()
+        store.read_final("pairs.jsonl", fix=fix)  # and every PNG it names
+        problem = directory_damage(out / entry["model"])
+        if problem is not None:
+            raise StoreError(f"trained model {out / entry['model']} is damaged: {problem}; {fix}")
+        read_vouched_metrics(it_dir / "train", say=False)
 
 
 def _trained_as_summarised(config: OSPOConfig, out: Path, summary: dict) -> bool:
@@ -191,6 +240,7 @@ def run_ospo(config: OSPOConfig, out_dir: str | Path, redo: str | None = None) -
             entry.update(evaluation.judge_pairs(it_dir / "synth"))
             summary["iterations"].append(entry)
             write_report(it_dir / "synth")  # after the held-out judging: the report shows its before/after gallery
+            summary["evidence"] = evidence(out, summary)  # last: the summary vouches for what it was made from
             atomic_write_json(out / "summary.json", summary)
     return summary
 

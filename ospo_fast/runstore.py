@@ -17,6 +17,12 @@ was cut off. Merging sorts by record id, so the output does not depend on the nu
 Every commit is one atomic write made after everything it vouches for: a chunk is done when its ``.done.json``
 exists, a stage when its manifest entry does, the pairs when ``manifest["outputs"]["pairs.jsonl"]`` does. Every
 read checks the sha256 it was committed with; damage is a ``StoreError`` naming the file and the fix.
+
+The manifest is the root of that chain, so it is checked too (``verify``): each write raises its ``generation``
+by one and records the sha256 of the manifest it replaces (``previous_sha256``), and every chunk marker records
+the generation it was written under. A manifest that is deleted, or replaced by an older copy, while newer
+commits exist is then found (a marker from a later generation), not read as "nothing done yet"; a top-level
+output (``pairs.jsonl``, ``config.yaml``) that the manifest does not list is refused, not read unchecked.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from ospo_fast.store import (
     sha256_file,
 )
 
+MANIFEST = "manifest.json"
 IMAGE_KEY = "image"
 IMAGE_SHA_KEY = "image_sha256"
 Finalize = Callable[[list[dict], list[dict]], tuple[list[dict], list[dict]]]
@@ -58,15 +65,28 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def is_run_directory(directory: Path) -> bool:
+    """Whether ``directory`` holds (or held) a synthesis run: its manifest, or any stage's chunks."""
+    directory = Path(directory)
+    return (directory / MANIFEST).is_file() or any(directory.glob("*/rank*-of-*/chunk-*.done.json"))
+
+
 def check_committed(path: str | Path) -> None:
-    """If ``path`` is a top-level output of a run directory (listed in the ``manifest.json`` beside it), raise a
-    StoreError unless it still matches the sha256 it was committed with; a file outside a run is not checked."""
+    """If ``path`` is a top-level output of a run directory, raise a StoreError unless the run's (verified)
+    manifest lists it and it still matches the sha256 it was committed with; a file outside a run is not checked.
+    A run whose manifest is missing or rolled back to before the output was committed is refused too."""
     path = Path(path)
-    manifest_path = path.parent / "manifest.json"
-    if not manifest_path.is_file():
+    if not is_run_directory(path.parent):
         return
-    entry = RunStore(path.parent).manifest()["outputs"].get(path.name)
-    if entry is not None and sha256_file(path) != entry["sha256"]:
+    store = RunStore.reader(path.parent)
+    store.verify()
+    manifest_path = path.parent / MANIFEST
+    entry = store.manifest()["outputs"].get(path.name)
+    if entry is None:
+        raise StoreError(f"{path} is not listed in {manifest_path} (written outside the run, or the manifest was "
+                         f"rolled back); run `ospo-fast synth --out {path.parent} --redo select` with the run's config "
+                         "to rewrite it")
+    if sha256_file(path) != entry["sha256"]:
         raise StoreError(f"{path} does not match its sha256 in {manifest_path} (changed after the run wrote it); "
                          f"run `ospo-fast synth --out {path.parent} --redo select` with the run's config to rewrite "
                          "it")
@@ -154,6 +174,7 @@ class RunStore:
             name = f"chunk-{index:05d}.{key}.jsonl" if key == "rejects" else f"chunk-{index:05d}.jsonl"
             sums[key] = {"file": name, "sha256": self._write_checked(rank_dir / name, jsonl_bytes(rows)),
                          "count": len(rows)}
+        sums["generation"] = self.manifest().get("generation", 0)  # see ``verify``
         atomic_write_json(self._inside(self._marker(stage, index)), sums)
 
     def _externalise_images(self, record: dict, name: str | None = None) -> dict:
@@ -218,7 +239,7 @@ class RunStore:
         if entry is None or "sha256" not in entry:
             raise StoreError(f"stage {stage!r} has no merged output in {self.root}; run that stage first")
         path, fix = self.root / stage / name, f"pass --redo {stage} to recompute it"
-        return parse_jsonl(self._read_checked(path, entry.get(key), self.root / "manifest.json", fix), path, fix)
+        return parse_jsonl(self._read_checked(path, entry.get(key), self.root / MANIFEST, fix), path, fix)
 
     def read_stage(self, stage: str) -> list[dict]:
         return self._read_stage_file(stage, "records.jsonl", "sha256")
@@ -233,11 +254,11 @@ class RunStore:
         manifest = self.manifest()
         manifest["stages"].pop(stage, None)
         manifest["fingerprints"].pop(stage, None)
-        atomic_write_json(self._inside("manifest.json"), manifest)
+        self._write_manifest(manifest)
 
     # -------------------------------------------------------------- manifest
     def manifest(self) -> dict:
-        path = self.root / "manifest.json"
+        path = self.root / MANIFEST
         if not path.is_file():
             return {"stages": {}, "fingerprints": {}, "outputs": {}}
         try:
@@ -252,13 +273,60 @@ class RunStore:
         return manifest
 
     def reset_manifest(self) -> None:
-        """Start the manifest afresh (``--redo`` of the first stage, which recomputes everything)."""
-        atomic_write_json(self._inside("manifest.json"), {"stages": {}, "fingerprints": {}, "outputs": {}})
+        """Start the manifest afresh (``--redo`` of the first stage, which recomputes everything): every stage
+        directory goes too, so no marker outlives the manifest that vouched for it. The generation keeps counting
+        up from the old manifest's when it can be read."""
+        import shutil
+
+        try:
+            generation = self.manifest().get("generation", 0)
+        except StoreError:
+            generation = self._newest_marker_generation()
+        for marker_dir in {m.parent.parent for m in self.root.glob("*/rank*-of-*/chunk-*.done.json")}:
+            shutil.rmtree(self._inside(marker_dir), ignore_errors=True)
+        self._write_manifest({"stages": {}, "fingerprints": {}, "outputs": {}, "generation": generation},
+                             previous=None)
 
     def update_manifest(self, stage: str, entry: dict) -> None:
         manifest = self.manifest()
         manifest["stages"][stage] = entry
-        atomic_write_json(self._inside("manifest.json"), manifest)
+        self._write_manifest(manifest)
+
+    def _write_manifest(self, manifest: dict, previous: bytes | None | bool = True) -> None:
+        """Write ``manifest`` one generation on from the one it replaces, recording that one's sha256
+        (``previous=None``: a fresh start, no predecessor)."""
+        path = self.root / MANIFEST
+        if previous is True:
+            previous = path.read_bytes() if path.is_file() else None
+        manifest = dict(manifest, generation=manifest.get("generation", 0) + 1,
+                        previous_sha256=None if previous is None else sha256_bytes(previous))
+        atomic_write_json(self._inside(MANIFEST), manifest)
+
+    def _newest_marker_generation(self) -> int:
+        """The highest generation any chunk marker here was written under (0 when none says)."""
+        newest = 0
+        for marker in self.root.glob("*/rank*-of-*/chunk-*.done.json"):
+            try:
+                newest = max(newest, int(json.loads(marker.read_text()).get("generation", 0)))
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue  # a damaged marker is named when its chunk is read
+        return newest
+
+    def verify(self) -> None:
+        """Raise a StoreError unless the manifest is the newest one this directory has seen: no chunk marker was
+        written under a later generation (a deleted or rolled-back manifest would otherwise read as "those stages
+        were never done" or vouch for older files), and its sections are objects."""
+        manifest = self.manifest()
+        generation = manifest.get("generation", 0)
+        if not isinstance(generation, int):
+            raise StoreError(f"{self.root / MANIFEST} is damaged (generation {generation!r}); pass --redo prompts "
+                             "to recompute the run")
+        newest = self._newest_marker_generation()
+        if newest > generation:
+            state = "missing" if not (self.root / MANIFEST).is_file() else f"at generation {generation}"
+            raise StoreError(f"{self.root / MANIFEST} is {state}, but chunks here were committed under generation "
+                             f"{newest}: the manifest was deleted or replaced by an older copy, so it cannot vouch "
+                             "for this run; restore it, or pass --redo prompts to recompute the run")
 
     def fingerprint(self, stage: str) -> dict | None:
         """The settings ``stage`` was started with (``store.config_fingerprint``), None if none were recorded."""
@@ -267,7 +335,7 @@ class RunStore:
     def record_fingerprint(self, stage: str, fingerprint: dict) -> None:
         manifest = self.manifest()
         manifest["fingerprints"][stage] = fingerprint
-        atomic_write_json(self._inside("manifest.json"), manifest)
+        self._write_manifest(manifest)
 
     # -------------------------------------------------------------- top-level outputs
     def final_done(self, name: str) -> bool:
@@ -277,13 +345,13 @@ class RunStore:
         self._inside(name).unlink(missing_ok=True)
         manifest = self.manifest()
         manifest["outputs"].pop(name, None)
-        atomic_write_json(self._inside("manifest.json"), manifest)
+        self._write_manifest(manifest)
 
     def read_final(self, name: str, fix: str = "pass --redo select to rewrite it", images: bool = True) -> list[dict]:
         """The records of a committed top-level output, checked against the manifest, with the images it names
         (``images=False``: not those, e.g. right after this process wrote them)."""
         entry = self.manifest()["outputs"].get(name)
-        commit = self.root / "manifest.json"
+        commit = self.root / MANIFEST
         if entry is None:
             raise StoreError(f"{self.root / name} was not committed (no entry in {commit}); {fix}")
         path = self.root / name
@@ -301,5 +369,20 @@ class RunStore:
         manifest = self.manifest()
         manifest["outputs"][name] = dict(records=len(records), sha256=sha,
                                          images={rel: sha256_file(self.root / rel) for rel in images}, **(extra or {}))
-        atomic_write_json(self._inside("manifest.json"), manifest)
+        self._write_manifest(manifest)
         return path
+
+    def commit_file(self, name: str, data: bytes) -> Path:
+        """Write a top-level file that is not records (``config.yaml``) and list its sha256 in the manifest."""
+        sha = self._write_checked(self.root / name, data)
+        manifest = self.manifest()
+        manifest["outputs"][name] = {"sha256": sha}
+        self._write_manifest(manifest)
+        return self.root / name
+
+    def read_committed(self, name: str, fix: str) -> bytes:
+        """The bytes of a file ``commit_file`` wrote, checked against the manifest (a StoreError if unlisted)."""
+        entry = self.manifest()["outputs"].get(name)
+        if entry is None:
+            raise StoreError(f"{self.root / name} is not listed in {self.root / MANIFEST}; {fix}")
+        return self._read_checked(self.root / name, entry["sha256"], self.root / MANIFEST, fix)

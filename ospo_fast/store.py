@@ -295,32 +295,58 @@ def check_fingerprint(stored: Mapping[str, Any] | None, current: Mapping[str, An
         raise FingerprintMismatch(f"{what} was made with other settings ({shown}); {fix}")
 
 
-def _head_tail_sha256(path: Path, block: int) -> str:
-    """sha256 of a large file's size, first and last ``block`` bytes: changes when weights are retrained (every
-    value moves), costs two reads."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as handle:
-        digest.update(handle.read(block))
-        handle.seek(max(0, size - block))
-        digest.update(handle.read(block))
-    return f"head-tail:{digest.hexdigest()}"
+def cache_dir() -> Path:
+    """Where ospo-fast keeps what it can rebuild: built-in models and the digest cache (``$OSPO_FAST_CACHE``)."""
+    return Path(os.environ.get("OSPO_FAST_CACHE", Path.home() / ".cache" / "ospo_fast"))
 
 
-def file_identity(path: str | Path, small: int = 1 << 20) -> dict[str, Any]:
-    """What identifies a file or a model directory cheaply: sha256 of a file, or for a directory of every file up
-    to ``small`` bytes and of the size, first and last ``small`` bytes of larger ones (weights); ``{"name": path}``
-    for something that is not on disk (a hub id, ``builtin:``)."""
+DIGEST_CACHE_FILE = "sha256-cache.json"
+DIGEST_CACHE_MIN = 1 << 24  # files from 16 MiB up (weights) have their sha256 remembered; smaller ones are re-hashed
+
+
+def _stat_key(path: Path) -> str:
+    """What says a file is unchanged since it was hashed: its real path, size, inode and mtime in nanoseconds."""
+    st = path.stat()
+    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}"
+
+
+def cached_sha256(path: Path) -> str:
+    """``sha256_file(path)``, remembered in ``<cache_dir>/sha256-cache.json`` for large files under their
+    ``_stat_key``: a 7B model's 14 GB are hashed once, not at every fingerprint. A file rewritten in place gets a
+    new mtime and is hashed again (one that is changed and then given its old mtime back is not noticed: delete the
+    cache file to force a full re-hash). A damaged or unwritable cache only costs time."""
+    path = Path(path)
+    if path.stat().st_size < DIGEST_CACHE_MIN:
+        return sha256_file(path)
+    cache_file = cache_dir() / DIGEST_CACHE_FILE
+    key = _stat_key(path)
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), str):
+        return cache[key]
+    digest = sha256_file(path)
+    alive = {k: v for k, v in cache.items() if os.path.exists(k.split("|", 1)[0])}  # forget deleted files
+    try:
+        atomic_write_json(cache_file, alive | {key: digest})
+    except OSError:
+        pass  # a read-only home: the digest is still right, just not remembered
+    return digest
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """What a file or a model directory is, by content: ``{"sha256": ...}`` of a file, ``{"files": {name: sha256}}``
+    of every file in a directory (the weights included, whole: ``cached_sha256``) but ``checksums.json``, so
+    ``./m`` and ``/abs/m`` agree and one flipped byte anywhere differs; ``{"name": path}`` for what is not on disk
+    (callers resolve ``builtin:`` and hub ids to their directories first: ``models.loader.model_identity``)."""
     path = Path(path)
     if path.is_file():
-        return {"sha256": sha256_file(path)}
+        return {"sha256": cached_sha256(path)}
     if not path.is_dir():
         return {"name": str(path)}
-    files = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        small_file = file.stat().st_size <= small
-        files[file.relative_to(path).as_posix()] = sha256_file(file) if small_file else _head_tail_sha256(file, small)
-    return {"files": files}
+    return {"files": {name: cached_sha256(path / name) for name in directory_files(path)}}
 
 
 LOCK_FILE = ".ospo-fast.lock"

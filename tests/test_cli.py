@@ -191,6 +191,23 @@ def test_run_prints_real_paths_writes_no_absolute_ones_and_a_rerun_returns_at_on
         main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"])
     recorded.write_text(original)
     assert main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"]) == 0  # whole again: at once
+    capsys.readouterr()
+
+    # Was: a finished run printed its saved summary without checking anything. Now everything the summary was made
+    # from is re-checked first: a changed file is one line naming it (exit 2), never a summary over other data.
+    pairs = json.loads(open("demo/iter1/synth/pairs.jsonl").readline())
+    damaged = {"a PNG of the pairs": "demo/iter1/synth/" + pairs["chosen"]["image"],
+               "the trained weights": "demo/iter2/train/merged/model.safetensors",
+               "a metrics line": "demo/iter1/train/metrics.jsonl",
+               "the synthesis manifest": "demo/iter2/synth/manifest.json"}
+    for what, name in damaged.items():
+        data = open(name, "rb").read()
+        middle = len(data) // 2
+        open(name, "wb").write(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:])
+        assert main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"]) == 2, what
+        assert os.path.basename(name) in _one_line_error(capsys), what
+        open(name, "wb").write(data)
+    assert main(["run", "--preset", "tiny", "--out", "demo", *TINY, "iterations=2"]) == 0
 
 
 def test_summary_defines_strict_and_loose():

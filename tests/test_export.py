@@ -1,7 +1,6 @@
 """The Parquet export: Hugging Face ``datasets`` decodes the two image columns as images, a run directory (every
 iteration) is accepted as well as a synth directory, and a directory without pairs is a one-line error."""
 
-import json
 
 import numpy as np
 import pytest
@@ -10,8 +9,8 @@ from PIL import Image
 from ospo_fast.cli import main
 from ospo_fast.export import RunDirError, export_parquet, synth_dirs
 from ospo_fast.pipeline import to_pair
-from ospo_fast.runstore import png_bytes
-from ospo_fast.store import atomic_write_bytes, atomic_write_jsonl
+from ospo_fast.runstore import RunStore, png_bytes
+from ospo_fast.store import atomic_write_bytes
 
 datasets = pytest.importorskip("datasets")
 GRID = 2
@@ -35,8 +34,7 @@ def make_synth_dir(root, n_pairs: int = 2, seed: int = 0) -> list[dict]:
             atomic_write_bytes(root / rel, png_bytes(_pixels(seed * 100 + 2 * i + k)))
             record[side] = {"image": rel, "tokens": [i, k, 3, 4], "mask": [1, 0, 0, 1], "vqa": [[0.9, 0.1]]}
         pairs.append(to_pair(record))
-    atomic_write_jsonl(root / "pairs.jsonl", pairs)
-    (root / "manifest.json").write_text(json.dumps({"stages": {}}))
+    RunStore(root).write_final("pairs.jsonl", pairs)  # and its manifest entry, as selection commits them
     return pairs
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from ospo_fast import runstore
 from ospo_fast.config import load_config
+from ospo_fast.models.loader import ModelLoadError
 from ospo_fast.pipeline import Pipeline
 from ospo_fast.stages import prompts as S1
 from ospo_fast.store import FingerprintMismatch, StoreError, atomic_write_text, read_jsonl, safe_join
@@ -179,6 +180,63 @@ def test_damaged_manifest_is_named_with_its_fix(reference, tmp_path, how):
     assert (run / "config.yaml").read_bytes() == config_before
     if how == "cut_mid_file":  # follow the fix once
         assert _pipeline(run, redo="prompts").run() == reference[1]
+
+
+def _manifest_copies(out: Path, monkeypatch) -> list[bytes]:
+    """Run the small pipeline into ``out``, keeping every manifest it writes (oldest first)."""
+    real, copies = runstore.atomic_write_json, []
+
+    def write(path, obj):
+        real(path, obj)
+        if Path(path).name == "manifest.json":
+            copies.append(Path(path).read_bytes())
+
+    monkeypatch.setattr(runstore, "atomic_write_json", write)
+    _pipeline(out).run()
+    monkeypatch.undo()
+    return copies
+
+
+def test_the_manifest_is_a_chain_and_a_rollback_or_deletion_is_refused(reference, tmp_path, monkeypatch):
+    """Was: a deleted manifest read as "nothing done yet" (train and export then read pairs.jsonl unchecked) and an
+    older copy was taken as the truth. Each manifest records its predecessor's sha256 and a generation that every
+    chunk marker records too; pairs.jsonl and config.yaml are read only when the manifest lists them."""
+    from ospo_fast.export import export_parquet
+    from ospo_fast.store import sha256_bytes
+    from ospo_fast.train.data import read_pairs
+
+    run = tmp_path / "run"
+    copies = _manifest_copies(run, monkeypatch)
+    chain = [json.loads(c) for c in copies]
+    assert [m["generation"] for m in chain] == list(range(1, len(chain) + 1))
+    assert chain[0]["previous_sha256"] is None
+    assert all(m["previous_sha256"] == sha256_bytes(c) for m, c in zip(chain[1:], copies))
+    assert "config.yaml" in chain[-1]["outputs"] and "pairs.jsonl" in chain[-1]["outputs"]
+    pairs = run / "pairs.jsonl"
+    newest = copies[-1]
+
+    # an older manifest (from before the last image chunk was committed) put back: every reader refuses
+    older = next(c for c in reversed(copies) if json.loads(c)["generation"] < max(
+        json.loads(m.read_text())["generation"] for m in run.glob("images/rank*/chunk-*.done.json")))
+    (run / "manifest.json").write_bytes(older)
+    rolled_back = r"manifest\.json is at generation \d+, but chunks here were committed under generation \d+"
+    for read in (lambda: _pipeline(run).run(), lambda: read_pairs(pairs), lambda: export_parquet(run)):
+        with pytest.raises(StoreError, match=rolled_back):
+            read()
+    # the newest manifest from before the pairs were committed: no later chunk, but pairs.jsonl is not listed
+    (run / "manifest.json").write_bytes(next(c for c in reversed(copies)
+                                             if "pairs.jsonl" not in json.loads(c)["outputs"]))
+    with pytest.raises(StoreError, match=r"pairs\.jsonl is not listed in .*manifest\.json"):
+        read_pairs(pairs)
+    # deleted: the chunks' markers still say what was committed
+    (run / "manifest.json").unlink()
+    for read in (lambda: _pipeline(run).run(), lambda: read_pairs(pairs)):
+        with pytest.raises(StoreError, match=r"manifest\.json is missing, but chunks here were committed"):
+            read()
+    (run / "manifest.json").write_bytes(newest)  # restored: the run reads as before
+    assert read_pairs(pairs) == read_pairs(reference[0] / "pairs.jsonl")
+    (run / "manifest.json").unlink()
+    assert _pipeline(run, redo="prompts").run() == reference[1]  # the fix the message names
 
 
 def test_cli_prints_one_line_for_a_damaged_run(reference, tmp_path, capsys):
@@ -398,21 +456,63 @@ def test_pairs_file_with_a_nan_or_soft_mask_is_refused_with_the_pair_id(referenc
         read_pairs(path)
 
 
-def test_model_directory_identity_changes_with_retrained_weights_not_with_its_location(tmp_path):
-    from ospo_fast.store import file_identity
+def test_model_identity_is_content_whatever_names_the_model(tmp_path, monkeypatch):
+    """Was: built-in models and hub ids were identified by name (a cached builtin:tiny replaced under a half-done
+    resume went unnoticed), and large weight files by their first and last MiB only (a flipped byte in between did
+    not change the identity)."""
+    from ospo_fast.models.loader import model_identity, resolve_model_path
+    from ospo_fast.store import DIGEST_CACHE_FILE, cache_dir, file_identity
 
+    monkeypatch.setattr("ospo_fast.store.DIGEST_CACHE_MIN", 1 << 20)  # remember digests of files from 1 MiB
     rng = __import__("numpy").random.default_rng(0)
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text('{"hidden_size": 8}')
-    weights = rng.standard_normal(600_000).astype("float32").tobytes()  # 2.4 MB: past the 1 MB full-hash limit
+    weights = bytearray(rng.standard_normal(600_000).astype("float32").tobytes())  # 2.4 MB
     (tmp_path / "a" / "model.safetensors").write_bytes(weights)
     (tmp_path / "b" / "model.safetensors").write_bytes(weights)
-    assert file_identity(tmp_path / "a") == file_identity(tmp_path / "b")
-    retrained = (rng.standard_normal(600_000).astype("float32") * 1.01).tobytes()  # same size, every value moved
-    (tmp_path / "b" / "model.safetensors").write_bytes(retrained)
-    assert file_identity(tmp_path / "a") != file_identity(tmp_path / "b")
-    assert file_identity("builtin:tiny") == {"name": "builtin:tiny"}
+    assert file_identity(tmp_path / "a") == file_identity(tmp_path / "b")  # its location does not matter
+    assert (cache_dir() / DIGEST_CACHE_FILE).is_file()  # the large file's digest is remembered
+    weights[1_200_000] ^= 1  # one bit in the middle of the weights
+    (tmp_path / "b" / "model.safetensors").write_bytes(weights)
+    assert file_identity(tmp_path / "a") != file_identity(tmp_path / "b")  # rewritten: new mtime, hashed again
+
+    built = Path(resolve_model_path("builtin:tiny"))
+    before = model_identity("builtin:tiny")
+    assert before == file_identity(built) and "model.safetensors" in before["files"]
+    config = built / "config.json"
+    saved = config.read_bytes()
+    try:
+        config.write_bytes(saved.replace(b"{", b"{ ", 1))  # the cached build replaced by another
+        assert model_identity("builtin:tiny") != before
+    finally:
+        config.write_bytes(saved)
+
+
+def test_a_hub_id_is_identified_by_its_cached_snapshot(tmp_path, monkeypatch):
+    """A hub id resolves to its snapshot in the Hugging Face cache (laid out here as the hub client writes it,
+    nothing downloaded): two revisions of one id have two identities."""
+    import huggingface_hub.constants
+
+    from ospo_fast.models.loader import model_identity
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = hub / "models--someone--Janus-Test"
+    identities = []
+    for revision, weights in (("a" * 40, b"one"), ("b" * 40, b"two")):
+        snapshot = repo / "snapshots" / revision
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text('{"model_type": "janus"}')
+        (snapshot / "model.safetensors").write_bytes(weights)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+        identities.append(model_identity("someone/Janus-Test"))
+    assert identities[0]["files"]["model.safetensors"] != identities[1]["files"]["model.safetensors"]
+    with pytest.raises(ModelLoadError, match=r"'someone/Missing' is neither a local directory nor a hub id"):
+        model_identity("someone/Missing")
 
 
 def test_training_refuses_pairs_changed_after_the_run_committed_them(reference, tmp_path):

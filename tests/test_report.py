@@ -153,9 +153,14 @@ def test_loss_curves_are_separate_panels_with_their_labels_inside():
 
 def test_a_damaged_synth_config_is_one_line(tmp_path, capsys):
     from ospo_fast.cli import main
+    from ospo_fast.runstore import RunStore
 
-    (tmp_path / "config.yaml").write_bytes(b"images: [\n\xff")
-    (tmp_path / "manifest.json").write_text('{"stages": {}, "fingerprints": {}, "outputs": {}}')
+    RunStore(tmp_path).commit_file("config.yaml", b"images:\n  guidance_scale: 5.0\n")
+    (tmp_path / "config.yaml").write_bytes(b"images: [\n\xff")  # damaged after the run committed it
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ospo-fast: error: ") and "config.yaml is damaged" in err and err.count("\n") == 1
+    assert err.startswith("ospo-fast: error: ") and err.count("\n") == 1
+    assert "config.yaml does not match its sha256 in" in err
+    (tmp_path / "config.yaml").unlink()  # gone: named as missing, not read as "no settings"
+    assert main(["report", str(tmp_path)]) == 2
+    assert "config.yaml is missing although" in capsys.readouterr().err

@@ -424,7 +424,7 @@ def test_resume_refuses_other_settings_and_accepts_operational_ones(tmp_path):
     """A finished (or killed) training resumed with other loss or train settings would report the new settings on
     the old weights: it is refused, naming the key and the fix. Operational settings (save_every) may change."""
     from ospo_fast.store import FingerprintMismatch
-    from ospo_fast.train import CheckpointError, train
+    from ospo_fast.train import train
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 3, seed=1)
     config = tiny_config(max_steps=2, save_every=1)
@@ -440,16 +440,47 @@ def test_resume_refuses_other_settings_and_accepts_operational_ones(tmp_path):
         train(longer, pairs, tmp_path / "run", resume=True)
     again = train(tiny_config(max_steps=2, save_every=5), pairs, tmp_path / "run", resume=True)
     assert read_metrics(again.metrics_path) == read_metrics(first.metrics_path)
+    # Was: with fingerprint.json and config.yaml deleted, a resume with another lr went through. What a resume
+    # trusts is the copy of the fingerprint inside each checkpoint's trainer_state.json (under its checksums.json);
+    # fingerprint.json is only the readable copy, rewritten when damaged.
     fingerprint = (tmp_path / "run" / "fingerprint.json")
     saved = fingerprint.read_bytes()
-    for garbage in (b"{not json", b"[1, 2]", b"\xff\xfe"):  # a damaged fingerprint is named, not a traceback
-        fingerprint.write_bytes(garbage)
-        with pytest.raises(CheckpointError, match="fingerprint.json"):
-            train(config, pairs, tmp_path / "run", resume=True)
-    fingerprint.write_bytes(saved)
-    fingerprint.unlink()  # a run from before fingerprint.json: its config.yaml decides
-    with pytest.raises(FingerprintMismatch, match="loss.uncond_anchor: 0.0 -> 10.0"):
-        train(changed, pairs, tmp_path / "run", resume=True)
+    (tmp_path / "run" / "config.yaml").unlink()
+    for garbage in (b"{not json", b"[1, 2]", b"\xff\xfe", None):
+        fingerprint.unlink() if garbage is None else fingerprint.write_bytes(garbage)
+        with pytest.raises(FingerprintMismatch, match="loss.uncond_anchor: 0.0 -> 10.0"):
+            train(changed, pairs, tmp_path / "run", resume=True)
+    train(config, pairs, tmp_path / "run", resume=True)
+    assert fingerprint.read_bytes() == saved
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert state["fingerprint"] == stored
+
+
+def test_metrics_of_finished_steps_are_held_to_what_the_checkpoint_recorded(tmp_path):
+    """Was: an edited loss, a deleted middle line or a mid-file cut in metrics.jsonl went into the run summary.
+    Each checkpoint records the length and sha256 of metrics.jsonl; resume and every reader hold the file to it."""
+    from ospo_fast.run import loss_summary
+    from ospo_fast.train import CheckpointError, train
+    from ospo_fast.train.checkpoint import read_vouched_metrics
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 3, seed=1)
+    config = tiny_config(max_steps=3, save_every=1)
+    result = train(config, pairs, tmp_path / "run")
+    metrics = result.metrics_path
+    good = metrics.read_bytes()
+    assert read_vouched_metrics(tmp_path / "run") == read_metrics(metrics) and len(read_metrics(metrics)) == 3
+    lines = good.decode().splitlines(keepends=True)
+    edited = good.replace(b'"loss": ', b'"loss": 1', 1)
+    for damaged in (edited, (lines[0] + lines[2]).encode(), good[: len(good) // 2]):
+        metrics.write_bytes(damaged)
+        for read in (lambda: read_vouched_metrics(tmp_path / "run"), lambda: loss_summary(metrics),
+                     lambda: train(config, pairs, tmp_path / "run", resume=True)):
+            with pytest.raises(CheckpointError, match=r"metrics\.jsonl is not what step-000003 recorded of it"):
+                read()
+    metrics.write_bytes(good + b'{"step": 4, "loss": 0.5}\n{"step"')  # lines after the last checkpoint, torn
+    assert read_vouched_metrics(tmp_path / "run") == [json.loads(line) for line in lines]
+    train(config, pairs, tmp_path / "run", resume=True)  # resumed at the end: the lines past it are dropped
+    assert metrics.read_bytes() == good
 
 
 # -- non-finite losses and bad input ------------------------------------------------------------------------------
@@ -700,7 +731,7 @@ def test_torn_last_metrics_line_is_dropped_with_a_message(interrupted, tmp_path,
     with open(metrics, "a") as handle:
         handle.write('{"step": 4, "loss": 0.6')  # an append cut off by a kill
     resumed = train(_integrity_config(), pairs, run)
-    assert "metrics.jsonl:4 is an incomplete last line" in capsys.readouterr().err
+    assert "metrics.jsonl: 23 bytes past step-000003 dropped" in capsys.readouterr().err
     _same_curve(full.metrics_path, resumed.metrics_path)
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import JanusForConditionalGeneration, JanusProcessor
 
+from ospo_fast.store import cache_dir
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 
@@ -59,8 +61,33 @@ def is_random_init(path: str) -> bool:
     return (path.startswith("builtin:") and path != "builtin:toy") or "-shape" in path
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("OSPO_FAST_CACHE", Path.home() / ".cache" / "ospo_fast"))
+def model_identity(path: str) -> dict:
+    """What a model is, by content (``store.file_identity`` of its directory: every file's sha256, weights
+    included), whatever names it: a local directory, ``builtin:NAME`` (the built or shipped directory: a cached
+    build replaced under a half-done run is then noticed) or a hub id (its snapshot in the Hugging Face cache,
+    fetched first where the hub is reachable, exactly what ``from_pretrained`` would read). Fingerprints hold this,
+    so outputs made by two different models never mix under one name."""
+    from ospo_fast.store import file_identity
+
+    return file_identity(resolve_model_path(path) if path.startswith("builtin:") else _local_or_hub_dir(path))
+
+
+def _local_or_hub_dir(path: str) -> str:
+    """``path`` if it exists on disk, else the local snapshot of hub id ``path`` (downloaded when missing)."""
+    if Path(path).expanduser().exists():
+        return str(Path(path).expanduser())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001  (not in the cache: any of the hub's several "not found" errors)
+        pass
+    try:
+        return snapshot_download(path)
+    except Exception as err:  # noqa: BLE001  (offline, unknown id, gated: the hub's errors all mean "not here")
+        raise ModelLoadError(f"model {path!r} is neither a local directory nor a hub id this machine can fetch "
+                             f"({type(err).__name__}); give a local Janus checkpoint directory or builtin:tiny"
+                             ) from None
 
 
 def resolve_model_path(path: str) -> str:

@@ -29,12 +29,13 @@ class ToyEvaluation:
         """Held-out alignment of ``model_path``, saved as ``name``. A resume reuses what an earlier judging of the
         same model (by content) with the same settings left (``<name>.judged.json``), so it neither re-draws nor
         re-judges; anything else judges afresh."""
-        from ospo_fast.store import StoreError, atomic_write_json, config_fingerprint, file_identity
+        from ospo_fast.models.loader import model_identity
+        from ospo_fast.store import StoreError, atomic_write_json, config_fingerprint
 
         record = self.heldout_dir / f"{name}.judged.json"
         c = self.config
         fingerprint = config_fingerprint({
-            "model.identity": file_identity(model_path), "model.dtype": c.model.dtype, "seed": c.seed,
+            "model.identity": model_identity(model_path), "model.dtype": c.model.dtype, "seed": c.seed,
             "images": dataclasses.asdict(c.images), "eval": dataclasses.asdict(c.eval)})
         saved = _read_judged(record)
         dirs = [self.heldout_dir / f"{name}{key}" for key in setting_keys(c)]

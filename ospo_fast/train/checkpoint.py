@@ -22,7 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ospo_fast.store import CHECKSUM_FILE, atomic_write_json, directory_damage, follow_umask
+from ospo_fast.store import (
+    CHECKSUM_FILE,
+    atomic_write_json,
+    check_listed_files,
+    directory_damage,
+    follow_umask,
+    listed_checksums,
+    sha256_bytes,
+)
 
 STATE_FILE = "trainer_state.json"
 SHARDED_DIR = "distcp"  # torch.distributed.checkpoint shards of model + optimizer (FSDP)
@@ -115,6 +123,17 @@ def read_state(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / STATE_FILE).read_text())
 
 
+def vouched_state(directory: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a published checkpoint, checked against its ``checksums.json`` only (not the
+    weights: cheap enough for every reader of the metrics)."""
+    listed = listed_checksums(directory)
+    problem = "checksums.json is missing or unreadable" if listed is None else \
+        check_listed_files(directory, listed, [STATE_FILE]) if STATE_FILE in listed else f"{STATE_FILE} is unlisted"
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {directory} is damaged: {problem}; restore it or delete it")
+    return read_state(directory)
+
+
 # -- integrity -------------------------------------------------------------------------------------------------------
 class CheckpointError(RuntimeError):
     """The training state in an out_dir cannot be resumed (no intact checkpoint, a damaged ``metrics.jsonl``); the
@@ -155,6 +174,41 @@ def append_line(path: Path, line: str) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def metrics_digest(path: Path) -> dict[str, Any]:
+    """What a checkpoint records of ``metrics.jsonl`` when it is saved: the file's length and sha256 (every line
+    of every step so far; ``check_metrics`` holds the file to it later)."""
+    data = Path(path).read_bytes() if Path(path).is_file() else b""
+    return {"bytes": len(data), "sha256": sha256_bytes(data)}
+
+
+def check_metrics(path: Path, recorded: dict[str, Any], checkpoint: Path) -> bytes:
+    """The first ``recorded["bytes"]`` bytes of ``metrics.jsonl``, the lines ``checkpoint`` vouches for; a
+    CheckpointError when they are not what it recorded (an edited loss, a deleted or cut line), naming both."""
+    data = Path(path).read_bytes() if Path(path).is_file() else b""
+    head = data[:recorded["bytes"]]
+    if len(head) < recorded["bytes"] or sha256_bytes(head) != recorded["sha256"]:
+        raise CheckpointError(f"{path} is not what {checkpoint.name} recorded of it (a line of a finished step was "
+                              f"edited, deleted or cut: the first {recorded['bytes']} bytes must match the sha256 in "
+                              f"{checkpoint / STATE_FILE}); restore it, or delete {Path(path).parent} to train again")
+    return head
+
+
+def read_vouched_metrics(out_dir: Path, say: bool = True) -> list[dict[str, Any]]:
+    """The records of ``out_dir/metrics.jsonl`` that its newest checkpoint vouches for (``check_metrics``): every
+    step of a finished training. Lines after that checkpoint (a training cut off since) are left out; with no
+    checkpoint yet (or one from before checkpoints recorded the metrics) the file is read as it is."""
+    path = Path(out_dir) / METRICS_FILE
+    latest = latest_checkpoint(out_dir)
+    recorded = vouched_state(latest).get("metrics") if latest is not None else None
+    if recorded is None:
+        return read_metrics(path, say) if path.is_file() else []
+    head = check_metrics(path, recorded, latest)
+    return [json.loads(line) for line in head.decode("utf-8").splitlines() if line.strip()]
 
 
 def read_metrics(path: Path, say: bool = True) -> list[dict[str, Any]]:

@@ -70,11 +70,18 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_path: str | No
     """Load the base model, apply the adapter saved in ``adapter_dir``, merge it into the weights and save a
     standalone checkpoint (model, processor, generation config) to ``out_dir``. ``base_path`` defaults to the
     adapter's recorded base model. ``ospo_merge.json`` records the base as given and the adapter relative to
-    ``out_dir``. Returns ``out_dir``."""
+    ``out_dir`` and, for a training checkpoint, the sha256 of its ``checksums.json`` (the chain from the merged
+weights back to the checkpoint, its training state, fingerprint and metrics). Returns ``out_dir``."""
     from peft import PeftModel
 
     from ospo_fast.models import load_janus
-    from ospo_fast.store import atomic_write_text, follow_umask, write_directory_checksums
+    from ospo_fast.store import (
+        CHECKSUM_FILE,
+        atomic_write_text,
+        follow_umask,
+        sha256_file,
+        write_directory_checksums,
+    )
 
     adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / ADAPTER_CONFIG
@@ -100,6 +107,8 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_path: str | No
     merged.save_pretrained(tmp)  # config, safetensors weights, generation_config.json
     bundle.processor.save_pretrained(tmp)
     record = {"base": base, "adapter": os.path.relpath(adapter_dir, out)}  # the adapter relative to the merged dir
+    if (adapter_dir / CHECKSUM_FILE).is_file():  # a training checkpoint: the merged model names its content
+        record["adapter_checksums_sha256"] = sha256_file(adapter_dir / CHECKSUM_FILE)
     atomic_write_text(tmp / "ospo_merge.json", json.dumps(record) + "\n")
     follow_umask(tmp)  # safetensors writes 0o600
     write_directory_checksums(tmp)  # last: load_janus checks every file of a merged model against it

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 from ospo_fast.config import LossConfig, OSPOConfig, TrainConfig, load_config, save_config
 from ospo_fast.distributed import init_distributed
 from ospo_fast.engine.prompts import position_ids_from_mask
+from ospo_fast.models.loader import model_identity
 from ospo_fast.store import (
     CHECKSUM_FILE,
     atomic_write_json,
@@ -207,10 +209,11 @@ FINGERPRINT_FILE = "fingerprint.json"  # in a training's out_dir: its training_f
 
 def training_fingerprint(config: OSPOConfig, pairs_path: Path) -> dict:
     """``store.config_fingerprint`` of what determines the trained weights: the loss and train settings (the
-    operational ones apart), the seed, the model (``store.file_identity``) and its dtype, and the pairs file."""
+    operational ones apart), the seed, the model (``models.loader.model_identity``: its content) and its dtype, and
+    the pairs file."""
     train = {k: v for k, v in dataclasses.asdict(config.train).items() if k not in OPERATIONAL_TRAIN_KEYS}
     return config_fingerprint({"loss": config.loss, "train": train, "seed": config.seed,
-                               "model.identity": file_identity(config.model.path), "model.dtype": config.model.dtype,
+                               "model.identity": model_identity(config.model.path), "model.dtype": config.model.dtype,
                                "pairs": file_identity(pairs_path)})
 
 
@@ -340,7 +343,10 @@ class Trainer:
                                    "skipped_nonfinite": self.skipped, "nonfinite_in_row": self.nonfinite_in_row,
                                    "total_steps": self.total, "world": self.dist.world,
                                    "global_batch": self.plan.global_batch, "lora": self.tc.lora,
-                                   "sharded": self.sharded})
+                                   "sharded": self.sharded,
+                                   # the chain: what these weights were trained with, and every metrics line so far
+                                   "fingerprint": self.fingerprint,
+                                   "metrics": ckpt.metrics_digest(self.metrics_path)})
         self.dist.barrier()
         digests = self._hash_share(tmp, directory_files(tmp) if self.dist.main else None)
         if self.dist.main:
@@ -435,12 +441,24 @@ class Trainer:
         self.skipped = state["skipped_nonfinite"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
 
-    def _truncate_metrics(self) -> None:
-        """Drop metric lines past the resumed step (they belong to work that is being redone) and a torn last line
-        left by a kill."""
-        from ospo_fast.store import atomic_write_jsonl
+    def _truncate_metrics(self, checkpoint: Path | None) -> None:
+        """Check the metric lines ``checkpoint`` vouches for and drop the ones past it (they belong to work that is
+        being redone, or are a torn last line left by a kill); with no checkpoint, start the file afresh."""
+        from ospo_fast.store import atomic_write_bytes, atomic_write_jsonl
 
-        if self.dist.main and self.metrics_path.is_file():
+        if not self.dist.main or not self.metrics_path.is_file():
+            return
+        recorded = ckpt.read_state(checkpoint).get("metrics") if checkpoint is not None else None
+        if checkpoint is None:
+            atomic_write_bytes(self.metrics_path, b"")
+        elif recorded is not None:
+            vouched = ckpt.check_metrics(self.metrics_path, recorded, checkpoint)
+            extra = self.metrics_path.stat().st_size - len(vouched)
+            if extra:
+                print(f"ospo-fast: {self.metrics_path}: {extra} bytes past {checkpoint.name} dropped (steps being "
+                      "redone, or an append cut off by a kill)", file=sys.stderr)
+            atomic_write_bytes(self.metrics_path, vouched)
+        else:  # a checkpoint from before they recorded the metrics: keep the lines up to its step
             kept = [r for r in ckpt.read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
             atomic_write_jsonl(self.metrics_path, kept)
 
@@ -528,16 +546,16 @@ class Trainer:
         latest = ckpt.latest_intact(self.out_dir, self._damage, say=self.dist.main) if resume else None
         fingerprint_path = self.out_dir / FINGERPRINT_FILE
         if latest is not None:  # resume only what these settings would have trained
-            stored = self._stored_fingerprint(fingerprint_path)
+            stored = ckpt.read_state(latest).get("fingerprint") or self._stored_fingerprint(fingerprint_path)
             check_fingerprint(stored, self.fingerprint, f"training in {self.out_dir}",
                               f"resume with the settings in {self.out_dir / 'config.yaml'}, or delete {self.out_dir} "
                               "to train again with these")
             self.load(latest)
-        if self.dist.main and latest is None:
+        if self.dist.main:  # for people to read; what resumes trust is the copy in each checkpoint's state
             atomic_write_json(fingerprint_path, self.fingerprint)
         config_path = save_config(self.config, self.out_dir / "config.yaml") if self.dist.main else \
             self.out_dir / "config.yaml"
-        self._truncate_metrics()
+        self._truncate_metrics(latest)
         if latest is None:
             torch.manual_seed(self.config.seed + 1 + self.dist.rank)  # one LoRA-dropout stream per rank
         writer = self._tensorboard()
