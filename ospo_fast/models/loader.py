@@ -69,7 +69,10 @@ def model_identity(path: str) -> dict:
     so outputs made by two different models never mix under one name."""
     from ospo_fast.store import file_identity
 
-    return file_identity(resolve_model_path(path) if path.startswith("builtin:") else _local_or_hub_dir(path))
+    identity = file_identity(resolve_model_path(path) if path.startswith("builtin:") else _local_or_hub_dir(path))
+    if "files" in identity:  # documentation (README.md, BUILD.md) is not the model: editing it changes nothing
+        identity["files"] = {name: sha for name, sha in identity["files"].items() if not name.endswith(".md")}
+    return identity
 
 
 def _local_or_hub_dir(path: str) -> str:
@@ -86,7 +89,9 @@ def _local_or_hub_dir(path: str) -> str:
         return snapshot_download(path)
     except Exception as err:  # noqa: BLE001  (offline, unknown id, gated: the hub's errors all mean "not here")
         raise ModelLoadError(f"model {path!r} is neither a local directory nor a hub id this machine can fetch "
-                             f"({type(err).__name__}); give a local Janus checkpoint directory or builtin:tiny"
+                             f"({type(err).__name__}): a hub id is downloaded into the Hugging Face cache only where "
+                             f"the hub is reachable. Give a local Janus checkpoint directory (e.g. made with `hf "
+                             f"download {path} --local-dir DIR` on a machine that reaches the hub) or builtin:tiny"
                              ) from None
 
 
@@ -150,7 +155,8 @@ def _check_checkpoint_dir(directory: Path) -> None:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{directory} is not a Janus checkpoint: it has no config.json. Point model.path at "
-                             "a directory saved by save_pretrained (e.g. a local Janus-Pro-1B download)")
+                             "a directory saved by save_pretrained (e.g. one made with `hf download "
+                             "deepseek-community/Janus-Pro-1B --local-dir DIR`)")
     for json_file in sorted(directory.glob("*.json")):  # config.json and the processor's files: a damaged one
         _read_json(json_file)  # would otherwise end in a raw JSONDecodeError inside from_pretrained
     model_type = _read_json(config_file).get("model_type")
@@ -216,7 +222,8 @@ def check_model_path(path: str) -> None:
         _check_listed_checksums(local)
     elif path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelLoadError(f"model path {path!r} does not exist. Give a local Janus checkpoint directory, a hub "
-                             "id like deepseek-community/Janus-Pro-1B (where the hub is reachable), or builtin:tiny")
+                             "id like deepseek-community/Janus-Pro-1B (downloaded into the Hugging Face cache where "
+                             "the hub is reachable), or builtin:tiny")
 
 
 def load_janus(path: str, dtype: str = "float32", device: str = "auto",
@@ -238,7 +245,8 @@ def load_janus(path: str, dtype: str = "float32", device: str = "auto",
             attn_implementation=attn_implementation)
         processor = JanusProcessor.from_pretrained(str(local) if local.exists() else resolved)
     except OSError as err:
-        raise ModelLoadError(f"could not load {path!r}: {err}. Without network access, download the checkpoint "
-                             "elsewhere and pass its local directory") from err
+        raise ModelLoadError(f"could not load {path!r}: {err}. Give a local Janus checkpoint directory; a hub id "
+                             "loads from the Hugging Face cache, or where the hub is reachable (elsewhere, run `hf "
+                             "download ID --local-dir DIR` on a machine that reaches it and pass DIR)") from err
     model.to(pick_device(device)).eval()
     return JanusBundle(model=model, processor=processor, source=source)
