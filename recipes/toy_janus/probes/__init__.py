@@ -7,4 +7,5 @@ report their figures). Not the performance suite (``benchmarks/``). Each runs al
 - ``toy_grounding_probe``: where the image tokens read the caption from, per layer.
 - ``toy_mask_probe``: how well the object masks cover the drawn objects, per source and layer.
 - ``toy_t2i_breakdown``: why held-out captions fail, per category and cause.
+- ``toy_rejudge``: a finished run's kept images judged again by the current judge (which figures a judge change moves).
 """
