@@ -476,6 +476,9 @@ def test_model_identity_is_content_whatever_names_the_model(tmp_path, monkeypatc
     weights[1_200_000] ^= 1  # one bit in the middle of the weights
     (tmp_path / "b" / "model.safetensors").write_bytes(weights)
     assert file_identity(tmp_path / "a") != file_identity(tmp_path / "b")  # rewritten: new mtime, hashed again
+    before = model_identity(str(tmp_path / "a"))
+    (tmp_path / "a" / "README.md").write_text("notes about the model")  # documentation is not the model
+    assert model_identity(str(tmp_path / "a")) == before
 
     built = Path(resolve_model_path("builtin:tiny"))
     before = model_identity("builtin:tiny")

@@ -169,3 +169,6 @@ def test_a_resume_reuses_the_judged_before_images_of_the_same_settings(tmp_path,
     other = load_config("toy", ["eval.toy_heldout_prompts=4", "eval.toy_extra_guidance=[]", "images.temperature=0.5"])
     ToyEvaluation(other, tmp_path).judge_model(other.model.path, "before")
     assert len(calls) == 1
+    monkeypatch.setattr(toy_evaluate, "JUDGE_VERSION", toy_evaluate.JUDGE_VERSION + 1)  # another judge: afresh
+    ToyEvaluation(other, tmp_path).judge_model(other.model.path, "before")
+    assert len(calls) == 2

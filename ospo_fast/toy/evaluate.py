@@ -15,7 +15,7 @@ import numpy as np
 
 from ospo_fast.config import ImageConfig, OSPOConfig
 from ospo_fast.toy import world
-from ospo_fast.toy.judge import judge
+from ospo_fast.toy.judge import JUDGE_VERSION, judge
 
 
 class ToyEvaluation:
@@ -36,7 +36,8 @@ class ToyEvaluation:
         c = self.config
         fingerprint = config_fingerprint({
             "model.identity": model_identity(model_path), "model.dtype": c.model.dtype, "seed": c.seed,
-            "images": dataclasses.asdict(c.images), "eval": dataclasses.asdict(c.eval)})
+            "images": dataclasses.asdict(c.images), "eval": dataclasses.asdict(c.eval),
+            "judge": JUDGE_VERSION})  # verdicts of an older judge are judged again, never mixed with new ones
         saved = _read_judged(record)
         dirs = [self.heldout_dir / f"{name}{key}" for key in setting_keys(c)]
         if saved is not None and saved.get("fingerprint") == fingerprint and all(d.is_dir() for d in dirs):

@@ -37,6 +37,7 @@ from scipy import fft, ndimage
 
 from ospo_fast.toy.world import BACKGROUND, PALETTE, RELATIONS, SHAPES, SIZE, ToyObject, object_mask
 
+JUDGE_VERSION = 2  # raised whenever a verdict can change (2: touching shapes of one colour are several objects)
 _RELATION_ALIASES = {"to the left of": "left of", "on the left of": "left of", "to the right of": "right of",
                      "on the right of": "right of", "on top of": "above"}
 _NAMES = ("background",) + tuple(PALETTE)
