@@ -39,7 +39,10 @@ re-sample that differs from one (a near-tie the multi-token forward rounds the o
 ``ImageBatch.near_tie_flips``, never hidden. The KV of rejected drafts is overwritten by the next iteration, which
 starts at or before them. A finished row keeps its slot until the batch ends; the batch takes as many forwards as
 its slowest row (``ImageBatch.forward_passes``). One fixed shape per W, so it compiles once; the stop check is one
-host read per iteration. Not combined with the in-flight capture (``masks.context=generation``).
+host read per iteration. With the in-flight capture (``masks.context=generation``) every forward's object
+attention is staged, and a row keeps cell j from the first forward in which tokens 0..j were all exact (the queries
+fed tokens s..reach-2); a batch then runs until every row has every cell, at most one forward more than its tokens
+need (the query fed the last image token).
 """
 
 from __future__ import annotations
@@ -166,9 +169,6 @@ def _check_args(bundle, prompts, seeds, config: ImageConfig, objects) -> None:
                          "(temperature 0 is greedy)")
     if config.batch_size < 1:
         raise ValueError(f"images.batch_size={config.batch_size} must be >= 1")
-    if config.decoding == "jacobi" and objects is not None:
-        raise ValueError("images.decoding=jacobi does not capture object attention in flight; use "
-                         "masks.context=base (the default) or images.decoding=sequential")
     if bundle.model.generation_config.pad_token_id is None and bundle.tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; Janus's unconditional rows need one (set pad_token)")
 
@@ -187,6 +187,8 @@ class _Decoder:
         # cols N..: the discarded draw (sequential) or the window's overhang past the image (Jacobi)
         self.tokens = torch.zeros(r, shape.num_tokens + 1 + shape.window, dtype=torch.int64, device=device)
         self.accepted = torch.ones(r, dtype=torch.int64, device=device)  # Jacobi: exact tokens per row
+        self.committed = torch.zeros(r, dtype=torch.int64, device=device)  # Jacobi + capture: cells kept per row
+        self.window_start = torch.zeros((), dtype=torch.int64, device=device)  # Jacobi: token index fed first
         self.flips = torch.zeros((), dtype=torch.int64, device=device)  # Jacobi: see ImageBatch.near_tie_flips
         self.offsets = torch.arange(shape.window + 1, device=device)  # Jacobi: the window's positions
         self.index = torch.zeros((), dtype=torch.int64, device=device)
@@ -206,9 +208,13 @@ class _Decoder:
             positions = torch.full((r, shape.objects, shape.subtokens), -1, dtype=torch.int64, device=device)
             self.capture = ObjectAttentionCapture(positions, list(shape.layers), shape.num_tokens,
                                                   heads=dict(shape.heads) if shape.heads else None)
-            self.capture.set_cells(self.index)  # the query fed image token `index` is cell `index`
+            if shape.window:  # the queries fed tokens s.. are cells s..; kept once exact (``jacobi_step``)
+                self.capture.stage_window(shape.window + 1)
+                self.capture.set_cells(self.window_start)
+            else:
+                self.capture.set_cells(self.index)  # the query fed image token `index` is cell `index`
         for t in [self.tokens, self.index, self.first_position, self.seeds, self.mask, self.keys, self.accepted,
-                  self.flips, self.offsets] + (
+                  self.committed, self.window_start, self.flips, self.offsets] + (
                 self.capture.tensors() if self.capture is not None else []) + (
                 [self.slots.start, self.slots.end] if self.slots is not None else []):
             torch._dynamo.mark_static_address(t)
@@ -233,6 +239,7 @@ class _Decoder:
         self.index.zero_()
         self.tokens[:, 1:].zero_()  # Jacobi's first drafts (any guess is exact; zeros keep runs reproducible)
         self.accepted.fill_(1)
+        self.committed.zero_()
         self.flips.zero_()
 
     def logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, capture,
@@ -274,18 +281,24 @@ class _Decoder:
         """One Jacobi iteration (module docstring): feed tokens s..s+W of every row, s = min(accepted) - 1,
         re-sample tokens s+1..s+W+1, extend each row's exact prefix: device-only."""
         start = self.accepted.min() - 1  # 0-d: token s is exact in every row
+        self.window_start.copy_(start)  # the capture's cells of this forward
         fed = start + self.offsets  # (W+1,) token indices fed
         inputs = self.tokens.index_select(1, fed)  # (R, W+1)
         embeds = self.model.prepare_embeddings_for_image_generation(inputs.repeat(2, 1))  # (2R, W+1, H)
         for layer in self.cache.layers:  # rewind: this forward writes cache slots prompt_len + s ..
             layer.cumulative_length.copy_(self.shape.prompt_len + start)
-        logits = self.logits(embeds, self.first_position + fed, None, cache_position=self.shape.prompt_len + fed,
+        logits = self.logits(embeds, self.first_position + fed, self.capture,
+                             cache_position=self.shape.prompt_len + fed,
                              last_only=False)  # (R, W+1, V): position j predicts token s + 1 + j
         samples = torch.stack([self.sample(logits[:, j], fed[j] + 1) for j in range(self.shape.window + 1)],
                               dim=1)  # (R, W+1): tokens s+1..s+W+1, each with its own noise
         known = fed[None, 1:] < self.accepted[:, None]  # (R, W): fed tokens s+1.. already accepted
         exact = (known | (inputs[:, 1:] == samples[:, :-1])).long().cumprod(dim=1)  # leading exact fed tokens
         reach = start + 2 + exact.sum(dim=1)  # (R,): tokens 0..reach-1 are exact now
+        if self.capture is not None:  # the queries fed tokens s..reach-2 saw exact inputs only: keep each once
+            keep = (fed[None, :] < reach[:, None] - 1) & (fed[None, :] >= self.committed[:, None])  # (R, W+1)
+            self.capture.commit_stage(fed, keep)
+            self.committed.copy_(torch.maximum(self.committed, (reach - 1).clamp(max=self.shape.num_tokens)))
         written = fed + 1  # (W+1,) indices of the samples
         current = self.tokens.index_select(1, written)  # (R, W+1)
         keep = written[None, :] < self.accepted[:, None]  # never rewrite an accepted token
@@ -469,11 +482,16 @@ def _decode_batch(bundle, decoder: _Decoder, ids: torch.Tensor, mask: torch.Tens
         return _detach_tokens(decoder, n), None, num_tokens - 1
     with capture.recording(bundle.model):
         decoder.start(ids2, mask2, seeds_t, _pad_rows(key_positions, rows))
-        _run_steps(decoder, num_tokens, compiled)  # one more query: the one whose input is the last image token
+        if decoder.shape.window:
+            forwards = _run_jacobi(decoder, compiled)  # until every cell's query was exact once
+            capture.finish_staged()
+        else:
+            _run_steps(decoder, num_tokens, compiled)  # one more query: the one whose input is the last image token
+            forwards = num_tokens
     scores = capture.scores((bundle.grid, bundle.grid))  # views of buffers the next batch overwrites: copy
     return _detach_tokens(decoder, n), type(scores)(
         sums=scores.sums[:n].to("cpu", copy=True), counts=scores.counts[:n].to("cpu", copy=True),
-        heads=scores.heads, token_valid=scores.token_valid[:n].to("cpu", copy=True)), num_tokens
+        heads=scores.heads, token_valid=scores.token_valid[:n].to("cpu", copy=True)), forwards
 
 
 def _detach_tokens(decoder: _Decoder, n: int) -> torch.Tensor:
@@ -482,10 +500,12 @@ def _detach_tokens(decoder: _Decoder, n: int) -> torch.Tensor:
 
 
 def _run_jacobi(decoder: _Decoder, compiled: bool) -> int:
-    """Jacobi iterations until every row has all N tokens (one host read per iteration); returns how many."""
+    """Jacobi iterations until every row has all N tokens, and with a capture every cell's query (one host read
+    per iteration); returns how many."""
     num_tokens, iterations = decoder.shape.num_tokens, 0
-    while int(decoder.accepted.min()) < num_tokens:
-        if iterations >= num_tokens:  # each iteration gains >= 1 token per row: cannot happen
+    progress = decoder.accepted if decoder.capture is None else decoder.committed  # committed <= accepted
+    while int(progress.min()) < num_tokens:
+        if iterations > num_tokens:  # each iteration gains >= 1 token (and cell) per row: cannot happen
             raise RuntimeError(f"Jacobi decoding made no progress after {iterations} iterations")
         _run_steps(decoder, 1, compiled, first=iterations == 0)
         iterations += 1

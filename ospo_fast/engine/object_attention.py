@@ -98,6 +98,7 @@ class ObjectAttentionCapture:
         self._heads = torch.ones((), dtype=torch.long, device=device)  # heads of the recorded layers
         self._counts = torch.zeros(self.num_cells, device=device)  # (N,) layers recorded per cell
         self._start: int | torch.Tensor | None = None
+        self._stage: torch.Tensor | None = None  # Jacobi: (B, O*S, W+1) columns of one forward, before commit
         self._recording = False
         self.stop_after_last_layer = False  # a teacher-forced pass needs no layer after the last selected one
         self.load(key_positions)
@@ -114,10 +115,33 @@ class ObjectAttentionCapture:
         self._gather.copy_(positions.clamp(min=0).view(self._gather.shape))
         self._sums.zero_()
         self._counts.zero_()
+        if self._stage is not None:
+            self._stage.zero_()
 
     def tensors(self) -> list[torch.Tensor]:
         """The state tensors (to mark as static addresses for CUDA graphs)."""
-        return [self.key_positions, self._gather, self._sums, self._counts, self._heads]
+        staged = [] if self._stage is None else [self._stage]
+        return [self.key_positions, self._gather, self._sums, self._counts, self._heads, *staged]
+
+    # -- staged commits (Jacobi decoding) -----------------------------------------------------------------------
+    def stage_window(self, width: int) -> None:
+        """From now on a forward's ``width`` queries (cells start .. start + width - 1) are added to a staging block
+        instead of the accumulators; ``commit_stage`` then keeps only the (row, cell) entries that are exact. For a
+        decoder whose forwards feed guesses (Jacobi iteration): a query is kept once, from the first forward in
+        which its whole prefix was exact."""
+        self._stage = torch.zeros(self.batch_size, self._sums.shape[1], width, device=self._sums.device)
+
+    def commit_stage(self, cells: torch.Tensor, keep: torch.Tensor) -> None:
+        """Add the staged columns whose ``keep`` (B, width) bool is set to cells ``cells`` (width,) long (cells past
+        the grid are dropped), then clear the stage. Device-only."""
+        inside = (cells < self.num_cells)[None, :] & keep  # (B, width)
+        self._sums.index_add_(2, cells.clamp(max=self.num_cells - 1), self._stage * inside[:, None, :].float())
+        self._stage.zero_()
+
+    def finish_staged(self) -> None:
+        """After every (row, cell) was committed exactly once (the decoder's account): each cell has the selected
+        layers' (or pairs') full count, as a step-by-step capture would have."""
+        self._counts.fill_(float(self._expected))
 
     @property
     def batch_size(self) -> int:
@@ -211,7 +235,7 @@ class ObjectAttentionCapture:
             raise ValueError(f"the forward has {query.shape[0]} rows but the capture expects at least {b} images")
         weights, count = self._selection(layer, query.shape[1], query.device)
         self._heads.fill_(query.shape[1] if weights is None else 1)  # a tensor: the compiled step keeps no state
-        if isinstance(self._start, int):  # cells known on the host: compute only the queries that are cells
+        if isinstance(self._start, int) and self._stage is None:  # cells known on the host: only those queries
             q0, q1 = max(0, -self._start), min(tq, self.num_cells - self._start)
             if q0 >= q1:
                 return
@@ -227,6 +251,9 @@ class ObjectAttentionCapture:
         """Add columns (B, O*S, Tq) for the queries at cells start, start+1, ...; cells outside the grid weigh 0
         (device counter: fixed-shape work, no host read)."""
         tq = columns.shape[2]
+        if self._stage is not None:  # Jacobi: staged until the decoder knows which queries were exact
+            self._stage += columns
+            return
         if isinstance(self._start, int):
             cells = torch.arange(self._start, self._start + tq, device=columns.device)
         else:
