@@ -66,3 +66,28 @@ def test_a_synthesis_with_localization_heads_records_them(tmp_path):
     heads = stage_summary(tmp_path)["mask_heads"]
     assert len(heads["heads"]) == 2 and heads["images"] == 4
     assert all(len(h.split(".")) == 2 for h in heads["heads"])
+
+
+def test_the_heads_are_chosen_once_per_model_and_settings(tmp_path, monkeypatch):
+    """A model's heads are kept under its identity (content) and the settings that choose them: a second context
+    reads them back without drawing; another model, or other settings, chooses afresh."""
+    import ospo_fast.engine.localization_heads as lh
+    from ospo_fast.config import load_config
+    from ospo_fast.stages.context import StageContext
+
+    monkeypatch.setenv("OSPO_FAST_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = lh.find_localization_heads
+    monkeypatch.setattr(lh, "find_localization_heads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    overrides = ["model.path=builtin:tiny-4", "model.device=cpu", "masks.heads=localization",
+                 "masks.localization_heads=2", "masks.localization_images=2", "images.batch_size=2"]
+    first = StageContext(load_config("tiny", overrides), device="cpu").localization_heads()
+    again = StageContext(load_config("tiny", overrides), device="cpu").localization_heads()
+    assert again == first and len(calls) == 1
+    StageContext(load_config("tiny", [*overrides, "masks.localization_heads=1"]), device="cpu").localization_heads()
+    assert len(calls) == 2
+    (cached,) = [p for p in (tmp_path / "cache" / "localization-heads").iterdir()
+                 if lh.LocalizationHeads.read(p) == first]
+    cached.write_text("{damaged")  # a damaged cache entry only costs a new choice
+    assert StageContext(load_config("tiny", overrides), device="cpu").localization_heads() == first
+    assert len(calls) == 3

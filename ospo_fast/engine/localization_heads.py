@@ -45,6 +45,29 @@ class LocalizationHeads:
             out.setdefault(layer, []).append(head)
         return {layer: tuple(sorted(heads)) for layer, heads in sorted(out.items())}
 
+    def write(self, path) -> None:
+        """Keep the choice as JSON (``read`` gives it back); a cache that cannot be written only costs a new choice."""
+        from ospo_fast.store import atomic_write_json
+
+        try:
+            atomic_write_json(path, {"ranked": [list(p) for p in self.ranked], "mass": list(self.mass),
+                                     "entropy": list(self.entropy), "images": self.images})
+        except OSError:
+            pass
+
+    @classmethod
+    def read(cls, path) -> LocalizationHeads | None:
+        """The choice ``write`` kept at ``path``, or None when there is none or it is not readable (choose again)."""
+        import json
+
+        try:
+            data = json.loads(open(path, encoding="utf-8").read())
+            return cls(ranked=tuple((int(a), int(b)) for a, b in data["ranked"]),
+                       mass=tuple(float(m) for m in data["mass"]), entropy=tuple(float(e) for e in data["entropy"]),
+                       images=int(data["images"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def summary(self) -> dict:
         """For the run summary: the heads as "layer.head", best first, with their scores."""
         return {"heads": [f"{layer}.{head}" for layer, head in self.ranked], "images": self.images,
