@@ -166,3 +166,21 @@ def test_guidance_probe_splits_cells_by_the_empty_images_code(toy, renders):
     assert result["rejected"]["empty_code_share"] == pytest.approx(60 / 64)
     for side in ("chosen", "rejected"):  # the mixture u + 5 (c - u) is another distribution than either branch
         assert result[side]["all"]["cfg"] != pytest.approx(result[side]["all"]["cond"], abs=1e-3)
+
+
+def test_budget_experiment_standard_error_is_paired_and_clustered_by_caption():
+    """toy_budget.py's change SE: with one image per caption it is the paired t standard error s/sqrt(n); when each
+    caption's images agree (a cluster of copies), it counts captions, not images, so copies add no precision."""
+    from recipes.toy_janus.probes.toy_budget import eval_prompts, paired_change
+
+    rng = np.random.default_rng(0)
+    before, after = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    change, se = paired_change(list(after), list(before), [str(i) for i in range(200)])
+    d = after - before
+    assert change == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(200))
+    copies = 4  # each caption's image drawn 4 times with the same verdicts
+    _, clustered = paired_change(list(np.repeat(after, copies)), list(np.repeat(before, copies)),
+                                 [str(i) for i in np.repeat(np.arange(200), copies)])
+    assert clustered == pytest.approx(se, rel=1e-9)  # not se / 2: 800 images of 200 captions are 200 units
+    held_out = eval_prompts(640)
+    assert all(world.is_heldout(r["prompt"]) for r in held_out) and len(held_out) == 640
