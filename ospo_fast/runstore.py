@@ -48,6 +48,7 @@ from ospo_fast.store import (
 )
 
 MANIFEST = "manifest.json"
+MARKERS = "*/rank*-of-*/chunk-*.done.json"  # every chunk's commit marker, relative to the run directory
 IMAGE_KEY = "image"
 IMAGE_SHA_KEY = "image_sha256"
 Finalize = Callable[[list[dict], list[dict]], tuple[list[dict], list[dict]]]
@@ -68,7 +69,7 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 def is_run_directory(directory: Path) -> bool:
     """Whether ``directory`` holds (or held) a synthesis run: its manifest, or any stage's chunks."""
     directory = Path(directory)
-    return (directory / MANIFEST).is_file() or any(directory.glob("*/rank*-of-*/chunk-*.done.json"))
+    return (directory / MANIFEST).is_file() or any(directory.glob(MARKERS))
 
 
 def check_committed(path: str | Path) -> None:
@@ -282,30 +283,27 @@ class RunStore:
             generation = self.manifest().get("generation", 0)
         except StoreError:
             generation = self._newest_marker_generation()
-        for marker_dir in {m.parent.parent for m in self.root.glob("*/rank*-of-*/chunk-*.done.json")}:
+        for marker_dir in {m.parent.parent for m in self.root.glob(MARKERS)}:
             shutil.rmtree(self._inside(marker_dir), ignore_errors=True)
-        self._write_manifest({"stages": {}, "fingerprints": {}, "outputs": {}, "generation": generation},
-                             previous=None)
+        self._write_manifest({"stages": {}, "fingerprints": {}, "outputs": {}, "generation": generation}, fresh=True)
 
     def update_manifest(self, stage: str, entry: dict) -> None:
         manifest = self.manifest()
         manifest["stages"][stage] = entry
         self._write_manifest(manifest)
 
-    def _write_manifest(self, manifest: dict, previous: bytes | None | bool = True) -> None:
-        """Write ``manifest`` one generation on from the one it replaces, recording that one's sha256
-        (``previous=None``: a fresh start, no predecessor)."""
+    def _write_manifest(self, manifest: dict, fresh: bool = False) -> None:
+        """Write ``manifest`` one generation on from the one it replaces, recording that one's sha256 (``fresh``: a
+        new start, no predecessor)."""
         path = self.root / MANIFEST
-        if previous is True:
-            previous = path.read_bytes() if path.is_file() else None
-        manifest = dict(manifest, generation=manifest.get("generation", 0) + 1,
-                        previous_sha256=None if previous is None else sha256_bytes(previous))
+        previous = sha256_bytes(path.read_bytes()) if path.is_file() and not fresh else None
+        manifest = dict(manifest, generation=manifest.get("generation", 0) + 1, previous_sha256=previous)
         atomic_write_json(self._inside(MANIFEST), manifest)
 
     def _newest_marker_generation(self) -> int:
         """The highest generation any chunk marker here was written under (0 when none says)."""
         newest = 0
-        for marker in self.root.glob("*/rank*-of-*/chunk-*.done.json"):
+        for marker in self.root.glob(MARKERS):
             try:
                 newest = max(newest, int(json.loads(marker.read_text()).get("generation", 0)))
             except (OSError, ValueError, TypeError, AttributeError):

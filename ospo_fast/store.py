@@ -106,16 +106,18 @@ def check_listed_files(directory: Path, listed: dict[str, str], names: list[str]
     return None
 
 
-def directory_damage(directory: Path) -> str | None:
+def directory_damage(directory: Path, share: int = 0, shares: int = 1) -> str | None:
     """None when ``directory`` is intact: ``checksums.json`` lists every file in it, and each matches; else why not
-    (one short phrase naming the file). A file the list lacks is damage too (a list cut short vouches for less)."""
+    (one short phrase naming the file). A file the list lacks is damage too (a list cut short vouches for less).
+    ``share`` of ``shares``: hash only every ``shares``-th listed file from the ``share``-th (several processes
+    splitting the work; the list itself is checked by each)."""
     listed = listed_checksums(directory)
     if listed is None:
         return f"{CHECKSUM_FILE} is missing or unreadable"
     unlisted = sorted(set(directory_files(directory)) - set(listed))
     if unlisted:
         return f"{unlisted[0]} is not listed in {CHECKSUM_FILE}"
-    return check_listed_files(directory, listed, sorted(listed))
+    return check_listed_files(directory, listed, sorted(listed)[share::shares])
 
 
 def follow_umask(directory: Path) -> None:

@@ -123,21 +123,25 @@ def read_state(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / STATE_FILE).read_text())
 
 
-def vouched_state(directory: Path) -> dict[str, Any]:
-    """``trainer_state.json`` of a published checkpoint, checked against its ``checksums.json`` only (not the
-    weights: cheap enough for every reader of the metrics)."""
-    listed = listed_checksums(directory)
-    problem = "checksums.json is missing or unreadable" if listed is None else \
-        check_listed_files(directory, listed, [STATE_FILE]) if STATE_FILE in listed else f"{STATE_FILE} is unlisted"
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {directory} is damaged: {problem}; restore it or delete it")
-    return read_state(directory)
-
-
 # -- integrity -------------------------------------------------------------------------------------------------------
 class CheckpointError(RuntimeError):
     """The training state in an out_dir cannot be resumed (no intact checkpoint, a damaged ``metrics.jsonl``); the
     message names each damaged file and what to do."""
+
+
+def vouched_state(directory: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a published checkpoint, checked against its ``checksums.json`` only (not the
+    weights: cheap enough for every reader of the metrics)."""
+    listed = listed_checksums(directory)
+    if listed is None:
+        problem = f"{CHECKSUM_FILE} is missing or unreadable"
+    elif STATE_FILE not in listed:
+        problem = f"{STATE_FILE} is unlisted"
+    else:
+        problem = check_listed_files(directory, listed, [STATE_FILE])
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {directory} is damaged: {problem}; restore it or delete it")
+    return read_state(directory)
 
 
 def write_checksums(directory: Path, digests: dict[str, str]) -> None:

@@ -32,16 +32,13 @@ from ospo_fast.distributed import init_distributed
 from ospo_fast.engine.prompts import position_ids_from_mask
 from ospo_fast.models.loader import model_identity
 from ospo_fast.store import (
-    CHECKSUM_FILE,
     atomic_write_json,
     check_fingerprint,
-    check_listed_files,
     check_no_symlink,
     config_fingerprint,
     directory_damage,
     directory_files,
     file_identity,
-    listed_checksums,
     sha256_file,
 )
 from ospo_fast.train import checkpoint as ckpt
@@ -266,7 +263,7 @@ class Trainer:
         self.optimizer_steps = 0
         self.skipped = 0
         self.nonfinite_in_row = 0
-        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics_path = out_dir / ckpt.METRICS_FILE
         self.last_metrics: dict = {}
 
     # -- setup -------------------------------------------------------------------------------------------------
@@ -385,17 +382,9 @@ class Trainer:
 
     def _damage(self, directory: Path) -> str | None:
         """``store.directory_damage`` with the files split over the ranks; every rank gets the same answer."""
+        problem = directory_damage(directory, self.dist.rank, self.dist.world)
         if self.dist.world <= 1:
-            return directory_damage(directory)
-        listed = listed_checksums(directory)
-        names = sorted(listed) if listed is not None else []
-        unlisted = sorted(set(directory_files(directory)) - set(names)) if listed is not None else []
-        if listed is None:
-            problem = f"{CHECKSUM_FILE} is missing or unreadable"
-        elif unlisted:
-            problem = f"{unlisted[0]} is not listed in {CHECKSUM_FILE}"
-        else:
-            problem = check_listed_files(directory, listed, names[self.dist.rank::self.dist.world])
+            return problem
         gathered = [None] * self.dist.world
         dist.all_gather_object(gathered, problem)
         return next((p for p in gathered if p is not None), None)
