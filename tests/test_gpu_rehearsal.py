@@ -13,11 +13,14 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent / "rehearsal" / "rehearse_decode.py"
 
 
-@pytest.mark.slow  # about 30 s on an idle core, a minute or two on a loaded one
-def test_compiled_decode_step_with_capture_compiles_for_sm90():
+@pytest.mark.slow  # about 30-40 s each on an idle core, a minute or two on a loaded one
+@pytest.mark.parametrize("window", [0, 16], ids=["sequential", "jacobi"])
+def test_compiled_decode_step_with_capture_compiles_for_sm90(window):
+    """The sequential step (one query: the decode attention over filled slots) and the Jacobi step (W + 1 queries:
+    SDPA with its log-sum-exp, the capture staged), each with the in-flight capture."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--batch", "16", "--layers", "2", "--capture"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--batch", "16", "--layers", "2", "--capture",
+                           "--window", str(window)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "decode attention in the graph: True" in proc.stdout
+    assert f"decode attention in the graph: {window == 0}" in proc.stdout
     assert "all compiled" in proc.stdout

@@ -6,7 +6,7 @@ The language model is cut to ``--layers`` layers (every layer lowers to the same
 inductor generates is compiled for sm_90 (or FAKE_CUDA_CC) by ptxas; nothing runs on a GPU. The decode attention's
 own kernels are compiled by ``ospo_fast.kernels.aot``. Prints "all compiled" and exits 0, or exits 1 with the error.
 
-    OMP_NUM_THREADS=1 python tests/rehearsal/rehearse_decode.py --batch 16 --layers 2 --capture [--7b]
+    OMP_NUM_THREADS=1 python tests/rehearsal/rehearse_decode.py --batch 16 --layers 2 --capture [--7b] [--window 16]
 """
 
 import argparse
@@ -43,7 +43,7 @@ def build_decoder(args) -> tuple[torch.nn.Module, image_gen._Decoder]:
     sampling = image_gen._Sampling(5.0, 1.0, args.top_k, args.top_p)
     objects = (4, 4) if args.capture else (0, 0)
     shape = image_gen._Shape(args.batch, args.prompt_len, 576, sampling, *objects,
-                             tuple(range(args.layers)) if args.capture else ())
+                             tuple(range(args.layers)) if args.capture else (), window=args.window)
     decoder = image_gen._Decoder(model, shape, torch.device("cpu"))
     text = config.text_config
     decoder.cache.early_initialization(2 * args.batch, text.num_key_value_heads,
@@ -64,6 +64,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--7b", dest="seven", action="store_true", help="7B widths (hidden 4096, 32 heads)")
     p.add_argument("--capture", action="store_true", help="with the in-flight object-attention capture")
+    p.add_argument("--window", type=int, default=0, help="Jacobi decoding's window W (0: sequential steps)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     args = p.parse_args()
